@@ -1,0 +1,212 @@
+"""Checkpoints that cannot be half-written and never need pickle.
+
+Layout under <train.output>/checkpoints/:
+    ckpt-00000120/
+        trainable.params   trainable weights and moving BN statistics (mx.nd.save format)
+        optimizer.params   optimizer state leaves, keyed <param>#<leaf>   (mx.nd.save format)
+        meta.json          epoch, step, learning rate, update counts, sha256 of both files
+A checkpoint is written to a hidden temporary directory, fsynced, then renamed into place, so a
+crash leaves either the previous checkpoint set or the new one, never a torn one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from typing import Optional
+
+import mxnet as mx
+
+from .errors import CheckpointError
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^ckpt-(\d{8})$")
+
+
+@dataclass
+class Checkpoint:
+    path: str
+    meta: dict
+    params: dict  # structural name -> NDArray
+    optimizer: dict  # "<param>#<leaf>" -> NDArray
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        _fsync_file(path)
+    except OSError:
+        pass  # some file systems cannot fsync a directory
+
+
+def atomic_write(path: str, write) -> None:
+    """Call write(tmp_path), fsync, then rename over `path`."""
+    tmp = f"{os.path.dirname(path) or '.'}/.{os.path.basename(path)}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def checkpoint_dir(output: str) -> str:
+    return os.path.join(output, "checkpoints")
+
+
+def list_checkpoints(output: str) -> list[str]:
+    root = checkpoint_dir(output)
+    if not os.path.isdir(root):
+        return []
+    names = sorted(n for n in os.listdir(root) if _NAME.match(n))
+    return [os.path.join(root, n) for n in names]
+
+
+def save(output: str, step: int, params: dict, optimizer: dict, meta: dict, keep: int) -> str:
+    root = checkpoint_dir(output)
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"ckpt-{step:08d}")
+    tmp = os.path.join(root, f".tmp-ckpt-{step:08d}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        files = {}
+        for fname, arrays in (("trainable.params", params), ("optimizer.params", optimizer)):
+            path = os.path.join(tmp, fname)
+            mx.nd.save(path, dict(arrays))
+            _fsync_file(path)
+            files[fname] = _sha256(path)
+        doc = {"format": FORMAT_VERSION, "step": step, **meta, "files": files}
+        meta_path = os.path.join(tmp, "meta.json")
+        with open(meta_path, "w") as fh:
+            json.dump(doc, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if os.path.exists(final):  # the same step written again (e.g. after a resume)
+            aside = final + f".old-{os.getpid()}"
+            os.rename(final, aside)
+            os.rename(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(output)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load(path: str) -> Checkpoint:
+    meta_path = os.path.join(path, "meta.json")
+    try:
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not a checkpoint (no meta.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{meta_path}: corrupt ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION or "files" not in meta:
+        raise CheckpointError(f"{meta_path}: unknown checkpoint format")
+    loaded = {}
+    for fname, want in meta["files"].items():
+        fpath = os.path.join(path, fname)
+        if not os.path.isfile(fpath):
+            raise CheckpointError(f"{fpath}: missing")
+        got = _sha256(fpath)
+        if got != want:
+            raise CheckpointError(f"{fpath}: checksum mismatch (corrupt or modified): "
+                                  f"sha256 {got[:12]}… != recorded {want[:12]}…")
+        try:
+            loaded[fname] = mx.nd.load(fpath)
+        except mx.base.MXNetError as exc:
+            raise CheckpointError(f"{fpath}: unreadable ({str(exc).splitlines()[0]})") from None
+    return Checkpoint(path=path, meta=meta, params=loaded.get("trainable.params", {}),
+                      optimizer=loaded.get("optimizer.params", {}))
+
+
+def latest(output: str, warn=print) -> Optional[Checkpoint]:
+    """The newest checkpoint that verifies; corrupt newer ones are reported and skipped."""
+    for path in reversed(list_checkpoints(output)):
+        try:
+            return load(path)
+        except CheckpointError as exc:
+            warn(f"skipping checkpoint: {exc}")
+    return None
+
+
+# --- optimizer state as plain arrays -----------------------------------------------------------
+
+
+def _leaves(state, out: list) -> None:
+    if state is None:
+        return
+    if isinstance(state, (list, tuple)):
+        for s in state:
+            _leaves(s, out)
+    else:
+        out.append(state)
+
+
+def optimizer_state(trainer, names: dict) -> tuple[dict, dict]:
+    """(arrays, counts): optimizer state leaves keyed by structural parameter name, and each
+    parameter's update count (Adam's bias correction needs it). `names`: Parameter -> name."""
+    arrays, counts = {}, {}
+    updater = trainer._updaters[0]  # noqa: SLF001 - gluon keeps the optimizer state here
+    opt = trainer._optimizer  # noqa: SLF001
+    for index, param in enumerate(trainer._params):  # noqa: SLF001
+        name = names[param]
+        leaves: list = []
+        _leaves(updater.states.get(index), leaves)
+        for j, leaf in enumerate(leaves):
+            arrays[f"{name}#{j}"] = leaf.copyto(mx.cpu())
+        counts[name] = int(opt._index_update_count.get(index, 0))  # noqa: SLF001
+    return arrays, counts
+
+
+def restore_optimizer_state(trainer, names: dict, arrays: dict, counts: dict) -> None:
+    updater = trainer._updaters[0]  # noqa: SLF001
+    opt = trainer._optimizer  # noqa: SLF001
+    for index, param in enumerate(trainer._params):  # noqa: SLF001
+        name = names[param]
+        weight = param.list_data()[0]
+        state = opt.create_state_multi_precision(index, weight)
+        leaves: list = []
+        _leaves(state, leaves)
+        for j, leaf in enumerate(leaves):
+            key = f"{name}#{j}"
+            if key not in arrays:
+                raise CheckpointError(f"optimizer state for {name} is missing from the checkpoint "
+                                      f"(was it written with another optimizer?)")
+            if tuple(arrays[key].shape) != tuple(leaf.shape):
+                raise CheckpointError(f"optimizer state {key}: shape {tuple(arrays[key].shape)} "
+                                      f"!= {tuple(leaf.shape)}")
+            leaf[:] = arrays[key].as_in_context(leaf.context)
+        updater.states[index] = state
+        updater.states_synced[index] = True
+        if counts.get(name):
+            opt._index_update_count[index] = counts[name]  # noqa: SLF001
+    if counts:
+        opt.num_update = max([opt.num_update, *counts.values()])

@@ -1,0 +1,106 @@
+"""Command line: `distft [train] --config X --set a.b=c`, `distft plan`, `distft demo-prepare`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+from .errors import DistftError
+
+COMMANDS = ("train", "plan", "demo-prepare")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML job config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optimizer.lr=0.01 (repeatable)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distft", description="Distributed fine-tuning of frozen-backbone "
+                                "MXNet Gluon models on Horovod.")
+    sub = p.add_subparsers(dest="command")
+    t = sub.add_parser("train", help="fine-tune (the default command); launch with horovodrun for N ranks")
+    _config_args(t)
+    pl = sub.add_parser("plan", help="show which blocks train, BN modes and bytes")
+    _config_args(pl)
+    pl.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    pl.add_argument("--depth", type=int, default=2, help="block depth of the table rows (default 2)")
+    d = sub.add_parser("demo-prepare", help="make the demo's pretrained backbone if it is missing")
+    _config_args(d)
+    d.add_argument("--pretrain-config", default=None,
+                   help="config of the pretraining run (default: configs/demo-pretrain.yaml beside --config)")
+    return p
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .train import run
+
+    run(load_config(args.config, args.overrides))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    import mxnet as mx
+
+    from . import freeze, model
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    net = model.create(cfg.model, mx.cpu(), seed=cfg.train.seed)
+    spec = model.describe(net, cfg.model.name, cfg.model.head)
+    plan = freeze.resolve(spec, cfg.freeze.trainable, cfg.freeze.batchnorm, cfg.freeze.schedule, 0)
+    stages, prev = [], plan
+    for e in sorted({s["epoch"] for s in cfg.freeze.schedule}):
+        pl = freeze.resolve(spec, cfg.freeze.trainable, cfg.freeze.batchnorm, cfg.freeze.schedule, e)
+        stages.append((e, pl, prev))
+        prev = pl
+    if args.json:
+        print(json.dumps(freeze.to_json(plan, spec, args.depth, stages), indent=1))
+    else:
+        print(freeze.to_table(plan, spec, args.depth, stages))
+    return 0
+
+
+def cmd_demo_prepare(args) -> int:
+    from . import demo_prepare
+
+    demo_prepare.ensure_pretrained(args.config, args.overrides, args.pretrain_config)
+    return 0
+
+
+def _rank() -> str:
+    for var in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return os.environ[var]
+    return ""
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
+        argv.insert(0, "train")  # `python -m distft --config X` trains
+    args = parser().parse_args(argv)
+    handler = {"train": cmd_train, "plan": cmd_plan, "demo-prepare": cmd_demo_prepare}[args.command]
+    try:
+        code = handler(args)
+    except DistftError as exc:
+        rank = _rank()
+        where = f" (rank {rank})" if rank else ""
+        print(f"distft: error{where}: {exc}", file=sys.stderr, flush=True)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        code = 130
+    except Exception:  # a bug: keep the traceback, but never leave peers waiting
+        traceback.print_exc()
+        code = 1
+    if code and _rank():
+        # other ranks may wait in a collective for this one: leave now, without Horovod's
+        # shutdown handshake, so the launcher sees the failure and stops the job
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

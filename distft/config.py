@@ -1,0 +1,317 @@
+"""Job configuration: YAML into typed dataclasses, `--set a.b=c` overrides, strict validation.
+
+Every error names the key path (`optimizer.lr`) and, for a misspelt key, the nearest real one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+def _at_least(low: float) -> dict:
+    return {"min": low}
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18_v2"
+    classes: int = field(default=10, metadata=_at_least(1))
+    # path to a .params file (saved with save_parameters), true (model-zoo cache) or false
+    pretrained: Union[bool, str] = False
+    image_size: int = field(default=224, metadata=_at_least(8))
+    head: str = "output"
+
+
+@dataclass
+class FreezeConfig:
+    # block paths (`features.8`, `output`) or /regex/ over structural parameter names
+    trainable: list[str] = field(default_factory=lambda: ["output"])
+    # BatchNorm inside frozen blocks: `frozen` keeps pretrained statistics, `batch` re-estimates them
+    batchnorm: str = field(default="frozen", metadata=_choices("frozen", "batch"))
+    # gradual unfreezing: [{epoch: E, unfreeze: [paths], freeze: [paths]}]
+    schedule: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    # ImageFolder directory, RecordIO .rec (with .idx beside it), `demo` or `demo-pretrain`
+    train: str = "demo"
+    val: Optional[str] = "demo"
+    batch_size: int = field(default=32, metadata=_at_least(1))  # per rank
+    val_batch_size: Optional[int] = field(default=None, metadata=_at_least(1))
+    augment: bool = False
+    seed: int = 0
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    # threads decoding images ahead of the training step
+    workers: int = field(default=2, metadata=_at_least(0))
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = field(default="sgd", metadata=_choices("sgd", "nag", "adam"))
+    lr: float = field(default=0.01, metadata=_at_least(0.0))
+    momentum: float = field(default=0.9, metadata=_at_least(0.0))
+    weight_decay: float = field(default=1e-4, metadata=_at_least(0.0))
+    # no weight decay on biases and BatchNorm gamma/beta (the usual fine-tuning recipe)
+    decay_bias_and_bn: bool = False
+    schedule: str = field(default="constant", metadata=_choices("constant", "step", "cosine"))
+    warmup_steps: int = field(default=0, metadata=_at_least(0))
+    step_epochs: list[int] = field(default_factory=list)
+    step_factor: float = field(default=0.1, metadata=_at_least(0.0))
+    min_lr: float = field(default=0.0, metadata=_at_least(0.0))
+    # scale lr with the number of ranks: `linear` multiplies by world size
+    lr_scaling: str = field(default="none", metadata=_choices("none", "linear"))
+    # {block path or /regex/: multiplier}, e.g. {features: 0.1}
+    lr_mult: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = field(default=1, metadata=_at_least(1))
+    max_steps: Optional[int] = field(default=None, metadata=_at_least(1))
+    output: str = "runs/distft"
+    hybridize: bool = True
+    log_every: int = field(default=10, metadata=_at_least(1))
+    checkpoint_every_epochs: int = field(default=1, metadata=_at_least(0))
+    checkpoint_every_steps: Optional[int] = field(default=None, metadata=_at_least(1))
+    keep_checkpoints: int = field(default=3, metadata=_at_least(1))
+    resume: bool = True
+    seed: int = 0  # weight initialisation of the new head
+
+
+@dataclass
+class DistConfig:
+    # trainable BatchNorm across ranks: `sync` (global batch statistics) or `local`
+    batchnorm: str = field(default="sync", metadata=_choices("sync", "local"))
+    # gradients are allreduced in buckets of about this many bytes (0: one call per tensor)
+    bucket_bytes: int = field(default=64 * 1024 * 1024, metadata=_at_least(0))
+    compression: str = field(default="none", metadata=_choices("none", "fp16"))
+    gradient_predivide_factor: float = field(default=1.0, metadata=_at_least(1e-6))
+    # frozen weights that differ between ranks: `error` stops the job, `broadcast` fixes them
+    on_frozen_mismatch: str = field(default="error", metadata=_choices("error", "broadcast"))
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        key_tp, val_tp = typing.get_args(tp)
+        return {_convert(k, key_tp, f"{path}"): _convert(v, val_tp, f"{path}.{k}")
+                for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ConfigError(f"{path}: must be a finite number, got {value!r}")
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is dict:
+        if isinstance(value, dict):
+            return value
+    else:
+        raise TypeError(f"unsupported config type {tp!r}")
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known)})"
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        where = path or "the config"
+        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            known = [f"{path}.{name}" if path else name for name in fields]
+            raise ConfigError(f"{key_path}: unknown key{_suggest(key_path, known)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, key_path)
+            continue
+        converted = _convert(value, tp, key_path)
+        meta = fields[key].metadata
+        if "choices" in meta and converted not in meta["choices"]:
+            raise ConfigError(f"{key_path}: must be one of {', '.join(meta['choices'])}, "
+                              f"got {converted!r}{_suggest(str(converted), list(meta['choices']))}")
+        if "min" in meta and converted is not None and converted < meta["min"]:
+            raise ConfigError(f"{key_path}: must be >= {meta['min']}, got {converted!r}")
+        kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def _check(cfg: Config) -> None:
+    """Cross-field checks that a single key's type cannot express."""
+    for i, entry in enumerate(cfg.freeze.trainable):
+        if entry.startswith("/"):
+            if len(entry) < 2 or not entry.endswith("/"):
+                raise ConfigError(f"freeze.trainable[{i}]: a regex is written /pattern/, got {entry!r}")
+            try:
+                re.compile(entry[1:-1])
+            except re.error as exc:
+                raise ConfigError(f"freeze.trainable[{i}]: bad regex {entry!r}: {exc}") from None
+    if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
+        raise ConfigError("data.mean/data.std: need three values (R, G, B)")
+    if any(s <= 0 for s in cfg.data.std):
+        raise ConfigError(f"data.std: every value must be > 0, got {cfg.data.std}")
+    if sorted(cfg.optimizer.step_epochs) != cfg.optimizer.step_epochs:
+        raise ConfigError(f"optimizer.step_epochs: must be increasing, got {cfg.optimizer.step_epochs}")
+    if cfg.optimizer.schedule == "step" and not cfg.optimizer.step_epochs:
+        raise ConfigError("optimizer.step_epochs: the `step` schedule needs at least one epoch")
+    if not cfg.train.output:
+        raise ConfigError("train.output: must name a directory")
+    if isinstance(cfg.model.pretrained, str) and not cfg.model.pretrained:
+        raise ConfigError("model.pretrained: empty path (use false for no pretrained weights)")
+    for i, stage in enumerate(cfg.freeze.schedule):
+        where = f"freeze.schedule[{i}]"
+        unknown = set(stage) - {"epoch", "unfreeze", "freeze"}
+        if unknown:
+            key = sorted(unknown)[0]
+            raise ConfigError(f"{where}.{key}: unknown key{_suggest(key, ['epoch', 'unfreeze', 'freeze'])}")
+        epoch = stage.get("epoch")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise ConfigError(f"{where}.epoch: expected an integer >= 0, got {epoch!r}")
+        for key in ("unfreeze", "freeze"):
+            paths = stage.get(key, [])
+            if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+                raise ConfigError(f"{where}.{key}: expected a list of block paths, got {paths!r}")
+        if not stage.get("unfreeze") and not stage.get("freeze"):
+            raise ConfigError(f"{where}: needs `unfreeze` or `freeze`")
+    epochs = [s["epoch"] for s in cfg.freeze.schedule]
+    if epochs != sorted(epochs):
+        raise ConfigError(f"freeze.schedule: epochs must be in order, got {epochs}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (['a', 'b'], c); the value is read as YAML so `true`, `0.1`, `[a, b]` work."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {text}: bad key path {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value is not valid YAML: {exc}") from None
+    return parts, value
+
+
+def apply_override(raw: dict, parts: list[str], value: Any) -> None:
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(parts)}: {'.'.join(parts[:i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    raw: Any = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            with open(path) as fh:
+                raw = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc}") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    raw = dict(raw)
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        apply_override(raw, parts, value)
+    cfg = _build(Config, raw, "")
+    _check(cfg)
+    return cfg
+
+
+def dump_config(cfg: Config, path: str) -> None:
+    with open(path, "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)

@@ -1,0 +1,304 @@
+"""Data sets, world-size-independent sharding and a prefetching batch loader.
+
+Sharding: every epoch has one permutation, drawn from (data.seed, epoch) alone. Global step t
+covers positions [t*B*N, (t+1)*B*N) of it and rank r takes its r-th slice of B, so the union of
+the ranks' batches at step t is exactly what one process with batch B*N takes at step t.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+
+from .errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+# --- sharding --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardSampler:
+    size: int  # samples in the data set
+    batch_size: int  # per rank
+    world_size: int
+    rank: int
+    seed: int
+    shuffle: bool = True
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Full global batches only, so every rank takes the same number of steps."""
+        return self.size // self.global_batch
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.size)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
+
+    def indices(self, epoch: int, step: int, perm: Optional[np.ndarray] = None) -> np.ndarray:
+        perm = self.permutation(epoch) if perm is None else perm
+        start = step * self.global_batch + self.rank * self.batch_size
+        return perm[start:start + self.batch_size]
+
+
+def eval_shard(size: int, world_size: int, rank: int) -> np.ndarray:
+    """Validation: strided, not dropped: the ranks together see every sample exactly once."""
+    return np.arange(rank, size, world_size)
+
+
+# --- data sets: (H, W, 3) uint8 RGB images and integer labels ------------------------------
+
+
+class ArrayImages:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, name: str):
+        self.images, self.labels, self.name = images, labels.astype(np.int64), name
+        self.classes = int(labels.max()) + 1 if len(labels) else 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, i: int) -> np.ndarray:
+        return self.images[i]
+
+    def describe(self, i: int) -> str:
+        return f"{self.name}[{i}]"
+
+
+class ImageFolder:
+    """One sub-folder per class, sorted by name; images decoded by MXNet's OpenCV."""
+
+    def __init__(self, root: str):
+        if not os.path.isdir(root):
+            raise DataError(f"{root}: not a directory")
+        self.root = root
+        self.class_names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        if not self.class_names:
+            raise DataError(f"{root}: an ImageFolder needs one sub-folder per class; found none")
+        self.files: list[str] = []
+        labels = []
+        for label, cls in enumerate(self.class_names):
+            folder = os.path.join(root, cls)
+            for fname in sorted(os.listdir(folder)):
+                if fname.lower().endswith(IMAGE_EXTENSIONS):
+                    self.files.append(os.path.join(folder, fname))
+                    labels.append(label)
+        if not self.files:
+            raise DataError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+        self.labels = np.array(labels, dtype=np.int64)
+        self.classes = len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, i: int) -> np.ndarray:
+        import mxnet as mx
+
+        try:
+            return mx.image.imread(self.files[i], to_rgb=True).asnumpy()
+        except mx.base.MXNetError as exc:
+            raise DataError(f"{self.files[i]}: cannot decode image ({str(exc).splitlines()[0]})") from None
+
+    def describe(self, i: int) -> str:
+        return self.files[i]
+
+
+class RecordFile:
+    """An indexed RecordIO file (`.rec` with its `.idx`), as written by im2rec."""
+
+    def __init__(self, rec_path: str):
+        import mxnet as mx
+
+        idx_path = os.path.splitext(rec_path)[0] + ".idx"
+        for path in (rec_path, idx_path):
+            if not os.path.isfile(path):
+                raise DataError(f"{path}: no such file (a RecordIO data set needs the .rec and its .idx)")
+        self.path = rec_path
+        self._local = threading.local()
+        self._idx_path = idx_path
+        try:
+            probe = mx.recordio.MXIndexedRecordIO(idx_path, rec_path, "r")
+        except (mx.base.MXNetError, ValueError, OSError) as exc:
+            raise DataError(f"{rec_path}: cannot open RecordIO: {exc}") from None
+        self.keys = list(probe.keys)
+        labels = []
+        for key in self.keys:
+            header, _ = mx.recordio.unpack(probe.read_idx(key))
+            label = header.label
+            labels.append(int(label if np.isscalar(label) else label[0]))
+        probe.close()
+        self.labels = np.array(labels, dtype=np.int64)
+        self.classes = int(self.labels.max()) + 1 if len(labels) else 0
+
+    def _reader(self):
+        import mxnet as mx
+
+        if not hasattr(self._local, "reader"):  # one file handle per thread
+            self._local.reader = mx.recordio.MXIndexedRecordIO(self._idx_path, self.path, "r")
+        return self._local.reader
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def read(self, i: int) -> np.ndarray:
+        import mxnet as mx
+
+        _, payload = mx.recordio.unpack(self._reader().read_idx(self.keys[i]))
+        try:
+            return mx.image.imdecode(payload, to_rgb=1).asnumpy()
+        except mx.base.MXNetError as exc:
+            raise DataError(f"{self.path} record {self.keys[i]}: cannot decode image "
+                            f"({str(exc).splitlines()[0]})") from None
+
+    def describe(self, i: int) -> str:
+        return f"{self.path} record {self.keys[i]}"
+
+
+def open_dataset(spec: str, role: str, key: str):
+    """`spec` is a directory (ImageFolder), a .rec file, `demo` or `demo-pretrain`."""
+    from . import demo
+
+    if spec in demo.DEMO_SETS:
+        return demo.dataset(spec, role)
+    if spec.endswith(".rec"):
+        return RecordFile(spec)
+    if os.path.isdir(spec):
+        return ImageFolder(spec)
+    if not os.path.exists(spec):
+        raise DataError(f"{key}: {spec}: no such file or directory")
+    raise DataError(f"{key}: {spec}: expected an ImageFolder directory, a .rec file or 'demo'")
+
+
+# --- transforms ------------------------------------------------------------------------------
+
+
+def _resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    import mxnet as mx
+
+    if img.shape[0] == h and img.shape[1] == w:
+        return img
+    return mx.image.imresize(mx.nd.array(img, dtype=np.uint8), w, h, interp=1).asnumpy()
+
+
+class Transform:
+    """uint8 HWC image -> normalised float32 CHW of size image_size.
+
+    Evaluation and un-augmented training: resize the short side, centre crop. Augmented
+    training: random resized crop and horizontal flip, drawn from a generator seeded by
+    (seed, epoch, sample index), so the result depends neither on world size nor on resume."""
+
+    def __init__(self, image_size: int, mean, std, augment: bool, seed: int):
+        self.size = image_size
+        self.mean = np.array(mean, dtype=np.float32).reshape(3, 1, 1) * 255.0
+        self.std = np.array(std, dtype=np.float32).reshape(3, 1, 1) * 255.0
+        self.augment = augment
+        self.seed = seed
+
+    def __call__(self, img: np.ndarray, epoch: int, index: int) -> np.ndarray:
+        if img.ndim == 2:
+            img = np.repeat(img[:, :, None], 3, axis=2)
+        elif img.shape[2] == 1:
+            img = np.repeat(img, 3, axis=2)
+        s = self.size
+        if self.augment:
+            rng = np.random.default_rng([self.seed, epoch, index])
+            h, w = img.shape[:2]
+            area = h * w * rng.uniform(0.5, 1.0)
+            ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+            ch = int(min(h, max(1, round(np.sqrt(area / ratio)))))
+            cw = int(min(w, max(1, round(np.sqrt(area * ratio)))))
+            y0 = int(rng.integers(0, h - ch + 1))
+            x0 = int(rng.integers(0, w - cw + 1))
+            img = _resize(img[y0:y0 + ch, x0:x0 + cw], s, s)
+            if rng.random() < 0.5:
+                img = img[:, ::-1]
+        else:
+            h, w = img.shape[:2]
+            scale = s / min(h, w)
+            nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
+            img = _resize(img, nh, nw)
+            y0, x0 = (nh - s) // 2, (nw - s) // 2
+            img = img[y0:y0 + s, x0:x0 + s]
+        chw = np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32)
+        return (chw - self.mean) / self.std
+
+
+# --- batches ---------------------------------------------------------------------------------
+
+
+class BatchLoader:
+    """Assembles batches on background threads, `depth` batches ahead of the training step."""
+
+    def __init__(self, dataset, transform: Transform, workers: int = 2, depth: int = 2):
+        self.dataset = dataset
+        self.transform = transform
+        self.workers = workers
+        self.depth = depth
+        self._pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
+        self._cache: dict = {}
+
+    def _sample(self, i: int, epoch: int) -> np.ndarray:
+        if not self.transform.augment and i in self._cache:
+            return self._cache[i]
+        x = self.transform(self.dataset.read(int(i)), epoch, int(i))
+        if not self.transform.augment and isinstance(self.dataset, ArrayImages):
+            self._cache[i] = x  # in-memory sets: decode and resize once
+        return x
+
+    def batch(self, indices: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._pool is not None and len(indices) > 1:
+            xs = list(self._pool.map(lambda i: self._sample(i, epoch), indices))
+        else:
+            xs = [self._sample(i, epoch) for i in indices]
+        return np.stack(xs), self.dataset.labels[indices]
+
+    def iterate(self, batches: list[tuple[int, np.ndarray]], epoch: int) -> Iterator:
+        """Yields (step, x, y) for `batches` = [(step, indices)], prefetching on a thread."""
+        if self.workers == 0:
+            for step, idx in batches:
+                yield (step, *self.batch(idx, epoch))
+            return
+        q: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+
+        def produce():
+            try:
+                for step, idx in batches:
+                    if stop.is_set():
+                        return
+                    q.put((step, *self.batch(idx, epoch)))
+                q.put(None)
+            except BaseException as exc:  # handed to the consumer, raised there
+                q.put(exc)
+
+        thread = threading.Thread(target=produce, daemon=True, name="distft-loader")
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    thread.join(timeout=0.05)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)

@@ -1,0 +1,194 @@
+"""The Horovod seam. Everything collective goes through a World: LocalWorld for one process
+(no launcher), HorovodWorld under horovodrun / mpirun / srun. The rest of distft never imports
+horovod."""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Optional
+
+import mxnet as mx
+import numpy as np
+from mxnet import gluon
+
+from .errors import DistributedError
+
+_LAUNCHER_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
+
+
+def launched_by_scheduler() -> bool:
+    """True when a launcher started several ranks (horovodrun, mpirun, srun)."""
+    if any(v in os.environ for v in _LAUNCHER_VARS):
+        return True
+    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
+
+
+def digest(arr: np.ndarray) -> bytes:
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).digest()[:8]
+
+
+class LocalWorld:
+    """One process: collectives are identities."""
+
+    rank = 0
+    size = 1
+    local_rank = 0
+    local_size = 1
+    backend = "local"
+
+    def context(self):
+        return mx.gpu(self.local_rank) if mx.context.num_gpus() > 0 else mx.cpu()
+
+    # all of these return bytes moved on the wire by this rank (0 here)
+    def broadcast_(self, arrays: list, name: str) -> int:
+        return 0
+
+    def allreduce_(self, arrays: list, name: str, average: bool = True, prescale: float = 1.0,
+                   postscale: float = 1.0) -> None:
+        return None
+
+    def allgather_bytes(self, payload: bytes, name: str) -> list[bytes]:
+        return [payload]
+
+    def allreduce_numpy(self, value: np.ndarray, name: str) -> np.ndarray:
+        return np.asarray(value)
+
+    def barrier(self) -> None:
+        return None
+
+    def shutdown(self) -> None:
+        return None
+
+
+class HorovodWorld(LocalWorld):
+    backend = "horovod"
+
+    def __init__(self):
+        import horovod.mxnet as hvd
+
+        self.hvd = hvd
+        if "HOROVOD_GLOO_RENDEZVOUS_ADDR" in os.environ:
+            hvd.init()  # horovodrun --gloo: its rendezvous names the ranks
+        else:
+            # MPI launchers (mpirun, srun, horovodrun --mpi): take the ranks the scheduler started
+            from mpi4py import MPI
+
+            hvd.init(comm=MPI.COMM_WORLD)
+        self.rank, self.size = hvd.rank(), hvd.size()
+        self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
+        self.backend = "gloo" if hvd.gloo_enabled() and "HOROVOD_GLOO_RENDEZVOUS_ADDR" in os.environ else "mpi"
+
+    def broadcast_(self, arrays: list, name: str) -> int:
+        for i, arr in enumerate(arrays):
+            self.hvd.broadcast_(arr, root_rank=0, name=f"{name}.{i}")
+        mx.nd.waitall()
+        return sum(a.size * np.dtype(a.dtype).itemsize for a in arrays)
+
+    def allreduce_(self, arrays: list, name: str, average: bool = True, prescale: float = 1.0,
+                   postscale: float = 1.0) -> None:
+        if not arrays:
+            return
+        self.hvd.grouped_allreduce_(arrays, average=average, name=name,
+                                    prescale_factor=prescale, postscale_factor=postscale)
+
+    def allgather_bytes(self, payload: bytes, name: str) -> list[bytes]:
+        """Gathers one byte string per rank (lengths may differ)."""
+        lengths = self.hvd.allgather(mx.nd.array([len(payload)], dtype=np.int64), name=f"{name}.len")
+        lengths = [int(n) for n in lengths.asnumpy()]
+        data = np.frombuffer(payload, dtype=np.uint8) if payload else np.zeros(0, np.uint8)
+        gathered = self.hvd.allgather(mx.nd.array(data, dtype=np.uint8).reshape((-1,)), name=name)
+        flat = gathered.asnumpy().tobytes()
+        out, pos = [], 0
+        for n in lengths:
+            out.append(flat[pos:pos + n])
+            pos += n
+        return out
+
+    def allreduce_numpy(self, value: np.ndarray, name: str) -> np.ndarray:
+        arr = mx.nd.array(np.asarray(value, dtype=np.float64), dtype=np.float64)
+        return self.hvd.allreduce(arr, average=False, name=name).asnumpy()
+
+    def barrier(self) -> None:
+        self.allreduce_numpy(np.zeros(1), name="distft.barrier")
+
+    def shutdown(self) -> None:
+        self.hvd.shutdown()
+
+
+def init_world() -> LocalWorld:
+    return HorovodWorld() if launched_by_scheduler() else LocalWorld()
+
+
+# --- gradient exchange -------------------------------------------------------------------------
+
+
+def buckets(sizes: list[int], bucket_bytes: int) -> list[list[int]]:
+    """Group tensor indices, in order, into buckets of about `bucket_bytes` (0: one per tensor)."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    filled = 0
+    for i, nbytes in enumerate(sizes):
+        if current and (bucket_bytes == 0 or filled + nbytes > bucket_bytes):
+            groups.append(current)
+            current, filled = [], 0
+        current.append(i)
+        filled += nbytes
+    if current:
+        groups.append(current)
+    return groups
+
+
+class GradientExchange:
+    """Allreduces (averages) the gradients of trainable parameters in fused buckets, optionally
+    compressed to float16 on the wire, and counts bytes and time."""
+
+    def __init__(self, world: LocalWorld, params: list, bucket_bytes: int, compression: str = "none",
+                 predivide: float = 1.0):
+        self.world = world
+        self.params = params
+        self.compression = compression
+        self.predivide = predivide
+        wire = 2 if compression == "fp16" else None
+        sizes = [int(np.prod(p.shape)) * (wire or np.dtype(p.dtype).itemsize) for p in params]
+        self.groups = buckets(sizes, bucket_bytes)
+        self.bytes_per_step = sum(sizes) if world.size > 1 else 0
+        self.seconds_total = 0.0
+        self.calls = 0
+
+    def set_params(self, params: list, bucket_bytes: int) -> None:
+        self.__init__(self.world, params, bucket_bytes, self.compression, self.predivide)
+
+    def __call__(self) -> None:
+        if self.world.size == 1 or not self.params:
+            return
+        start = time.perf_counter()
+        for gi, group in enumerate(self.groups):
+            grads = [self.params[i].list_grad()[0] for i in group]
+            if self.compression == "fp16":
+                wire = [g.astype(np.float16) for g in grads]
+                self.world.allreduce_(wire, name=f"distft.grad.{gi}", average=True,
+                                      prescale=1.0 / self.predivide, postscale=self.predivide)
+                for g, w in zip(grads, wire):
+                    g[:] = w.astype(g.dtype)
+            else:
+                self.world.allreduce_(grads, name=f"distft.grad.{gi}", average=True,
+                                      prescale=1.0 / self.predivide, postscale=self.predivide)
+        for i in range(len(self.params)):
+            self.params[i].list_grad()[0].wait_to_read()
+        self.seconds_total += time.perf_counter() - start
+        self.calls += 1
+
+
+class Trainer(gluon.Trainer):
+    """gluon.Trainer over the trainable parameters only, with our gradient exchange in place of
+    a kvstore (the Horovod DistributedTrainer pattern: override only the exchange)."""
+
+    def __init__(self, params: dict, optimizer: str, optimizer_params: dict,
+                 exchange: Optional[GradientExchange]):
+        super().__init__(params, optimizer, optimizer_params, kvstore=None, update_on_kvstore=False)
+        self.exchange = exchange
+
+    def _allreduce_grads(self):
+        if self.exchange is not None:
+            self.exchange()

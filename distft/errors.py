@@ -1,0 +1,29 @@
+"""Errors a user can act on. The CLI prints them as one line, never as a traceback."""
+
+
+class DistftError(Exception):
+    """Base class: the message names the config key, file or rank at fault."""
+
+    exit_code = 2
+
+
+class ConfigError(DistftError):
+    """A config key is unknown, missing or has a bad value."""
+
+
+class ModelError(DistftError):
+    """The model cannot be built or its pretrained weights do not fit it."""
+
+
+class DataError(DistftError):
+    """A data set cannot be read."""
+
+
+class CheckpointError(DistftError):
+    """A checkpoint is missing, corrupt or belongs to another model."""
+
+
+class DistributedError(DistftError):
+    """Ranks disagree (frozen weights, state digests) or a rank failed."""
+
+    exit_code = 3

@@ -1,0 +1,267 @@
+"""Which parameters train, how each BatchNorm behaves, and what part of the network is a frozen
+prefix. `resolve` is plain Python over a ModelSpec; `apply` is the only MXNet call site.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from .errors import ConfigError
+from .model import ModelSpec, ParamSpec
+
+# BatchNorm modes
+BN_FROZEN = "frozen"  # pretrained running statistics, never updated (use_global_stats)
+BN_BATCH = "batch"  # frozen affine, batch statistics, running statistics re-estimated
+BN_TRAIN = "train"  # inside a trainable block: ordinary training (sync/local across ranks)
+
+
+@dataclass
+class ParamPlan:
+    spec: ParamSpec
+    trainable: bool
+    bn_mode: Optional[str] = None  # set for the parameters of a BatchNorm layer
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def grad_req(self) -> str:
+        return "write" if self.trainable else "null"
+
+
+@dataclass
+class FreezePlan:
+    model: str
+    params: list[ParamPlan]
+    bn_modes: dict[str, str]  # BatchNorm block path -> mode
+    prefix: list[str]  # stages run as the frozen prefix (outside autograd)
+    suffix: Optional[list[str]]  # stages run under autograd (None: the whole net)
+    # MXNet updates a BN's running statistics (CPU) in its backward pass, and backward skips a
+    # BN with no trainable parameter when nothing upstream needs a gradient. If such a BN must
+    # re-estimate statistics, the suffix input asks for a gradient so backward reaches it.
+    input_grad: bool = False
+    entries: list[str] = field(default_factory=list)
+
+    # --- derived views ---
+    def trainable_names(self) -> list[str]:
+        return [p.name for p in self.params if p.trainable]
+
+    def frozen_names(self) -> list[str]:
+        return [p.name for p in self.params if not p.trainable and not self.is_moving_state(p)]
+
+    def is_moving_state(self, p: ParamPlan) -> bool:
+        """Running statistics of a BatchNorm whose statistics change during training."""
+        return not p.spec.differentiable and p.bn_mode in (BN_TRAIN, BN_BATCH)
+
+    def moving_state_names(self) -> list[str]:
+        return [p.name for p in self.params if self.is_moving_state(p)]
+
+    def trainable_state_names(self) -> list[str]:
+        """What rank 0 broadcasts at start: trainable weights and changing BN statistics."""
+        return self.trainable_names() + self.moving_state_names()
+
+    def totals(self) -> dict:
+        t = [p.spec for p in self.params if p.trainable]
+        f = [p.spec for p in self.params if not p.trainable]
+        moving = [p.spec for p in self.params if self.is_moving_state(p)]
+        return {
+            "trainable_params": sum(s.size for s in t),
+            "frozen_params": sum(s.size for s in f),
+            "trainable_bytes": sum(s.nbytes for s in t),
+            "frozen_bytes": sum(s.nbytes for s in f),
+            "moving_state_bytes": sum(s.nbytes for s in moving),
+            "total_bytes": sum(p.spec.nbytes for p in self.params),
+        }
+
+
+def _under(name: str, path: str) -> bool:
+    return name == path or name.startswith(path + ".")
+
+
+def _select(spec: ModelSpec, entries: Iterable[str], where: str) -> set[str]:
+    """Parameter names selected by block paths and /regex/ entries."""
+    names = [p.name for p in spec.params]
+    paths = spec.block_paths()
+    path_set = set(paths)
+    selected: set[str] = set()
+    for i, entry in enumerate(entries):
+        label = f"{where}[{i}]"
+        if entry.startswith("/") and entry.endswith("/") and len(entry) >= 2:
+            try:
+                pattern = re.compile(entry[1:-1])
+            except re.error as exc:
+                raise ConfigError(f"{label}: bad regex {entry!r}: {exc}") from None
+            hits = {n for n in names if pattern.search(n)}
+            if not hits:
+                raise ConfigError(f"{label}: {entry} matches no parameter of {spec.name} "
+                                  f"(names look like {names[0]}, {names[-1]})")
+            selected |= hits
+            continue
+        if entry not in path_set:
+            hint = ""
+            if entry in set(names):
+                hint = f"; that is a parameter, select it with /^{re.escape(entry)}$/"
+            close = difflib.get_close_matches(entry, paths, n=5, cutoff=0.5)
+            if not close:
+                top = [p for p in paths if "." not in p]
+                close = top
+            raise ConfigError(f"{label}: no block named {entry!r} in {spec.name} "
+                              f"(nearest: {', '.join(close)}){hint}")
+        selected |= {n for n in names if _under(n, entry)}
+    return selected
+
+
+def selected_at(spec: ModelSpec, trainable: list[str], schedule: list[dict], epoch: int) -> set[str]:
+    """The selection in force at `epoch`: the initial list, then each schedule stage up to it."""
+    selected = _select(spec, trainable, "freeze.trainable")
+    for i, stage in enumerate(schedule):
+        if stage["epoch"] > epoch:
+            break
+        selected |= _select(spec, stage.get("unfreeze", []), f"freeze.schedule[{i}].unfreeze")
+        selected -= _select(spec, stage.get("freeze", []), f"freeze.schedule[{i}].freeze")
+    return selected
+
+
+def resolve(spec: ModelSpec, trainable: list[str], batchnorm: str = BN_FROZEN,
+            schedule: Optional[list[dict]] = None, epoch: int = 0) -> FreezePlan:
+    selected = selected_at(spec, trainable, schedule or [], epoch)
+    bn_paths = {b.path for b in spec.blocks if b.is_batchnorm}
+    bn_modes = {}
+    for path in sorted(bn_paths):
+        own = [p for p in spec.params if p.block == path]
+        if any(p.name in selected for p in own):
+            bn_modes[path] = BN_TRAIN
+        else:
+            bn_modes[path] = BN_FROZEN if batchnorm == BN_FROZEN else BN_BATCH
+    plans = []
+    for p in spec.params:
+        trainable_p = p.name in selected and p.differentiable and p.grad_req != "null"
+        plans.append(ParamPlan(spec=p, trainable=trainable_p, bn_mode=bn_modes.get(p.block)))
+
+    prefix: list[str] = []
+    suffix: Optional[list[str]] = None
+    if spec.stages is not None:
+        def stage_is_frozen(stage: str) -> bool:
+            if any(_under(n, stage) for n in selected):
+                return False
+            # a BN re-estimating statistics needs training mode: keep it in the suffix
+            return not any(_under(b, stage) and mode != BN_FROZEN for b, mode in bn_modes.items())
+
+        for stage in spec.stages:
+            if not stage_is_frozen(stage):
+                break
+            prefix.append(stage)
+        suffix = spec.stages[len(prefix):]
+    trainable_names = {p.spec.name for p in plans if p.trainable}
+    stages = suffix if suffix is not None else [""]
+    input_grad = False
+    for stage in stages:
+        for bn, mode in bn_modes.items():
+            if mode != BN_FROZEN and (not stage or _under(bn, stage)) and not any(
+                    p.spec.block == bn and p.trainable for p in plans):
+                input_grad = True
+        if not stage or any(_under(n, stage) for n in trainable_names):
+            break  # downstream of a trainable weight, backward runs anyway
+    return FreezePlan(model=spec.name, params=plans, bn_modes=bn_modes, prefix=prefix,
+                      suffix=suffix, entries=list(trainable), input_grad=input_grad)
+
+
+# --- the MXNet side --------------------------------------------------------------------------
+
+
+def apply(net, plan: FreezePlan) -> None:
+    """Set grad_req on every parameter and use_global_stats on every BatchNorm.
+
+    grad_req='null' alone does not freeze a BatchNorm in MXNet 1.x: backward through it still
+    moves its running statistics and training mode normalises with batch statistics. A frozen
+    BN therefore gets use_global_stats=True. Call before hybridizing (the flag is baked into
+    the cached graph); SplitNet.hybridize rebuilds it.
+    """
+    from .model import find_block, structural_params
+
+    params = structural_params(net)
+    for p in plan.params:
+        params[p.name].grad_req = p.grad_req
+    for path, mode in plan.bn_modes.items():
+        bn = find_block(net, path)
+        bn._kwargs["use_global_stats"] = mode == BN_FROZEN  # noqa: SLF001 - passed to the BN op
+
+
+# --- reporting ---------------------------------------------------------------------------------
+
+
+def rows(plan: FreezePlan, spec: ModelSpec, depth: int = 2) -> list[dict]:
+    """One row per block at most `depth` levels deep, aggregating the parameters below it."""
+    out = []
+    for block in spec.blocks:
+        if block.path.count(".") >= depth:
+            continue
+        below = [p for p in plan.params if _under(p.spec.block, block.path)]
+        if not below:
+            continue
+        bns = sorted({m for b, m in plan.bn_modes.items() if _under(b, block.path)})
+        n_train = sum(p.trainable for p in below)
+        n_weights = sum(1 for p in below if p.spec.differentiable and p.spec.grad_req != "null")
+        trainable = "yes" if n_train and n_train == n_weights else ("partial" if n_train else "no")
+        out.append({
+            "block": block.path, "type": block.type, "params": sum(p.spec.size for p in below),
+            "trainable": trainable, "bn": "/".join(bns) if bns else "-",
+            "bytes": sum(p.spec.nbytes for p in below),
+        })
+    return out
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def to_json(plan: FreezePlan, spec: ModelSpec, depth: int = 2, schedule_plans=None) -> dict:
+    doc = {"model": plan.model, **plan.totals(),
+           "frozen_prefix": plan.prefix, "trainable_suffix": plan.suffix, "input_grad": plan.input_grad,
+           "bn_modes": plan.bn_modes,
+           "blocks": rows(plan, spec, depth),
+           "params": [{"name": p.name, "shape": list(p.spec.shape), "dtype": p.spec.dtype,
+                       "grad_req": p.grad_req, "bytes": p.spec.nbytes,
+                       **({"bn_mode": p.bn_mode} if p.bn_mode else {})} for p in plan.params]}
+    if schedule_plans:
+        doc["schedule"] = [{"epoch": e, "trainable_params": pl.totals()["trainable_params"],
+                            "trainable_bytes": pl.totals()["trainable_bytes"],
+                            "frozen_prefix": pl.prefix,
+                            "newly_trainable": sorted(set(pl.trainable_names()) - set(prev.trainable_names())),
+                            "newly_frozen": sorted(set(prev.trainable_names()) - set(pl.trainable_names()))}
+                           for e, pl, prev in schedule_plans]
+    return doc
+
+
+def to_table(plan: FreezePlan, spec: ModelSpec, depth: int = 2, schedule_plans=None) -> str:
+    table = rows(plan, spec, depth)
+    header = ("block", "type", "params", "trainable", "BN", "bytes")
+    lines = [[r["block"], r["type"], f"{r['params']:,}", r["trainable"], r["bn"], _human(r["bytes"])]
+             for r in table]
+    widths = [max(len(header[i]), *(len(line[i]) for line in lines)) if lines else len(header[i])
+              for i in range(len(header))]
+    fmt = "  ".join(f"{{:{'>' if i in (2, 5) else '<'}{w}}}" for i, w in enumerate(widths))
+    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*line) for line in lines]
+    t = plan.totals()
+    out.append("")
+    out.append(f"trainable: {t['trainable_params']:,} params, {_human(t['trainable_bytes'])}   "
+               f"frozen: {t['frozen_params']:,} params, {_human(t['frozen_bytes'])}")
+    out.append(f"frozen prefix (no autograd): {', '.join(plan.prefix) or '-'}")
+    modes = {}
+    for m in plan.bn_modes.values():
+        modes[m] = modes.get(m, 0) + 1
+    out.append("BatchNorm layers: " + (", ".join(f"{n} {m}" for m, n in sorted(modes.items())) or "none"))
+    for e, pl, prev in schedule_plans or []:
+        new = len(set(pl.trainable_names()) - set(prev.trainable_names()))
+        gone = len(set(prev.trainable_names()) - set(pl.trainable_names()))
+        out.append(f"epoch {e}: +{new} / -{gone} trainable tensors -> "
+                   f"{pl.totals()['trainable_params']:,} trainable params")
+    return "\n".join(out)

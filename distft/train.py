@@ -1,0 +1,469 @@
+"""The training loop. One step: batch -> frozen prefix (no autograd) -> trainable suffix under
+autograd -> backward -> trainer.step (allreduce of trainable gradients, then the update).
+
+Set-up order matters for multi-rank runs: every rank loads the pretrained file itself; rank 0
+alone reads the checkpoint to resume from; frozen weights are then verified by hash and only
+the trainable state is broadcast from rank 0.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import mxnet as mx
+import numpy as np
+import yaml
+from mxnet import autograd, gluon
+
+from . import checkpoint, dist, freeze, model, syncbn
+from .config import Config, dump_config
+from .data import BatchLoader, ShardSampler, Transform, eval_shard, open_dataset
+from .errors import CheckpointError, ConfigError, DataError, DistributedError
+from .schedule import LRSchedule
+
+
+def log(world, msg: str) -> None:
+    if world.rank == 0:
+        print(f"[distft] {msg}", flush=True)
+
+
+# --- agreement between ranks -------------------------------------------------------------------
+
+
+def state_digest(params: dict) -> str:
+    """sha256 over every parameter and BN statistic, in structural-name order."""
+    h = hashlib.sha256()
+    for name in sorted(params):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(params[name].data().asnumpy()).tobytes())
+    return h.hexdigest()
+
+
+def check_same_config(world, cfg: Config) -> int:
+    """Every rank must run the same job. The pretrained path may differ between nodes (its
+    content is checked by the frozen-weight hashes)."""
+    doc = cfg.to_dict()
+    doc["model"].pop("pretrained")
+    mine = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).digest()
+    everyone = world.allgather_bytes(mine, "distft.config")
+    odd = [r for r, d in enumerate(everyone) if d != everyone[0]]
+    if odd:
+        raise DistributedError(f"ranks {odd} run a different config from rank 0 (same --config and --set on every rank?)")
+    return len(mine) * world.size
+
+
+def verify_frozen(world, plan, params, on_mismatch: str) -> tuple[int, int]:
+    """Hash every frozen tensor on every rank and compare. Returns (bytes exchanged, bytes
+    re-broadcast)."""
+    names = plan.frozen_names()
+    payload = b"".join(dist.digest(params[n].data().asnumpy()) for n in names)
+    everyone = world.allgather_bytes(payload, "distft.frozen_digests")
+    exchanged = len(payload) * world.size
+    if any(len(d) != len(payload) for d in everyone):
+        raise DistributedError("ranks hold different frozen parameter sets (different model or freeze plan)")
+    bad: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        for r, d in enumerate(everyone):
+            if d[8 * i:8 * i + 8] != everyone[0][8 * i:8 * i + 8]:
+                bad.setdefault(name, []).append(r)
+    if not bad:
+        return exchanged, 0
+    first = next(iter(bad))
+    if on_mismatch == "error":
+        raise DistributedError(
+            f"frozen parameter {first} differs between ranks: rank(s) {bad[first]} disagree with rank 0"
+            + (f" ({len(bad) - 1} more frozen tensors differ)" if len(bad) > 1 else "")
+            + "; every rank must load the same pretrained file (model.pretrained), "
+              "or set dist.on_frozen_mismatch: broadcast")
+    log(world, f"warning: {len(bad)} frozen tensors differed between ranks (first {first}); re-broadcast from rank 0")
+    return exchanged, world.broadcast_([params[n].data() for n in bad], "distft.frozen_fix")
+
+
+def check_rank_digests(world, params: dict, where: str) -> list[str]:
+    mine = state_digest(params)
+    digests = [d.decode() for d in world.allgather_bytes(mine.encode(), f"distft.digest.{where}")]
+    odd = [r for r, d in enumerate(digests) if d != digests[0]]
+    if odd:
+        raise DistributedError(f"{where}: ranks {odd} hold a different model from rank 0 "
+                               f"(state digest {digests[odd[0]][:12]} != {digests[0][:12]})")
+    return digests
+
+
+# --- pieces of the job -------------------------------------------------------------------------
+
+
+@dataclass
+class Stats:
+    samples: int = 0
+    steps: int = 0
+    steady_seconds: float = 0.0
+    steady_samples: int = 0
+    data_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    history: list = field(default_factory=list)
+
+
+def build_trainer(cfg: Config, world, params: dict, plan, exchange_old=None):
+    trainable = {n: params[n] for n in plan.trainable_names()}
+    for name, p in trainable.items():
+        leaf = name.rpartition(".")[2]
+        p.wd_mult = 1.0 if cfg.optimizer.decay_bias_and_bn or leaf not in ("bias", "gamma", "beta") else 0.0
+    opt = cfg.optimizer
+    kwargs = {"learning_rate": opt.lr, "wd": opt.weight_decay}
+    if opt.name in ("sgd", "nag"):
+        kwargs["momentum"] = opt.momentum
+    exchange = dist.GradientExchange(world, list(trainable.values()), cfg.dist.bucket_bytes,
+                                     cfg.dist.compression, cfg.dist.gradient_predivide_factor)
+    # gluon.Trainer wants a ParameterDict or list; keep structural order for a stable index
+    trainer = dist.Trainer(list(trainable.values()), opt.name, kwargs, exchange)
+    return trainer, exchange
+
+
+def sync_optimizer_state(world, trainer) -> int:
+    """Broadcast every optimizer state leaf from rank 0 (after a resume on rank 0)."""
+    if world.size == 1:
+        return 0
+    updater = trainer._updaters[0]  # noqa: SLF001
+    opt = trainer._optimizer  # noqa: SLF001
+    leaves = []
+    for index, param in enumerate(trainer._params):  # noqa: SLF001
+        if index not in updater.states:
+            updater.states[index] = opt.create_state_multi_precision(index, param.list_data()[0])
+            updater.states_synced[index] = True
+        checkpoint._leaves(updater.states[index], leaves)  # noqa: SLF001
+    return world.broadcast_(leaves, "distft.optimizer_state") if leaves else 0
+
+
+def average_moving_stats(world, params: dict, plan, dist_bn: str) -> None:
+    """`local` BatchNorm: running statistics differ per rank; average them so all ranks agree."""
+    names = plan.moving_state_names()
+    if world.size > 1 and names and dist_bn == "local":
+        world.allreduce_([params[n].data() for n in names], "distft.bn_stats", average=True)
+        mx.nd.waitall()
+
+
+def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
+    k = min(k, logits.shape[1])
+    top = np.argpartition(-logits, kth=k - 1, axis=1)[:, :k]
+    return int((top == labels[:, None]).any(axis=1).sum())
+
+
+def evaluate(world, runner, loader: BatchLoader, batch_size: int, ctx, loss_fn) -> dict:
+    idx = eval_shard(len(loader.dataset), world.size, world.rank)
+    sums = np.zeros(4)  # top1, top5, loss, count
+    for start in range(0, len(idx), batch_size):
+        x, y = loader.batch(idx[start:start + batch_size], epoch=0)
+        out = runner(mx.nd.array(x, ctx=ctx))
+        loss = loss_fn(out, mx.nd.array(y, ctx=ctx)).asnumpy()
+        logits = out.asnumpy()
+        sums += [topk_correct(logits, y, 1), topk_correct(logits, y, 5), loss.sum(), len(y)]
+    total = world.allreduce_numpy(sums, "distft.eval")
+    n = max(total[3], 1)
+    return {"val_top1": total[0] / n, "val_top5": total[1] / n, "val_loss": total[2] / n,
+            "val_samples": int(total[3])}
+
+
+# --- the job -----------------------------------------------------------------------------------
+
+
+class Job:
+    def __init__(self, cfg: Config, world):
+        self.cfg, self.world = cfg, world
+        self.ctx = world.context()
+        self.out = cfg.train.output
+        self.bytes_broadcast = 0
+        self.bytes_verify = 0
+
+    # set-up ------------------------------------------------------------------------------------
+    def prepare_output(self) -> None:
+        if self.world.rank == 0:
+            try:
+                os.makedirs(self.out, exist_ok=True)
+                probe = os.path.join(self.out, f".write-test-{os.getpid()}")
+                open(probe, "w").close()
+                os.remove(probe)
+            except OSError as exc:
+                raise ConfigError(f"train.output: {self.out}: cannot write there ({exc.strerror})") from None
+            dump_config(self.cfg, os.path.join(self.out, "config.yaml"))
+
+    def load_resume_point(self) -> Optional[checkpoint.Checkpoint]:
+        """Rank 0 reads the newest valid checkpoint; every rank learns its meta."""
+        ckpt = None
+        if self.cfg.train.resume and self.world.rank == 0:
+            ckpt = checkpoint.latest(self.out, warn=lambda m: log(self.world, f"warning: {m}"))
+        meta = json.dumps(ckpt.meta if ckpt else None).encode()
+        shared = self.world.allgather_bytes(meta if self.world.rank == 0 else b"", "distft.resume_meta")[0]
+        self.bytes_broadcast += len(shared) * (self.world.size - 1)
+        self.resume_meta = json.loads(shared)
+        return ckpt
+
+    def build_data(self) -> None:
+        cfg = self.cfg
+        self.train_set = open_dataset(cfg.data.train, "train", "data.train")
+        if self.train_set.classes > cfg.model.classes:
+            raise ConfigError(f"model.classes: {cfg.model.classes}, but data.train has labels up to "
+                              f"{self.train_set.classes - 1}")
+        self.sampler = ShardSampler(len(self.train_set), cfg.data.batch_size, self.world.size,
+                                    self.world.rank, cfg.data.seed)
+        if self.sampler.steps_per_epoch == 0:
+            raise ConfigError(f"data.batch_size: the global batch ({cfg.data.batch_size} x {self.world.size} "
+                              f"ranks) is larger than data.train ({len(self.train_set)} samples)")
+        self.train_loader = BatchLoader(self.train_set, Transform(cfg.model.image_size, cfg.data.mean, cfg.data.std,
+                                                                  cfg.data.augment, cfg.data.seed),
+                                        workers=cfg.data.workers)
+        self.val_loader = None
+        if cfg.data.val:
+            val_set = open_dataset(cfg.data.val, "val", "data.val")
+            self.val_loader = BatchLoader(val_set, Transform(cfg.model.image_size, cfg.data.mean, cfg.data.std,
+                                                             False, cfg.data.seed), workers=cfg.data.workers)
+        spe = self.sampler.steps_per_epoch
+        self.total_steps = spe * cfg.train.epochs
+        if cfg.train.max_steps:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+
+    def configure(self, epoch: int) -> None:
+        """Resolve the freeze plan in force at `epoch` and set the network up for it: grad_req,
+        BatchNorm modes, synchronized BN, the prefix/suffix split, hybridization, optimizer."""
+        cfg = self.cfg
+        self.plan = freeze.resolve(self.spec, cfg.freeze.trainable, cfg.freeze.batchnorm,
+                                   cfg.freeze.schedule, epoch)
+        freeze.apply(self.net, self.plan)
+        moving_bn = [p for p, m in self.plan.bn_modes.items() if m != freeze.BN_FROZEN]
+        if self.world.size > 1 and cfg.dist.batchnorm == "sync":
+            syncbn.convert(self.net, moving_bn, self.world)
+        self.runner = model.SplitNet(self.net, self.plan.prefix, self.plan.suffix)
+        if cfg.train.hybridize:
+            self.runner.hybridize(keep_imperative=syncbn.is_sync)
+
+    def setup(self) -> None:
+        cfg, world = self.cfg, self.world
+        self.prepare_output()
+        self.bytes_verify += check_same_config(world, cfg)
+        self.net = model.create(cfg.model, self.ctx, seed=cfg.train.seed)
+        self.spec = model.describe(self.net, cfg.model.name, cfg.model.head)
+        self.params = model.structural_params(self.net)
+        self.names = {p: n for n, p in self.params.items()}
+        self.build_data()
+        ckpt = self.load_resume_point()
+        meta = self.resume_meta or {}
+        self.epoch = int(meta.get("epoch", 0))
+        self.step_in_epoch = int(meta.get("step_in_epoch", 0))
+        self.global_step = int(meta.get("step", 0))
+        self.configure(self.epoch)
+        if ckpt is not None:
+            self.restore_weights(ckpt)
+        exchanged, fixed = verify_frozen(world, self.plan, self.params, cfg.dist.on_frozen_mismatch)
+        self.bytes_verify += exchanged
+        self.bytes_broadcast += fixed
+        self.bytes_broadcast += world.broadcast_(
+            [self.params[n].data() for n in self.plan.trainable_state_names()], "distft.trainable")
+        self.trainer, self.exchange = build_trainer(cfg, world, self.params, self.plan)
+        if ckpt is not None:
+            checkpoint.restore_optimizer_state(self.trainer, self.names, ckpt.optimizer, meta.get("update_counts", {}))
+        if self.resume_meta:
+            self.bytes_broadcast += sync_optimizer_state(world, self.trainer)
+        self.schedule = LRSchedule.from_config(cfg.optimizer, self.sampler.steps_per_epoch, self.total_steps,
+                                               world.size)
+        self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+        t = self.plan.totals()
+        log(world, f"{cfg.model.name}: {t['trainable_params']:,} trainable / {t['frozen_params']:,} frozen params; "
+                   f"frozen prefix {len(self.plan.prefix)} stages; {world.size} rank(s) [{world.backend}], "
+                   f"global batch {self.sampler.global_batch}, {self.sampler.steps_per_epoch} steps/epoch")
+        if ckpt is not None:
+            log(world, f"resumed from {ckpt.path} (epoch {self.epoch}, step {self.global_step})")
+
+    def restore_weights(self, ckpt: checkpoint.Checkpoint) -> None:
+        want = set(self.plan.trainable_state_names())
+        have = set(ckpt.params)
+        unknown = sorted(have - set(self.params))
+        if unknown or not want <= have:
+            missing = sorted(want - have)
+            raise CheckpointError(
+                f"{ckpt.path}: does not belong to this model/freeze plan"
+                + (f"; not in {self.cfg.model.name}: {', '.join(unknown[:3])}" if unknown else "")
+                + (f"; missing: {', '.join(missing[:3])}" if missing else ""))
+        for name, arr in ckpt.params.items():
+            p = self.params[name]
+            if tuple(arr.shape) != tuple(p.shape):
+                raise CheckpointError(f"{ckpt.path}: {name} has shape {tuple(arr.shape)}, the model {tuple(p.shape)}")
+            p.set_data(arr.as_in_context(self.ctx))
+
+    # checkpoints -------------------------------------------------------------------------------
+    def save_checkpoint(self, epoch: int, step_in_epoch: int) -> None:
+        average_moving_stats(self.world, self.params, self.plan, self.cfg.dist.batchnorm)
+        self.digests = check_rank_digests(self.world, self.params, f"checkpoint at step {self.global_step}")
+        if self.world.rank != 0:
+            return
+        names = self.plan.trainable_state_names()
+        arrays = {n: self.params[n].data().copyto(mx.cpu()) for n in names}
+        opt_arrays, counts = checkpoint.optimizer_state(self.trainer, self.names)
+        meta = {"epoch": epoch, "step_in_epoch": step_in_epoch, "model": self.cfg.model.name,
+                "classes": self.cfg.model.classes, "world_size": self.world.size,
+                "lr": self.schedule(max(self.global_step - 1, 0)), "update_counts": counts,
+                "state_digest": self.digests[0]}
+        path = checkpoint.save(self.out, self.global_step, arrays, opt_arrays, meta, self.cfg.train.keep_checkpoints)
+        log(self.world, f"checkpoint {path}")
+
+    # the loop ----------------------------------------------------------------------------------
+    def train_step(self, x, y, lr: float) -> float:
+        self.trainer.set_learning_rate(lr)
+        features = self.runner.features(x)  # frozen prefix: inference mode, nothing recorded
+        if self.plan.input_grad:
+            features.attach_grad()  # so backward reaches a statistics-only BN (see FreezePlan)
+        with autograd.record():
+            loss = self.loss_fn(self.runner.suffix(features), y)
+        loss.backward()
+        self.trainer.step(self.cfg.data.batch_size)  # allreduce of trainable grads, then update
+        return float(loss.mean().asscalar())
+
+    def fit(self) -> dict:
+        cfg, world, stats = self.cfg, self.world, Stats()
+        spe = self.sampler.steps_per_epoch
+        every_steps = cfg.train.checkpoint_every_steps
+        evals: dict = {}
+        wall_start = time.perf_counter()
+        steady_start = None
+        start_epoch = self.epoch
+        for epoch in range(start_epoch, cfg.train.epochs):
+            if self.global_step >= self.total_steps:
+                break
+            if epoch != start_epoch and any(s["epoch"] == epoch for s in cfg.freeze.schedule):
+                self.reconfigure(epoch)
+            self.epoch = epoch
+            first = self.step_in_epoch if epoch == start_epoch else 0
+            last = min(spe, first + self.total_steps - self.global_step)
+            perm = self.sampler.permutation(epoch)
+            plan = [(s, self.sampler.indices(epoch, s, perm)) for s in range(first, last)]
+            t_wait = time.perf_counter()
+            for step, x, y in self.train_loader.iterate(plan, epoch):
+                t0 = time.perf_counter()
+                stats.data_seconds += t0 - t_wait
+                lr = self.schedule(self.global_step)
+                loss = self.train_step(mx.nd.array(x, ctx=self.ctx), mx.nd.array(y, ctx=self.ctx), lr)
+                t1 = time.perf_counter()
+                stats.compute_seconds += t1 - t0
+                self.global_step += 1
+                stats.steps += 1
+                stats.samples += self.sampler.global_batch
+                if steady_start is None:
+                    steady_start = t1  # the first step builds graphs and allocates: not counted
+                else:
+                    stats.steady_seconds = t1 - steady_start
+                    stats.steady_samples += self.sampler.global_batch
+                if not np.isfinite(loss):
+                    raise DistributedError(f"step {self.global_step}: loss is {loss} (optimizer.lr too high?)")
+                if self.global_step % cfg.train.log_every == 0 or step == last - 1:
+                    rate = stats.steady_samples / stats.steady_seconds if stats.steady_seconds else 0.0
+                    log(world, f"epoch {epoch} step {step + 1}/{spe} loss {loss:.4f} lr {lr:.4g} "
+                               f"samples/s {rate:.1f}")
+                    stats.history.append({"step": self.global_step, "epoch": epoch, "loss": loss, "lr": lr,
+                                          "samples_per_sec": rate})
+                if every_steps and self.global_step % every_steps == 0 and step != last - 1:
+                    self.save_checkpoint(epoch, step + 1)
+                t_wait = time.perf_counter()
+            self.step_in_epoch = 0
+            finished_epoch = last == spe
+            if self.val_loader is not None:
+                average_moving_stats(world, self.params, self.plan, cfg.dist.batchnorm)
+                evals = evaluate(world, self.runner, self.val_loader,
+                                 cfg.data.val_batch_size or cfg.data.batch_size, self.ctx, self.loss_fn)
+                log(world, f"epoch {epoch} val top1 {evals['val_top1']:.4f} top5 {evals['val_top5']:.4f} "
+                           f"loss {evals['val_loss']:.4f}")
+            done = self.global_step >= self.total_steps
+            due = bool(cfg.train.checkpoint_every_epochs) and (epoch + 1) % cfg.train.checkpoint_every_epochs == 0
+            due = due or bool(every_steps) and self.global_step % every_steps == 0
+            if finished_epoch and (due or done):
+                self.save_checkpoint(epoch + 1, 0)
+            elif done:  # train.max_steps ended the run inside an epoch
+                self.save_checkpoint(epoch, last)
+        return self.finish(stats, evals, time.perf_counter() - wall_start)
+
+    def reconfigure(self, epoch: int) -> None:
+        """Gradual unfreezing at an epoch boundary (the same step on every rank)."""
+        old = set(self.plan.trainable_names())
+        self.configure(epoch)
+        new = set(self.plan.trainable_names())
+        self.bytes_broadcast += self.world.broadcast_(
+            [self.params[n].data() for n in sorted(new - old)], f"distft.unfreeze.{epoch}")
+        carried = {}
+        if old:
+            opt_arrays, counts = checkpoint.optimizer_state(self.trainer, self.names)
+            carried = {k: v for k, v in opt_arrays.items() if k.split("#")[0] in new}
+        self.trainer, self.exchange = build_trainer(self.cfg, self.world, self.params, self.plan)
+        keep = {self.params[n] for n in new & old}
+        if carried:
+            restore_subset(self.trainer, self.names, carried, counts, keep)
+        log(self.world, f"epoch {epoch}: freeze plan now trains {len(new)} tensors "
+                        f"(+{len(new - old)} / -{len(old - new)})")
+
+    def finish(self, stats: Stats, evals: dict, wall: float) -> dict:
+        world = self.world
+        average_moving_stats(world, self.params, self.plan, self.cfg.dist.batchnorm)
+        digests = check_rank_digests(world, self.params, "end of training")
+        t = self.plan.totals()
+        rate = stats.steady_samples / stats.steady_seconds if stats.steady_seconds else (
+            stats.samples / wall if wall else 0.0)
+        summary = {
+            "model": self.cfg.model.name, "epochs": round(self.global_step / self.sampler.steps_per_epoch, 3),
+            "steps": self.global_step, "steps_this_run": stats.steps, "samples_per_sec": rate,
+            "samples_per_sec_per_rank": rate / world.size, "wall_seconds": wall,
+            "data_wait_seconds": stats.data_seconds, "compute_seconds": stats.compute_seconds,
+            **{k: evals.get(k) for k in ("val_top1", "val_top5", "val_loss")},
+            "trainable_params": t["trainable_params"], "frozen_params": t["frozen_params"],
+            "trainable_bytes": t["trainable_bytes"], "frozen_bytes": t["frozen_bytes"],
+            "frozen_prefix": self.plan.prefix,
+            "world_size": world.size, "backend": world.backend,
+            "bytes_broadcast": self.bytes_broadcast + self.bytes_verify,
+            "bytes_broadcast_trainable": self.bytes_broadcast,
+            "bytes_verify_exchange": self.bytes_verify,
+            "bytes_full_broadcast": t["total_bytes"] * (world.size > 1),
+            "allreduce_bytes_per_step": self.exchange.bytes_per_step,
+            "allreduce_seconds": self.exchange.seconds_total,
+            "rank_state_digests": digests,
+            "resumed": self.resume_meta is not None,
+            "history": stats.history,
+        }
+        if world.rank == 0:
+            path = os.path.join(self.out, "model.params")
+            checkpoint.atomic_write(path, lambda tmp: self.net.save_parameters(tmp))
+            checkpoint.atomic_write(os.path.join(self.out, "summary.json"),
+                                    lambda tmp: _write_json(tmp, summary))
+            log(world, f"done: {self.global_step} steps, val top1 {summary['val_top1']}, "
+                       f"{rate:.1f} samples/s; wrote {path}")
+        return summary
+
+
+def _write_json(path: str, doc: dict) -> None:
+    with open(path, "w") as fh:
+        json.dump(doc, fh, indent=1)
+
+
+def restore_subset(trainer, names, arrays, counts, keep) -> None:
+    """Carry optimizer state over for parameters that stay trainable across a re-plan."""
+    updater = trainer._updaters[0]  # noqa: SLF001
+    opt = trainer._optimizer  # noqa: SLF001
+    for index, param in enumerate(trainer._params):  # noqa: SLF001
+        if param not in keep:
+            continue
+        name = names[param]
+        state = opt.create_state_multi_precision(index, param.list_data()[0])
+        leaves: list = []
+        checkpoint._leaves(state, leaves)  # noqa: SLF001
+        for j, leaf in enumerate(leaves):
+            leaf[:] = arrays[f"{name}#{j}"]
+        updater.states[index] = state
+        updater.states_synced[index] = True
+        if counts.get(name):
+            opt._index_update_count[index] = counts[name]  # noqa: SLF001
+
+
+def run(cfg: Config, world=None) -> dict:
+    world = world or dist.init_world()
+    job = Job(cfg, world)
+    job.setup()
+    return job.fit()
