@@ -20,7 +20,7 @@ from typing import Optional
 
 import mxnet as mx
 
-from .errors import CheckpointError
+from .errors import CheckpointError, mxnet_reason
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt-(\d{8})$")
@@ -142,7 +142,7 @@ def load(path: str) -> Checkpoint:
         try:
             loaded[fname] = mx.nd.load(fpath)
         except mx.base.MXNetError as exc:
-            raise CheckpointError(f"{fpath}: unreadable ({str(exc).splitlines()[0]})") from None
+            raise CheckpointError(f"{fpath}: unreadable ({mxnet_reason(exc)})") from None
     return Checkpoint(path=path, meta=meta, params=loaded.get("trainable.params", {}),
                       optimizer=loaded.get("optimizer.params", {}))
 

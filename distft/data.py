@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, mxnet_reason
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -107,7 +107,7 @@ class ImageFolder:
         try:
             return mx.image.imread(self.files[i], to_rgb=True).asnumpy()
         except mx.base.MXNetError as exc:
-            raise DataError(f"{self.files[i]}: cannot decode image ({str(exc).splitlines()[0]})") from None
+            raise DataError(f"{self.files[i]}: cannot decode image ({mxnet_reason(exc)})") from None
 
     def describe(self, i: int) -> str:
         return self.files[i]
@@ -158,7 +158,7 @@ class RecordFile:
             return mx.image.imdecode(payload, to_rgb=1).asnumpy()
         except mx.base.MXNetError as exc:
             raise DataError(f"{self.path} record {self.keys[i]}: cannot decode image "
-                            f"({str(exc).splitlines()[0]})") from None
+                            f"({mxnet_reason(exc)})") from None
 
     def describe(self, i: int) -> str:
         return f"{self.path} record {self.keys[i]}"

@@ -27,3 +27,12 @@ class DistributedError(DistftError):
     """Ranks disagree (frozen weights, state digests) or a rank failed."""
 
     exit_code = 3
+
+
+def mxnet_reason(exc: BaseException) -> str:
+    """The informative line of an MXNetError (its text starts with a C++ traceback header)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if line.startswith("MXNetError:"):
+            return line[len("MXNetError:"):].strip()
+    return lines[-1] if lines else type(exc).__name__

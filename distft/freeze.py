@@ -15,6 +15,7 @@ from .model import ModelSpec, ParamSpec
 BN_FROZEN = "frozen"  # pretrained running statistics, never updated (use_global_stats)
 BN_BATCH = "batch"  # frozen affine, batch statistics, running statistics re-estimated
 BN_TRAIN = "train"  # inside a trainable block: ordinary training (sync/local across ranks)
+BN_STATS = ("running_mean", "running_var")  # Gluon's names for a BatchNorm's statistics
 
 
 @dataclass
@@ -54,7 +55,7 @@ class FreezePlan:
 
     def is_moving_state(self, p: ParamPlan) -> bool:
         """Running statistics of a BatchNorm whose statistics change during training."""
-        return not p.spec.differentiable and p.bn_mode in (BN_TRAIN, BN_BATCH)
+        return p.bn_mode in (BN_TRAIN, BN_BATCH) and p.name.rpartition(".")[2] in BN_STATS
 
     def moving_state_names(self) -> list[str]:
         return [p.name for p in self.params if self.is_moving_state(p)]

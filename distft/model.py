@@ -16,7 +16,7 @@ from mxnet import gluon
 from mxnet.gluon import nn
 from mxnet.gluon.model_zoo import vision
 
-from .errors import ModelError
+from .errors import ModelError, mxnet_reason
 
 BN_TYPES = (nn.BatchNorm,)
 
@@ -158,7 +158,7 @@ def load_pretrained(net: gluon.Block, path: str, head: str, ctx) -> int:
     try:
         loaded = mx.nd.load(path)
     except mx.base.MXNetError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
+        first = mxnet_reason(exc)
         raise ModelError(f"model.pretrained: {path}: not an MXNet .params file ({first})") from None
     if not isinstance(loaded, dict):
         raise ModelError(f"model.pretrained: {path}: holds a list of arrays, not named parameters")
@@ -210,7 +210,7 @@ def create(cfg_model, ctx, seed: int) -> gluon.HybridBlock:
     try:
         net(mx.nd.zeros((1, 3, size, size), ctx=ctx)).wait_to_read()
     except mx.base.MXNetError as exc:
-        first = str(exc).strip().splitlines()[0]
+        first = mxnet_reason(exc)
         raise ModelError(f"model.image_size: {size} does not fit {cfg_model.name}: {first}") from None
     pretrained = cfg_model.pretrained
     if pretrained is True:

@@ -1,0 +1,109 @@
+"""Config: typed, strict, overridable; every bad value is a one-line error naming the key."""
+import os
+
+import pytest
+import yaml
+
+from distft import cli
+from distft.config import load_config
+from distft.errors import ConfigError
+
+from conftest import run_cli, write_config
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["optimizer.lr=0.5", "freeze.trainable=[features.8, output]",
+                             "model.pretrained=true", "data.val=null"])
+    assert cfg.optimizer.lr == 0.5
+    assert cfg.freeze.trainable == ["features.8", "output"]
+    assert cfg.model.pretrained is True
+    assert cfg.data.val is None
+    assert cfg.freeze.batchnorm == "frozen"
+
+
+def test_integer_is_accepted_for_a_float_key():
+    assert load_config(None, ["optimizer.lr=1"]).optimizer.lr == 1.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.nmae=x", "model.nmae: unknown key (did you mean 'model.name'?)"),
+    ("optimzer.lr=0.1", "optimzer: unknown key (did you mean 'optimizer'?)"),
+    ("optimizer.lr=fast", "optimizer.lr: expected a number, got 'fast'"),
+    ("optimizer.lr=-1", "optimizer.lr: must be >= 0.0"),
+    ("optimizer.name=sdg", "optimizer.name: must be one of sgd, nag, adam, got 'sdg' (did you mean 'sgd'?)"),
+    ("data.batch_size=0", "data.batch_size: must be >= 1"),
+    ("data.batch_size=2.5", "data.batch_size: expected an integer"),
+    ("data.augment=maybe", "data.augment: expected true/false"),
+    ("freeze.trainable=output", "freeze.trainable: expected a list of a string"),
+    ("freeze.trainable=['/(/']", "freeze.trainable[0]: bad regex"),
+    ("freeze.batchnorm=frozn", "freeze.batchnorm: must be one of frozen, batch"),
+    ("freeze.schedule=[{epoch: 1, unfreze: [a]}]", "freeze.schedule[0].unfreze: unknown key (did you mean 'unfreeze'?)"),
+    ("freeze.schedule=[{epoch: -1, unfreeze: [a]}]", "freeze.schedule[0].epoch: expected an integer >= 0"),
+    ("optimizer.schedule=step", "optimizer.step_epochs: the `step` schedule needs at least one epoch"),
+    ("model=3", "model: expected a mapping of keys"),
+    ("data.std=[1, 0, 1]", "data.std: every value must be > 0"),
+    ("optimizer.lr=.nan", "optimizer.lr: must be a finite number"),
+    ("dist.batchnorm=global", "dist.batchnorm: must be one of sync, local"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_bad_yaml_file_is_a_config_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: {name: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(str(path))
+
+
+def test_missing_file_and_non_mapping_top_level(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(str(tmp_path / "list.yaml"))
+
+
+BAD_CONFIGS = [
+    ({"model": {"name": "resnet18_v3"}}, "model.name: no model-zoo network named 'resnet18_v3' (did you mean"),
+    ({"model": {"pretrained": "/nonexistent/x.params", "classes": 5}}, "model.pretrained: /nonexistent/x.params: no such file"),
+    ({"model": {"head": "classifier"}}, "model.head: resnet18_v2 has no top-level block 'classifier'"),
+    ({"freeze": {"trainable": ["features.13"]}}, "freeze.trainable[0]: no block named 'features.13'"),
+    ({"freeze": {"trainable": ["/nomatch_here/"]}}, "freeze.trainable[0]: /nomatch_here/ matches no parameter"),
+    ({"optimizer": {"lr": "x"}}, "optimizer.lr: expected a number"),
+    ({"model": {"image_size": 4}}, "model.image_size: must be >= 8"),
+]
+
+
+@pytest.mark.parametrize("doc, message", BAD_CONFIGS)
+def test_cli_prints_one_line_error_never_a_traceback(tmp_path, capsys, doc, message):
+    doc.setdefault("model", {}).setdefault("image_size", 32)
+    path = write_config(tmp_path / "c.yaml", doc)
+    code = cli.main(["plan", "--config", path])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("distft: error: ") and message in lines[0], lines[0]
+
+
+def test_train_process_exits_2_with_one_line_on_bad_config(tmp_path):
+    path = write_config(tmp_path / "c.yaml", {"optimizer": {"nmae": "sgd"}})
+    proc = run_cli(["--config", path], timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "distft: error: optimizer.nmae: unknown key (did you mean 'optimizer.name'?)"
+
+
+def test_resolved_config_is_written_to_output(tmp_path, pretrained):
+    from conftest import small_config
+    doc = small_config(tmp_path, pretrained, train={"max_steps": 1})
+    path = write_config(tmp_path / "c.yaml", doc)
+    proc = run_cli(["--config", path, "--set", "optimizer.lr=0.02"], timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    resolved = yaml.safe_load(open(os.path.join(doc["train"]["output"], "config.yaml")))
+    assert resolved["optimizer"]["lr"] == 0.02
+    assert resolved["data"]["workers"] == 0  # from the file
+    assert resolved["dist"]["batchnorm"] == "sync"  # a default, written out

@@ -1,0 +1,90 @@
+"""Data: world-size-independent sharding, and the three data set kinds."""
+import os
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+from distft.data import BatchLoader, ImageFolder, RecordFile, ShardSampler, Transform, eval_shard, open_dataset
+from distft.errors import DataError
+
+from imagefiles import png
+
+
+def images(n=6, size=12, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (size, size + 2, 3), dtype=np.uint8) for _ in range(n)]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_union_of_rank_batches_is_the_single_process_batch(world):
+    B = 5
+    single = ShardSampler(size=103, batch_size=B * world, world_size=1, rank=0, seed=7)
+    ranks = [ShardSampler(size=103, batch_size=B, world_size=world, rank=r, seed=7) for r in range(world)]
+    assert all(s.steps_per_epoch == single.steps_per_epoch for s in ranks)
+    for epoch in (0, 3):
+        for step in range(single.steps_per_epoch):
+            union = np.concatenate([s.indices(epoch, step) for s in ranks])
+            assert np.array_equal(union, single.indices(epoch, step))
+            assert len(set(union)) == len(union)
+
+
+def test_epochs_reshuffle_and_eval_shards_cover_everything():
+    s = ShardSampler(size=50, batch_size=10, world_size=1, rank=0, seed=1)
+    assert not np.array_equal(s.permutation(0), s.permutation(1))
+    shards = np.concatenate([eval_shard(50, 3, r) for r in range(3)])
+    assert sorted(shards) == list(range(50))
+
+
+def test_image_folder(tmp_path):
+    imgs = images()
+    for i, img in enumerate(imgs):
+        cls = tmp_path / ("cat" if i % 2 else "dog")
+        cls.mkdir(exist_ok=True)
+        (cls / f"{i}.png").write_bytes(png(img))
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    ds = open_dataset(str(tmp_path), "train", "data.train")
+    assert isinstance(ds, ImageFolder) and ds.class_names == ["cat", "dog"] and len(ds) == 6
+    assert np.array_equal(ds.read(0), imgs[1])  # cat/1.png comes first
+    x, y = BatchLoader(ds, Transform(8, [0.5] * 3, [0.25] * 3, False, 0), workers=2).batch(np.arange(6), 0)
+    assert x.shape == (6, 3, 8, 8) and x.dtype == np.float32 and list(y) == [0, 0, 0, 1, 1, 1]
+
+
+def test_recordio(tmp_path):
+    imgs = images(4)
+    rec, idx = str(tmp_path / "d.rec"), str(tmp_path / "d.idx")
+    writer = mx.recordio.MXIndexedRecordIO(idx, rec, "w")
+    for i, img in enumerate(imgs):
+        writer.write_idx(i, mx.recordio.pack(mx.recordio.IRHeader(0, float(i % 2), i, 0), png(img)))
+    writer.close()
+    ds = open_dataset(rec, "train", "data.train")
+    assert isinstance(ds, RecordFile) and len(ds) == 4 and list(ds.labels) == [0, 1, 0, 1]
+    assert np.array_equal(ds.read(2), imgs[2])
+
+
+def test_missing_paths_name_the_key_and_file(tmp_path):
+    with pytest.raises(DataError, match=r"data.val: .*/nope: no such file or directory"):
+        open_dataset(str(tmp_path / "nope"), "val", "data.val")
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(DataError, match="one sub-folder per class"):
+        open_dataset(str(tmp_path / "empty"), "train", "data.train")
+    (tmp_path / "lonely.rec").write_bytes(b"")
+    with pytest.raises(DataError, match=r"lonely.idx: no such file"):
+        open_dataset(str(tmp_path / "lonely.rec"), "train", "data.train")
+
+
+def test_augmentation_depends_on_seed_epoch_and_index_only():
+    t = Transform(8, [0.5] * 3, [0.25] * 3, True, seed=3)
+    img = images(1, size=16)[0]
+    assert np.array_equal(t(img, 1, 5), t(img, 1, 5))
+    assert not np.array_equal(t(img, 1, 5), t(img, 2, 5))
+
+
+def test_demo_sets_are_disjoint_digits():
+    pre, ft, val = (open_dataset(s, r, "data.train") for s, r in
+                    (("demo-pretrain", "train"), ("demo", "train"), ("demo", "val")))
+    from sklearn.datasets import load_digits
+    target = load_digits().target
+    assert pre.classes == ft.classes == 5
+    assert len(pre) == round(0.8 * (target < 5).sum())
+    assert len(ft) + len(val) == (target >= 5).sum() and abs(len(val) - 0.2 * (target >= 5).sum()) <= 1
