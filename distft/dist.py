@@ -80,8 +80,13 @@ class HorovodWorld(LocalWorld):
         self.backend = "gloo" if hvd.gloo_enabled() and "HOROVOD_GLOO_RENDEZVOUS_ADDR" in os.environ else "mpi"
 
     def broadcast_(self, arrays: list, name: str) -> int:
-        for i, arr in enumerate(arrays):
-            self.hvd.broadcast_(arr, root_rank=0, name=f"{name}.{i}")
+        # MXNet's oneDNN inference path may have reordered a weight in place into a blocked
+        # layout that Horovod cannot read: send a plain-layout copy and write it back.
+        copies = [arr.copy() for arr in arrays]
+        for i, tmp in enumerate(copies):
+            self.hvd.broadcast_(tmp, root_rank=0, name=f"{name}.{i}")
+        for arr, tmp in zip(arrays, copies):
+            arr[:] = tmp
         mx.nd.waitall()
         return sum(a.size * np.dtype(a.dtype).itemsize for a in arrays)
 

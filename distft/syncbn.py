@@ -52,6 +52,7 @@ class _SyncBNFunction(autograd.Function):
         self.running_mean[:] = self.running_mean * m + mean * (1 - m)
         self.running_var[:] = self.running_var * m + var * (1 - m)
         self.save_for_backward(xhat, g, inv_std, n, axes, bshape)
+        y.wait_to_read()  # see backward
         return y
 
     def backward(self, dy):
@@ -67,6 +68,12 @@ class _SyncBNFunction(autograd.Function):
             mx.nd.broadcast_sub(mx.nd.broadcast_sub(dy, mean_dy), mx.nd.broadcast_mul(xhat, mean_dy_xhat)),
             scale)
         dgamma = mx.nd.zeros_like(local_dgamma) if self.fix_gamma else local_dgamma
+        # MXNet runs this inside an engine op and copies the results into buffers it owns once
+        # we return; it counts the op done at return. With a cached (static-memory) graph
+        # downstream, results still queued behind the allreduce would be read before they are
+        # written: finish them here.
+        for arr in (dx, dgamma, local_dbeta):
+            arr.wait_to_read()
         return dx, dgamma, local_dbeta
 
 

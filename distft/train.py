@@ -177,7 +177,7 @@ class Job:
         self.ctx = world.context()
         self.out = cfg.train.output
         self.bytes_broadcast = 0
-        self.bytes_verify = 0
+        self.bytes_control = 0
 
     # set-up ------------------------------------------------------------------------------------
     def prepare_output(self) -> None:
@@ -198,7 +198,7 @@ class Job:
             ckpt = checkpoint.latest(self.out, warn=lambda m: log(self.world, f"warning: {m}"))
         meta = json.dumps(ckpt.meta if ckpt else None).encode()
         shared = self.world.allgather_bytes(meta if self.world.rank == 0 else b"", "distft.resume_meta")[0]
-        self.bytes_broadcast += len(shared) * (self.world.size - 1)
+        self.bytes_control += len(shared) * (self.world.size - 1)
         self.resume_meta = json.loads(shared)
         return ckpt
 
@@ -230,20 +230,23 @@ class Job:
         """Resolve the freeze plan in force at `epoch` and set the network up for it: grad_req,
         BatchNorm modes, synchronized BN, the prefix/suffix split, hybridization, optimizer."""
         cfg = self.cfg
+        sync = self.world.size > 1 and cfg.dist.batchnorm == "sync"
         self.plan = freeze.resolve(self.spec, cfg.freeze.trainable, cfg.freeze.batchnorm,
-                                   cfg.freeze.schedule, epoch)
+                                   cfg.freeze.schedule, epoch, synchronized_bn=sync)
         freeze.apply(self.net, self.plan)
         moving_bn = [p for p, m in self.plan.bn_modes.items() if m != freeze.BN_FROZEN]
-        if self.world.size > 1 and cfg.dist.batchnorm == "sync":
+        if sync:
             syncbn.convert(self.net, moving_bn, self.world)
         self.runner = model.SplitNet(self.net, self.plan.prefix, self.plan.suffix)
         if cfg.train.hybridize:
-            self.runner.hybridize(keep_imperative=syncbn.is_sync)
+            unreliable_bn = model.cached_batchnorm_is_unreliable(self.ctx.device_type)
+            self.runner.hybridize(keep_imperative=lambda b: syncbn.is_sync(b) or (
+                unreliable_bn and model.is_training_batchnorm(b)))
 
     def setup(self) -> None:
         cfg, world = self.cfg, self.world
         self.prepare_output()
-        self.bytes_verify += check_same_config(world, cfg)
+        self.bytes_control += check_same_config(world, cfg)
         self.net = model.create(cfg.model, self.ctx, seed=cfg.train.seed)
         self.spec = model.describe(self.net, cfg.model.name, cfg.model.head)
         self.params = model.structural_params(self.net)
@@ -258,7 +261,7 @@ class Job:
         if ckpt is not None:
             self.restore_weights(ckpt)
         exchanged, fixed = verify_frozen(world, self.plan, self.params, cfg.dist.on_frozen_mismatch)
-        self.bytes_verify += exchanged
+        self.bytes_control += exchanged
         self.bytes_broadcast += fixed
         self.bytes_broadcast += world.broadcast_(
             [self.params[n].data() for n in self.plan.trainable_state_names()], "distft.trainable")
@@ -418,9 +421,11 @@ class Job:
             "trainable_bytes": t["trainable_bytes"], "frozen_bytes": t["frozen_bytes"],
             "frozen_prefix": self.plan.prefix,
             "world_size": world.size, "backend": world.backend,
-            "bytes_broadcast": self.bytes_broadcast + self.bytes_verify,
+            # what start-up moved: trainable state, plus control traffic (config and frozen
+            # weight hashes, resume point)
+            "bytes_broadcast": self.bytes_broadcast + self.bytes_control,
             "bytes_broadcast_trainable": self.bytes_broadcast,
-            "bytes_verify_exchange": self.bytes_verify,
+            "bytes_control": self.bytes_control,
             "bytes_full_broadcast": t["total_bytes"] * (world.size > 1),
             "allreduce_bytes_per_step": self.exchange.bytes_per_step,
             "allreduce_seconds": self.exchange.seconds_total,

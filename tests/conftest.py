@@ -33,9 +33,23 @@ def make_pretrained(path, name="resnet18_v2", classes=5, image_size=32, seed=1):
     return str(path)
 
 
+def pretrain_backbone(out_dir, epochs=2):
+    """A real "pretrained" backbone: a short run of our trainer on digits 0-4, so BatchNorm
+    statistics describe real activations (a random net's do not, and its gradients explode)."""
+    from distft.config import load_config
+    from distft.dist import LocalWorld
+    from distft.train import run
+
+    cfg = load_config(os.path.join(ROOT, "configs", "demo-pretrain.yaml"),
+                      [f"train.epochs={epochs}", f"train.output={out_dir}", "data.val=null",
+                       "train.log_every=100", "optimizer.warmup_steps=2"])
+    run(cfg, LocalWorld())
+    return os.path.join(str(out_dir), "model.params")
+
+
 @pytest.fixture(scope="session")
 def pretrained(tmp_path_factory):
-    return make_pretrained(tmp_path_factory.mktemp("pre") / "resnet18_v2-test.params")
+    return pretrain_backbone(tmp_path_factory.mktemp("pre"))
 
 
 def write_config(path, doc):

@@ -52,6 +52,13 @@ def test_sandwich_plan_keeps_the_middle_frozen(resnet18):
     assert not any(n.startswith("features.7.") for n in plan.trainable_names())
 
 
+def test_synchronized_bn_at_the_suffix_input_asks_for_an_input_gradient(resnet18):
+    _, spec = resnet18
+    assert not freeze.resolve(spec, ["features.8", "output"]).input_grad
+    assert freeze.resolve(spec, ["features.8", "output"], synchronized_bn=True).input_grad
+    assert not freeze.resolve(spec, ["output"], synchronized_bn=True).input_grad  # no moving BN
+
+
 def test_regex_entries_select_parameters(resnet18):
     _, spec = resnet18
     plan = freeze.resolve(spec, [r"/^features\.8\..*conv\d\.weight$/", "output"])

@@ -45,6 +45,22 @@ def test_frozen_weights_and_bn_statistics_stay_bitwise(tmp_path, pretrained, hyb
     assert not np.array_equal(before["features.6.0.bn1.running_mean"], after["features.6.0.bn1.running_mean"])
 
 
+def test_hybridized_training_matches_imperative_with_a_trainable_batchnorm(tmp_path, pretrained):
+    """Guards the oneDNN cached-graph BatchNorm bug (wrong from the third step on): a
+    hybridized run with trainable BN layers must learn what the imperative run learns."""
+    runs = {}
+    for hybridize in (True, False):
+        out = tmp_path / f"h{int(hybridize)}"
+        train(tmp_path, pretrained, name=f"h{int(hybridize)}.yaml", freeze={"trainable": ["features.8", "output"]},
+              data={"batch_size": 16}, optimizer={"weight_decay": 1e-4},
+              train={"hybridize": hybridize, "max_steps": 5, "output": str(out)})
+        runs[hybridize] = load_params(out / "model.params")
+    before = load_params(pretrained)
+    for n, w in runs[False].items():
+        update = np.max(np.abs(w - before[n]))
+        assert np.max(np.abs(runs[True][n] - w)) <= 1e-4 * max(update, 1e-3), n
+
+
 def test_plain_grad_req_null_does_move_bn_statistics():
     """The MXNet behaviour distft guards against: grad_req='null' on a BatchNorm between
     trainable layers does not stop its running statistics from drifting."""

@@ -1,0 +1,163 @@
+"""Data-parallel behaviour with real `horovodrun -np 2` processes (Gloo and MPI) and mpirun."""
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import MPI_ENV, ROOT, horovodrun, load_params, make_pretrained, read_summary, run_cli, \
+    small_config, write_config
+
+pytestmark = pytest.mark.horovod
+BACKENDS = ["gloo", "mpi"]
+B = 8  # per-rank batch
+
+CASES = {
+    # a trainable conv with no BatchNorm of its own, gradients flowing back through frozen BNs
+    "no-bn": ["features.1", "output"],
+    # a trainable stage full of BatchNorms, synchronized across ranks
+    "sync-bn": ["features.8", "output"],
+}
+
+
+def job(tmp_path, pretrained, name, trainable, batch, **extra):
+    doc = small_config(tmp_path, pretrained, freeze={"trainable": trainable},
+                       data={"batch_size": batch, "augment": False},
+                       optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
+                       train={"max_steps": 4, "output": str(tmp_path / name)}, **extra)
+    return write_config(tmp_path / f"{name}.yaml", doc)
+
+
+@pytest.fixture(scope="module")
+def single_runs(tmp_path_factory, pretrained):
+    """One process with batch 2B, for each case (shared by both backends)."""
+    out = {}
+    for case, trainable in CASES.items():
+        tmp = tmp_path_factory.mktemp(f"single-{case}")
+        proc = run_cli(["--config", job(tmp, pretrained, "out", trainable, 2 * B)])
+        assert proc.returncode == 0, proc.stderr
+        out[case] = tmp / "out"
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_learn_what_one_rank_with_twice_the_batch_learns(tmp_path, pretrained, single_runs,
+                                                                    backend, case):
+    proc = run_cli(["--config", job(tmp_path, pretrained, "out", CASES[case], B,
+                                    dist={"batchnorm": "sync"})], launcher=horovodrun(2, backend))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = read_summary(tmp_path / "out")
+    assert summary["world_size"] == 2 and summary["backend"] == backend
+    one, two = load_params(single_runs[case] / "model.params"), load_params(tmp_path / "out" / "model.params")
+    before = load_params(pretrained)
+    trained = [n for n in two if n.startswith(tuple(p + "." for p in CASES[case]))]
+    assert any(not np.array_equal(before[n], two[n]) for n in trained if not n.startswith("output."))
+    for n in one:  # relative tolerance 1e-4, measured against each tensor's scale
+        np.testing.assert_allclose(two[n], one[n], rtol=1e-4, atol=1e-4 * float(np.abs(one[n]).max()), err_msg=n)
+    # one model on every rank; frozen tensors are bitwise the pretrained ones
+    digests = summary["rank_state_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    frozen = [n for n in two if n not in trained]
+    assert [n for n in frozen if not np.array_equal(before[n], two[n])] == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sync_batchnorm_matches_one_bn_over_the_union_batch(tmp_path, backend):
+    import mxnet as mx
+    from mxnet import autograd
+    from mxnet.gluon import nn
+
+    out = tmp_path / "g.npy"
+    exe = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    import subprocess
+    proc = subprocess.run([exe, "-np", "2", f"--{backend}", sys.executable, "tests/helpers/syncbn_check.py",
+                           str(out)], cwd=ROOT, env={**os.environ, **MPI_ENV}, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    gathered = np.load(out)
+    rng = np.random.default_rng(0)
+    x_full = rng.normal(1.5, 2.0, (8, 4, 5, 5)).astype(np.float32)
+    w_full = rng.normal(0, 1, (8, 4, 5, 5)).astype(np.float32)
+    gamma = rng.uniform(0.5, 1.5, 4).astype(np.float32)
+    beta = rng.normal(0, 0.5, 4).astype(np.float32)
+    bn = nn.BatchNorm(in_channels=4, momentum=0.8)
+    bn.initialize()
+    bn.gamma.set_data(mx.nd.array(gamma))
+    bn.beta.set_data(mx.nd.array(beta))
+    x = mx.nd.array(x_full)
+    x.attach_grad()
+    with autograd.record():
+        y = bn(x)
+        loss = (y * mx.nd.array(w_full)).sum()
+    loss.backward()
+    n = 4 * 4 * 5 * 5
+    ys = np.concatenate([g[:n].reshape(4, 4, 5, 5) for g in gathered])
+    dxs = np.concatenate([g[n:2 * n].reshape(4, 4, 5, 5) for g in gathered])
+    dgamma = sum(g[2 * n:2 * n + 4] for g in gathered)  # the trainer's allreduce sums/averages these
+    dbeta = sum(g[2 * n + 4:2 * n + 8] for g in gathered)
+    np.testing.assert_allclose(ys, y.asnumpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dxs, x.grad.asnumpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dgamma, bn.gamma.grad().asnumpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dbeta, bn.beta.grad().asnumpy(), rtol=1e-4, atol=1e-4)
+    for g in gathered:  # both ranks hold the running statistics of the union batch
+        np.testing.assert_allclose(g[2 * n + 8:2 * n + 12], bn.running_mean.data().asnumpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(g[2 * n + 12:], bn.running_var.data().asnumpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_trainable_bytes_are_broadcast(tmp_path, pretrained, backend):
+    proc = run_cli(["--config", job(tmp_path, pretrained, "out", ["output"], B)], launcher=horovodrun(2, backend))
+    assert proc.returncode == 0, proc.stderr
+    s = read_summary(tmp_path / "out")
+    assert s["bytes_broadcast_trainable"] == s["trainable_bytes"] == (512 * 5 + 5) * 4
+    assert s["bytes_broadcast"] - s["bytes_broadcast_trainable"] == s["bytes_control"] < 20_000
+    assert s["bytes_full_broadcast"] == (s["trainable_bytes"] + s["frozen_bytes"])
+    assert s["bytes_broadcast"] * 100 < s["bytes_full_broadcast"]
+    assert s["allreduce_bytes_per_step"] == s["trainable_bytes"]
+
+
+def test_local_batchnorm_statistics_are_averaged_so_ranks_agree(tmp_path, pretrained):
+    proc = run_cli(["--config", job(tmp_path, pretrained, "out", ["features.8", "output"], B,
+                                    dist={"batchnorm": "local"})], launcher=horovodrun(2, "gloo"))
+    assert proc.returncode == 0, proc.stderr
+    digests = read_summary(tmp_path / "out")["rank_state_digests"]
+    assert digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rank_with_a_different_pretrained_file_stops_the_job(tmp_path, pretrained, backend):
+    other = make_pretrained(tmp_path / "other.params", seed=7)
+    cfg = job(tmp_path, pretrained, "out", ["output"], B)
+    exe = horovodrun(2, backend)
+    cmd = exe + [sys.executable, "tests/helpers/per_rank.py",
+                 f"--set=model.pretrained={pretrained}|--set=model.pretrained={other}", "--", "--config", cfg]
+    import subprocess
+    import time
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **MPI_ENV}, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "frozen parameter features.0.running_mean differs between ranks: rank(s) [1] disagree with rank 0" in text
+    assert elapsed < 60
+    assert not os.path.exists(tmp_path / "out" / "model.params")
+
+
+def test_plain_mpirun_launch(tmp_path, pretrained):
+    mpirun = shutil.which("mpirun")
+    proc = run_cli(["--config", job(tmp_path, pretrained, "out", ["output"], B)],
+                   launcher=[mpirun, "-np", "2", "--oversubscribe"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = read_summary(tmp_path / "out")
+    assert s["world_size"] == 2 and s["backend"] == "mpi"
+
+
+def test_demo_runs_on_two_ranks(tmp_path, pretrained):
+    cfg = write_config(tmp_path / "demo.yaml", {
+        **small_config(tmp_path, pretrained), "data": {"train": "demo", "val": "demo", "batch_size": 16}})
+    proc = run_cli(["--config", cfg, "--set", "train.max_steps=10"], launcher=horovodrun(2, "gloo"))
+    assert proc.returncode == 0, proc.stderr
+    s = read_summary(tmp_path / "out")
+    assert s["world_size"] == 2 and s["val_top1"] is not None and s["steps"] == 10
