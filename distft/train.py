@@ -384,6 +384,9 @@ class Job:
                 self.save_checkpoint(epoch + 1, 0)
             elif done:  # train.max_steps ended the run inside an epoch
                 self.save_checkpoint(epoch, last)
+        if not evals and self.val_loader is not None:  # resumed a finished run: still report
+            evals = evaluate(world, self.runner, self.val_loader,
+                             cfg.data.val_batch_size or cfg.data.batch_size, self.ctx, self.loss_fn)
         return self.finish(stats, evals, time.perf_counter() - wall_start)
 
     def reconfigure(self, epoch: int) -> None:
