@@ -186,10 +186,14 @@ def optimizer_state(trainer, names: dict) -> tuple[dict, dict]:
     return arrays, counts
 
 
-def restore_optimizer_state(trainer, names: dict, arrays: dict, counts: dict) -> None:
+def restore_optimizer_state(trainer, names: dict, arrays: dict, counts: dict, only=None) -> None:
+    """Load state saved by optimizer_state. `only`: restore just these Parameters (the others
+    start fresh, as after unfreezing)."""
     updater = trainer._updaters[0]  # noqa: SLF001
     opt = trainer._optimizer  # noqa: SLF001
     for index, param in enumerate(trainer._params):  # noqa: SLF001
+        if only is not None and param not in only:
+            continue
         name = names[param]
         weight = param.list_data()[0]
         state = opt.create_state_multi_precision(index, weight)

@@ -86,35 +86,43 @@ def _under(name: str, path: str) -> bool:
 
 def _select(spec: ModelSpec, entries: Iterable[str], where: str) -> set[str]:
     """Parameter names selected by block paths and /regex/ entries."""
-    names = [p.name for p in spec.params]
-    paths = spec.block_paths()
-    path_set = set(paths)
     selected: set[str] = set()
     for i, entry in enumerate(entries):
-        label = f"{where}[{i}]"
-        if entry.startswith("/") and entry.endswith("/") and len(entry) >= 2:
-            try:
-                pattern = re.compile(entry[1:-1])
-            except re.error as exc:
-                raise ConfigError(f"{label}: bad regex {entry!r}: {exc}") from None
-            hits = {n for n in names if pattern.search(n)}
-            if not hits:
-                raise ConfigError(f"{label}: {entry} matches no parameter of {spec.name} "
-                                  f"(names look like {names[0]}, {names[-1]})")
-            selected |= hits
-            continue
-        if entry not in path_set:
-            hint = ""
-            if entry in set(names):
-                hint = f"; that is a parameter, select it with /^{re.escape(entry)}$/"
-            close = difflib.get_close_matches(entry, paths, n=5, cutoff=0.5)
-            if not close:
-                top = [p for p in paths if "." not in p]
-                close = top
-            raise ConfigError(f"{label}: no block named {entry!r} in {spec.name} "
-                              f"(nearest: {', '.join(close)}){hint}")
-        selected |= {n for n in names if _under(n, entry)}
+        selected |= _select_one(spec, entry, f"{where}[{i}]")
     return selected
+
+
+def _select_one(spec: ModelSpec, entry: str, label: str) -> set[str]:
+    names = [p.name for p in spec.params]
+    if entry.startswith("/") and entry.endswith("/") and len(entry) >= 2:
+        try:
+            pattern = re.compile(entry[1:-1])
+        except re.error as exc:
+            raise ConfigError(f"{label}: bad regex {entry!r}: {exc}") from None
+        hits = {n for n in names if pattern.search(n)}
+        if not hits:
+            raise ConfigError(f"{label}: {entry} matches no parameter of {spec.name} "
+                              f"(names look like {names[0]}, {names[-1]})")
+        return hits
+    paths = spec.block_paths()
+    if entry not in set(paths):
+        hint = ""
+        if entry in set(names):
+            hint = f"; that is a parameter, select it with /^{re.escape(entry)}$/"
+        close = difflib.get_close_matches(entry, paths, n=5, cutoff=0.5) or [p for p in paths if "." not in p]
+        raise ConfigError(f"{label}: no block named {entry!r} in {spec.name} "
+                          f"(nearest: {', '.join(close)}){hint}")
+    return {n for n in names if _under(n, entry)}
+
+
+def lr_multipliers(spec: ModelSpec, lr_mult: dict) -> dict[str, float]:
+    """{parameter name: multiplier} from {block path or /regex/: multiplier}; entries apply in
+    order, so a later (more specific) entry overrides an earlier one."""
+    out: dict[str, float] = {}
+    for key, mult in lr_mult.items():
+        for name in _select_one(spec, key, f"optimizer.lr_mult[{key!r}]"):
+            out[name] = float(mult)
+    return out
 
 
 def selected_at(spec: ModelSpec, trainable: list[str], schedule: list[dict], epoch: int) -> set[str]:

@@ -108,11 +108,12 @@ class Stats:
     history: list = field(default_factory=list)
 
 
-def build_trainer(cfg: Config, world, params: dict, plan, exchange_old=None):
+def build_trainer(cfg: Config, world, params: dict, plan, lr_mults: dict):
     trainable = {n: params[n] for n in plan.trainable_names()}
     for name, p in trainable.items():
         leaf = name.rpartition(".")[2]
         p.wd_mult = 1.0 if cfg.optimizer.decay_bias_and_bn or leaf not in ("bias", "gamma", "beta") else 0.0
+        p.lr_mult = lr_mults.get(name, 1.0)
     opt = cfg.optimizer
     kwargs = {"learning_rate": opt.lr, "wd": opt.weight_decay}
     if opt.name in ("sgd", "nag"):
@@ -178,6 +179,7 @@ class Job:
         self.out = cfg.train.output
         self.bytes_broadcast = 0
         self.bytes_control = 0
+        self.switches: list = []
 
     # set-up ------------------------------------------------------------------------------------
     def prepare_output(self) -> None:
@@ -233,6 +235,7 @@ class Job:
         sync = self.world.size > 1 and cfg.dist.batchnorm == "sync"
         self.plan = freeze.resolve(self.spec, cfg.freeze.trainable, cfg.freeze.batchnorm,
                                    cfg.freeze.schedule, epoch, synchronized_bn=sync)
+        self.plan_epoch = epoch
         freeze.apply(self.net, self.plan)
         moving_bn = [p for p, m in self.plan.bn_modes.items() if m != freeze.BN_FROZEN]
         if sync:
@@ -257,7 +260,9 @@ class Job:
         self.epoch = int(meta.get("epoch", 0))
         self.step_in_epoch = int(meta.get("step_in_epoch", 0))
         self.global_step = int(meta.get("step", 0))
-        self.configure(self.epoch)
+        # the freeze plan in force when the checkpoint was written (a checkpoint at an epoch
+        # boundary precedes that epoch's unfreezing, which fit() then applies)
+        self.configure(int(meta.get("plan_epoch", self.epoch)))
         if ckpt is not None:
             self.restore_weights(ckpt)
         exchanged, fixed = verify_frozen(world, self.plan, self.params, cfg.dist.on_frozen_mismatch)
@@ -265,7 +270,8 @@ class Job:
         self.bytes_broadcast += fixed
         self.bytes_broadcast += world.broadcast_(
             [self.params[n].data() for n in self.plan.trainable_state_names()], "distft.trainable")
-        self.trainer, self.exchange = build_trainer(cfg, world, self.params, self.plan)
+        self.lr_mults = freeze.lr_multipliers(self.spec, cfg.optimizer.lr_mult)
+        self.trainer, self.exchange = build_trainer(cfg, world, self.params, self.plan, self.lr_mults)
         if ckpt is not None:
             checkpoint.restore_optimizer_state(self.trainer, self.names, ckpt.optimizer, meta.get("update_counts", {}))
         if self.resume_meta:
@@ -307,6 +313,7 @@ class Job:
         opt_arrays, counts = checkpoint.optimizer_state(self.trainer, self.names)
         meta = {"epoch": epoch, "step_in_epoch": step_in_epoch, "model": self.cfg.model.name,
                 "classes": self.cfg.model.classes, "world_size": self.world.size,
+                "plan_epoch": self.plan_epoch,
                 "lr": self.schedule(max(self.global_step - 1, 0)), "update_counts": counts,
                 "state_digest": self.digests[0]}
         path = checkpoint.save(self.out, self.global_step, arrays, opt_arrays, meta, self.cfg.train.keep_checkpoints)
@@ -335,7 +342,7 @@ class Job:
         for epoch in range(start_epoch, cfg.train.epochs):
             if self.global_step >= self.total_steps:
                 break
-            if epoch != start_epoch and any(s["epoch"] == epoch for s in cfg.freeze.schedule):
+            if any(self.plan_epoch < s["epoch"] <= epoch for s in cfg.freeze.schedule):
                 self.reconfigure(epoch)
             self.epoch = epoch
             first = self.step_in_epoch if epoch == start_epoch else 0
@@ -390,20 +397,21 @@ class Job:
         return self.finish(stats, evals, time.perf_counter() - wall_start)
 
     def reconfigure(self, epoch: int) -> None:
-        """Gradual unfreezing at an epoch boundary (the same step on every rank)."""
+        """Gradual unfreezing at an epoch boundary, at the same step on every rank: grad_req,
+        BN modes, sync BN, the prefix split and the cached graphs follow the new plan; the
+        optimizer takes the new parameters with fresh state and keeps the state of the others.
+        Nothing is broadcast: newly trainable tensors were frozen, hence verified identical."""
         old = set(self.plan.trainable_names())
+        opt_arrays, counts = checkpoint.optimizer_state(self.trainer, self.names)
         self.configure(epoch)
         new = set(self.plan.trainable_names())
-        self.bytes_broadcast += self.world.broadcast_(
-            [self.params[n].data() for n in sorted(new - old)], f"distft.unfreeze.{epoch}")
-        carried = {}
-        if old:
-            opt_arrays, counts = checkpoint.optimizer_state(self.trainer, self.names)
-            carried = {k: v for k, v in opt_arrays.items() if k.split("#")[0] in new}
-        self.trainer, self.exchange = build_trainer(self.cfg, self.world, self.params, self.plan)
-        keep = {self.params[n] for n in new & old}
-        if carried:
-            restore_subset(self.trainer, self.names, carried, counts, keep)
+        self.trainer, self.exchange = build_trainer(self.cfg, self.world, self.params, self.plan, self.lr_mults)
+        checkpoint.restore_optimizer_state(self.trainer, self.names, opt_arrays, counts,
+                                           only={self.params[n] for n in new & old})
+        digests = check_rank_digests(self.world, self.params, f"freeze-plan switch at epoch {epoch}")
+        self.switches.append({"epoch": epoch, "step": self.global_step, "trainable_tensors": len(new),
+                              "unfrozen": sorted(new - old), "refrozen": sorted(old - new),
+                              "rank_state_digests": digests})
         log(self.world, f"epoch {epoch}: freeze plan now trains {len(new)} tensors "
                         f"(+{len(new - old)} / -{len(old - new)})")
 
@@ -433,6 +441,10 @@ class Job:
             "allreduce_bytes_per_step": self.exchange.bytes_per_step,
             "allreduce_seconds": self.exchange.seconds_total,
             "rank_state_digests": digests,
+            "freeze_switches": self.switches,
+            # as the optimizer holds them: per trainable parameter, lr multiplier
+            "lr_mult": {self.names[p]: float(self.trainer._optimizer.param_dict[i].lr_mult)  # noqa: SLF001
+                        for i, p in enumerate(self.trainer._params)},  # noqa: SLF001
             "resumed": self.resume_meta is not None,
             "history": stats.history,
         }
@@ -449,25 +461,6 @@ class Job:
 def _write_json(path: str, doc: dict) -> None:
     with open(path, "w") as fh:
         json.dump(doc, fh, indent=1)
-
-
-def restore_subset(trainer, names, arrays, counts, keep) -> None:
-    """Carry optimizer state over for parameters that stay trainable across a re-plan."""
-    updater = trainer._updaters[0]  # noqa: SLF001
-    opt = trainer._optimizer  # noqa: SLF001
-    for index, param in enumerate(trainer._params):  # noqa: SLF001
-        if param not in keep:
-            continue
-        name = names[param]
-        state = opt.create_state_multi_precision(index, param.list_data()[0])
-        leaves: list = []
-        checkpoint._leaves(state, leaves)  # noqa: SLF001
-        for j, leaf in enumerate(leaves):
-            leaf[:] = arrays[f"{name}#{j}"]
-        updater.states[index] = state
-        updater.states_synced[index] = True
-        if counts.get(name):
-            opt._index_update_count[index] = counts[name]  # noqa: SLF001
 
 
 def run(cfg: Config, world=None) -> dict:
