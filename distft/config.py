@@ -110,6 +110,23 @@ class DistConfig:
 
 
 @dataclass
+class MetricsConfig:
+    # each rank serves /metrics on port + local_rank (0: no exporter)
+    port: int = field(default=9400, metadata=_at_least(0))
+    bind: str = "0.0.0.0"
+    # a port already taken: `error`, or `next` (the next free port of this rank's stride)
+    on_port_in_use: str = field(default="error", metadata=_choices("error", "next"))
+    job: str = ""  # the `job` label (default: the name of train.output)
+    pushgateway: Optional[str] = None  # e.g. http://pushgateway:9091
+    push_every_steps: int = field(default=0, metadata=_at_least(0))  # 0: only at the end
+    linger_seconds: float = field(default=0.0, metadata=_at_least(0.0))  # keep serving after the end
+    # forward-only batches timed at start-up (the throughput limit); 0 skips the probe
+    probe_batches: int = field(default=5, metadata=_at_least(0))
+    progress: str = field(default="auto", metadata=_choices("auto", "on", "off"))
+    report: bool = True  # report.png beside summary.json
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
@@ -117,6 +134,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -21,6 +21,7 @@ import yaml
 from mxnet import autograd, gluon
 
 from . import checkpoint, dist, freeze, model, syncbn
+from .metrics import Metrics, forward_probe
 from .config import Config, dump_config
 from .data import BatchLoader, ShardSampler, Transform, eval_shard, open_dataset
 from .errors import CheckpointError, ConfigError, DataError, DistributedError
@@ -105,7 +106,7 @@ class Stats:
     steady_samples: int = 0
     data_seconds: float = 0.0
     compute_seconds: float = 0.0
-    history: list = field(default_factory=list)
+    val_history: list = field(default_factory=list)
 
 
 def build_trainer(cfg: Config, world, params: dict, plan, lr_mults: dict):
@@ -249,6 +250,8 @@ class Job:
     def setup(self) -> None:
         cfg, world = self.cfg, self.world
         self.prepare_output()
+        self.metrics = Metrics(cfg.metrics, world, self.out, cfg.train.log_every)
+        self.metrics.start()
         self.bytes_control += check_same_config(world, cfg)
         self.net = model.create(cfg.model, self.ctx, seed=cfg.train.seed)
         self.spec = model.describe(self.net, cfg.model.name, cfg.model.head)
@@ -279,7 +282,10 @@ class Job:
         self.schedule = LRSchedule.from_config(cfg.optimizer, self.sampler.steps_per_epoch, self.total_steps,
                                                world.size)
         self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+        self.forward_rate = forward_probe(self.runner, self.ctx, cfg.data.batch_size, cfg.model.image_size,
+                                          cfg.metrics.probe_batches)
         t = self.plan.totals()
+        self.metrics.startup(t, self.bytes_broadcast + self.bytes_control, self.forward_rate)
         log(world, f"{cfg.model.name}: {t['trainable_params']:,} trainable / {t['frozen_params']:,} frozen params; "
                    f"frozen prefix {len(self.plan.prefix)} stages; {world.size} rank(s) [{world.backend}], "
                    f"global batch {self.sampler.global_batch}, {self.sampler.steps_per_epoch} steps/epoch")
@@ -337,7 +343,6 @@ class Job:
         every_steps = cfg.train.checkpoint_every_steps
         evals: dict = {}
         wall_start = time.perf_counter()
-        steady_start = None
         start_epoch = self.epoch
         for epoch in range(start_epoch, cfg.train.epochs):
             if self.global_step >= self.total_steps:
@@ -354,25 +359,27 @@ class Job:
                 t0 = time.perf_counter()
                 stats.data_seconds += t0 - t_wait
                 lr = self.schedule(self.global_step)
+                exchanged = self.exchange.seconds_total
                 loss = self.train_step(mx.nd.array(x, ctx=self.ctx), mx.nd.array(y, ctx=self.ctx), lr)
                 t1 = time.perf_counter()
                 stats.compute_seconds += t1 - t0
+                self.metrics.step(samples=self.sampler.batch_size, seconds=t1 - t0, data=t0 - t_wait,
+                                  allreduce=self.exchange.seconds_total - exchanged,
+                                  allreduce_bytes=self.exchange.bytes_per_step, loss=loss, lr=lr, epoch=epoch)
                 self.global_step += 1
                 stats.steps += 1
                 stats.samples += self.sampler.global_batch
-                if steady_start is None:
-                    steady_start = t1  # the first step builds graphs and allocates: not counted
-                else:
-                    stats.steady_seconds = t1 - steady_start
+                if stats.steps > 1:  # the first step builds graphs and allocates: not counted
+                    stats.steady_seconds += t1 - t_wait  # data wait + step; not eval or checkpoints
                     stats.steady_samples += self.sampler.global_batch
                 if not np.isfinite(loss):
                     raise DistributedError(f"step {self.global_step}: loss is {loss} (optimizer.lr too high?)")
                 if self.global_step % cfg.train.log_every == 0 or step == last - 1:
-                    rate = stats.steady_samples / stats.steady_seconds if stats.steady_seconds else 0.0
-                    log(world, f"epoch {epoch} step {step + 1}/{spe} loss {loss:.4f} lr {lr:.4g} "
-                               f"samples/s {rate:.1f}")
-                    stats.history.append({"step": self.global_step, "epoch": epoch, "loss": loss, "lr": lr,
-                                          "samples_per_sec": rate})
+                    record = self.metrics.window(global_step=self.global_step, total_steps=self.total_steps,
+                                                 epoch=epoch, loss=loss, lr=lr)
+                    if not self.metrics._progress:  # noqa: SLF001 - the progress line replaces the log
+                        log(world, f"epoch {epoch} step {step + 1}/{spe} loss {loss:.4f} lr {lr:.4g} "
+                                   f"samples/s {record['samples_per_sec']:.1f}")
                 if every_steps and self.global_step % every_steps == 0 and step != last - 1:
                     self.save_checkpoint(epoch, step + 1)
                 t_wait = time.perf_counter()
@@ -384,6 +391,8 @@ class Job:
                                  cfg.data.val_batch_size or cfg.data.batch_size, self.ctx, self.loss_fn)
                 log(world, f"epoch {epoch} val top1 {evals['val_top1']:.4f} top5 {evals['val_top5']:.4f} "
                            f"loss {evals['val_loss']:.4f}")
+                self.metrics.evaluation(evals, epoch)
+                stats.val_history.append({"epoch": epoch, **evals})
             done = self.global_step >= self.total_steps
             due = bool(cfg.train.checkpoint_every_epochs) and (epoch + 1) % cfg.train.checkpoint_every_epochs == 0
             due = due or bool(every_steps) and self.global_step % every_steps == 0
@@ -446,7 +455,11 @@ class Job:
             "lr_mult": {self.names[p]: float(self.trainer._optimizer.param_dict[i].lr_mult)  # noqa: SLF001
                         for i, p in enumerate(self.trainer._params)},  # noqa: SLF001
             "resumed": self.resume_meta is not None,
-            "history": stats.history,
+            "forward_only_samples_per_sec_per_rank": self.forward_rate,
+            "throughput_vs_forward_only": (rate / world.size / self.forward_rate) if self.forward_rate else None,
+            "metrics_port": self.metrics.port,
+            "val_history": stats.val_history,
+            "history": self.metrics.history,
         }
         if world.rank == 0:
             path = os.path.join(self.out, "model.params")
@@ -455,6 +468,7 @@ class Job:
                                     lambda tmp: _write_json(tmp, summary))
             log(world, f"done: {self.global_step} steps, val top1 {summary['val_top1']}, "
                        f"{rate:.1f} samples/s; wrote {path}")
+        self.metrics.finish(summary)
         return summary
 
 
@@ -466,5 +480,9 @@ def _write_json(path: str, doc: dict) -> None:
 def run(cfg: Config, world=None) -> dict:
     world = world or dist.init_world()
     job = Job(cfg, world)
-    job.setup()
-    return job.fit()
+    try:
+        job.setup()
+        return job.fit()
+    finally:
+        if getattr(job, "metrics", None) is not None:
+            job.metrics.close()

@@ -66,6 +66,7 @@ def small_config(tmp_path, pretrained, **sections):
         "data": {"train": "demo", "val": None, "batch_size": 8, "workers": 0},
         "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0},
         "train": {"epochs": 1, "max_steps": 3, "output": str(tmp_path / "out"), "log_every": 1},
+        "metrics": {"port": 0, "report": False},
     }
     for section, values in sections.items():
         doc.setdefault(section, {}).update(values)

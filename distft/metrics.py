@@ -1,0 +1,251 @@
+"""Observability: a Prometheus exporter per rank, job-wide figures on rank 0, an optional
+Pushgateway push, a JSON-lines log, a progress line and report.png.
+
+Metric names follow Prometheus conventions: distft_<what>_<base unit>, counters end in _total,
+labels are job, rank, local_rank, host (and phase for the time split) and nothing unbounded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+
+from .errors import ConfigError
+
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+PHASES = ("data", "compute", "allreduce")
+
+
+class Metrics:
+    def __init__(self, cfg, world, output: str, log_every: int):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.cfg, self.world, self.output = cfg, world, output
+        self.log_every = log_every
+        self.job = cfg.job or os.path.basename(os.path.abspath(output)) or "distft"
+        self.labels = {"job": self.job, "rank": str(world.rank), "local_rank": str(world.local_rank),
+                       "host": socket.gethostname()}
+        self.registry = CollectorRegistry(auto_describe=True)
+        names = list(self.labels)
+        r = self.registry
+
+        def gauge(name, doc, extra=()):
+            return Gauge(name, doc, names + list(extra), registry=r)
+
+        self.samples = Counter("distft_samples", "Training samples processed by this rank", names, registry=r)
+        self.steps = Counter("distft_steps", "Optimizer steps taken", names, registry=r)
+        self.rate = gauge("distft_samples_per_second", "This rank's training samples/s over the last log window")
+        self.step_time = Histogram("distft_step_duration_seconds", "Wall time of one training step", names,
+                                   buckets=STEP_BUCKETS, registry=r)
+        self.phase = Counter("distft_step_phase_seconds", "Step time split into data wait, compute and "
+                             "allreduce", names + ["phase"], registry=r)
+        self.allreduce_bytes = Counter("distft_allreduce_bytes", "Gradient bytes allreduced by this rank",
+                                       names, registry=r)
+        self.broadcast_bytes = Counter("distft_broadcast_bytes", "Bytes broadcast or exchanged at start-up",
+                                       names, registry=r)
+        self.trainable = gauge("distft_trainable_parameters", "Trainable parameters (scalars)")
+        self.frozen = gauge("distft_frozen_parameters", "Frozen parameters and statistics (scalars)")
+        self.loss = gauge("distft_loss", "Training loss (mean over the last step's batch)")
+        self.lr = gauge("distft_learning_rate", "Learning rate")
+        self.epoch = gauge("distft_epoch", "Current epoch")
+        self.val_top1 = gauge("distft_validation_top1_ratio", "Validation top-1 accuracy")
+        self.val_top5 = gauge("distft_validation_top5_ratio", "Validation top-5 accuracy")
+        self.forward_rate = gauge("distft_forward_only_samples_per_second",
+                                  "Forward-only (inference) samples/s of the same model and batch, "
+                                  "measured at start-up: the limit of a head-only fine-tune")
+        self.vs_forward = gauge("distft_throughput_vs_forward_only_ratio",
+                                "Training samples/s divided by forward-only samples/s (like MFU)")
+        # job-wide, on rank 0
+        self.job_rate = gauge("distft_job_samples_per_second", "Training samples/s summed over all ranks")
+        self.slowest = gauge("distft_slowest_rank_step_seconds", "Mean step time of the slowest rank "
+                             "over the last log window")
+        self.slowest_rank = gauge("distft_slowest_rank", "Rank with the longest mean step time")
+        self.world_size = gauge("distft_world_size", "Number of ranks")
+        self.world_size.labels(**self.labels).set(world.size)
+        self._window = {"samples": 0, "start": time.perf_counter(), "steps": 0, "step_seconds": 0.0}
+        self.history: list[dict] = []
+        self.server = None
+        self.port: Optional[int] = None
+        self._jsonl = None
+        self._progress = (cfg.progress == "on" or (cfg.progress == "auto" and sys.stdout.isatty())) \
+            and world.rank == 0
+        self._last_push = 0
+
+    # --- serving ------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.world.rank == 0:
+            self._jsonl = open(os.path.join(self.output, "log.jsonl"), "a", buffering=1)
+        if not self.cfg.port:
+            return
+        from prometheus_client import start_http_server
+
+        base = self.cfg.port + self.world.local_rank
+        tries = [base] if self.cfg.on_port_in_use == "error" else \
+            [base + k * self.world.local_size for k in range(32)]
+        last = None
+        for port in tries:
+            try:
+                self.server = start_http_server(port, addr=self.cfg.bind, registry=self.registry)
+                self.port = port
+                return
+            except OSError as exc:
+                last = exc
+        raise ConfigError(f"metrics.port: cannot serve metrics on {self.cfg.bind}:{tries[-1] if len(tries) == 1 else base}"
+                          f" (port + local_rank {self.world.local_rank}): {last.strerror or last}; "
+                          "choose another metrics.port, set metrics.on_port_in_use: next, or 0 to turn it off")
+
+    def child(self, metric, **extra):
+        return metric.labels(**self.labels, **extra)
+
+    # --- figures ------------------------------------------------------------------------------
+    def startup(self, totals: dict, bytes_broadcast: int, forward_rate: Optional[float]) -> None:
+        self.child(self.trainable).set(totals["trainable_params"])
+        self.child(self.frozen).set(totals["frozen_params"])
+        self.child(self.broadcast_bytes).inc(bytes_broadcast)
+        if forward_rate:
+            self.child(self.forward_rate).set(forward_rate)
+        self.forward = forward_rate
+
+    def step(self, *, samples: int, seconds: float, data: float, allreduce: float, allreduce_bytes: int,
+             loss: float, lr: float, epoch: int) -> None:
+        self.child(self.samples).inc(samples)
+        self.child(self.steps).inc()
+        self.child(self.step_time).observe(seconds)
+        self.child(self.phase, phase="data").inc(data)
+        self.child(self.phase, phase="allreduce").inc(allreduce)
+        self.child(self.phase, phase="compute").inc(max(seconds - data - allreduce, 0.0))
+        self.child(self.allreduce_bytes).inc(allreduce_bytes)
+        self.child(self.loss).set(loss)
+        self.child(self.lr).set(lr)
+        self.child(self.epoch).set(epoch)
+        w = self._window
+        w["samples"] += samples
+        w["steps"] += 1
+        w["step_seconds"] += seconds + data
+
+    def window(self, *, global_step: int, total_steps: int, epoch: int, loss: float, lr: float) -> dict:
+        """Close a log window: every rank reports its rate and mean step time; rank 0 sets the
+        job-wide figures. Collective: all ranks call it at the same steps."""
+        w = self._window
+        now = time.perf_counter()
+        # over the steps' own time (data wait + step): evaluation and checkpoints do not count
+        rate = w["samples"] / w["step_seconds"] if w["step_seconds"] else 0.0
+        mean_step = w["step_seconds"] / max(w["steps"], 1)
+        mine = np.array([rate, mean_step], dtype=np.float64).tobytes()
+        every = [np.frombuffer(b, dtype=np.float64) for b in
+                 self.world.allgather_bytes(mine, f"distft.metrics.{global_step}")]
+        rates = [float(e[0]) for e in every]
+        steps = [float(e[1]) for e in every]
+        self.child(self.rate).set(rate)
+        job_rate = sum(rates)
+        record = {"step": global_step, "epoch": epoch, "loss": loss, "lr": lr, "samples_per_sec": job_rate,
+                  "rank_samples_per_sec": rates, "rank_step_seconds": steps, "time": time.time()}
+        if self.world.rank == 0:
+            self.child(self.job_rate).set(job_rate)
+            slowest = int(np.argmax(steps))
+            self.child(self.slowest).set(steps[slowest])
+            self.child(self.slowest_rank).set(slowest)
+            if self.forward:
+                self.child(self.vs_forward).set(job_rate / self.world.size / self.forward)
+            self.history.append(record)
+            if self._jsonl:
+                self._jsonl.write(json.dumps(record) + "\n")
+            if self._progress:
+                left = (total_steps - global_step) * mean_step
+                sys.stdout.write(f"\r[distft] step {global_step}/{total_steps} epoch {epoch} loss {loss:.4f} "
+                                 f"{job_rate:.0f} samples/s ETA {left:.0f}s ")
+                sys.stdout.flush()
+        self._window = {"samples": 0, "start": now, "steps": 0, "step_seconds": 0.0}
+        if self.cfg.pushgateway and self.cfg.push_every_steps and \
+                global_step - self._last_push >= self.cfg.push_every_steps:
+            self.push()
+            self._last_push = global_step
+        return record
+
+    def evaluation(self, evals: dict, epoch: int) -> None:
+        self.child(self.val_top1).set(evals["val_top1"])
+        self.child(self.val_top5).set(evals["val_top5"])
+        if self._jsonl:
+            self._jsonl.write(json.dumps({"event": "eval", "epoch": epoch, **evals, "time": time.time()}) + "\n")
+
+    def push(self) -> None:
+        from prometheus_client import push_to_gateway
+
+        try:
+            push_to_gateway(self.cfg.pushgateway, job=self.job, registry=self.registry,
+                            grouping_key={"rank": str(self.world.rank)}, timeout=10)
+        except OSError as exc:  # a monitoring outage must not kill a training job
+            print(f"[distft] warning: rank {self.world.rank}: push to {self.cfg.pushgateway} failed: {exc}",
+                  file=sys.stderr, flush=True)
+
+    def finish(self, summary: dict) -> None:
+        if self._progress:
+            sys.stdout.write("\n")
+        if summary.get("samples_per_sec") and self.forward:
+            self.child(self.vs_forward).set(summary["samples_per_sec"] / self.world.size / self.forward)
+        if self.cfg.pushgateway:
+            self.push()
+        if self.world.rank == 0 and self.cfg.report and self.history:
+            write_report(os.path.join(self.output, "report.png"), self.history, summary)
+        if self._jsonl:
+            self._jsonl.write(json.dumps({"event": "done", **{k: summary.get(k) for k in (
+                "steps", "samples_per_sec", "val_top1", "world_size")}, "time": time.time()}) + "\n")
+            self._jsonl.close()
+        if self.server is not None and self.cfg.linger_seconds:
+            time.sleep(self.cfg.linger_seconds)  # lets a scraper read the final figures
+
+    def close(self) -> None:
+        if self.server is not None:
+            server, _thread = self.server
+            server.shutdown()
+            self.server = None
+
+
+def forward_probe(runner, ctx, batch_size: int, image_size: int, batches: int) -> Optional[float]:
+    """Forward-only samples/s of the whole network at this batch (inference mode, warm)."""
+    import mxnet as mx
+
+    if batches <= 0:
+        return None
+    x = mx.nd.random.uniform(shape=(batch_size, 3, image_size, image_size), ctx=ctx)
+    runner(x).wait_to_read()  # warm-up: graph build, allocation
+    start = time.perf_counter()
+    for _ in range(batches):
+        out = runner(x)
+    out.wait_to_read()
+    return batch_size * batches / (time.perf_counter() - start)
+
+
+def write_report(path: str, history: list, summary: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(2, 2, figsize=(11, 7))
+    ax[0, 0].plot(steps, [h["loss"] for h in history])
+    ax[0, 0].set(title="training loss", xlabel="step")
+    evals = summary.get("val_history") or []
+    if evals:
+        ax[0, 1].plot([e["epoch"] + 1 for e in evals], [e["val_top1"] for e in evals], marker="o")
+    ax[0, 1].set(title="validation top-1", xlabel="epoch", ylim=(0, 1))
+    ax[1, 0].plot(steps, [h["samples_per_sec"] for h in history], label="job")
+    ax[1, 0].set(title="samples/s", xlabel="step")
+    per_rank = np.array([h["rank_step_seconds"] for h in history])
+    for r in range(per_rank.shape[1]):
+        ax[1, 1].plot(steps, per_rank[:, r] * 1000, label=f"rank {r}")
+    ax[1, 1].set(title="mean step time per rank (ms)", xlabel="step")
+    ax[1, 1].legend(fontsize=8)
+    top1 = summary.get("val_top1")
+    fig.suptitle(f"{summary.get('model')}: {summary.get('world_size')} rank(s), "
+                 f"{summary.get('samples_per_sec', 0):.0f} samples/s"
+                 + (f", val top-1 {top1:.3f}" if top1 is not None else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
