@@ -94,9 +94,18 @@ def main(argv=None) -> int:
         code = exc.exit_code
     except KeyboardInterrupt:
         code = 130
-    except Exception:  # a bug: keep the traceback, but never leave peers waiting
-        traceback.print_exc()
-        code = 1
+    except Exception as exc:  # noqa: BLE001
+        text = str(exc)
+        if "Horovod has been shut down" in text or "HorovodInternalError" in type(exc).__name__:
+            # a peer rank died or stalled; the launcher and Horovod's stall report name it
+            rank = _rank()
+            print(f"distft: error (rank {rank}): Horovod shut down: another rank failed, was killed or stalled "
+                  "(see the launcher's message and Horovod's stall report); the last completed checkpoint "
+                  "is intact, relaunch to resume", file=sys.stderr, flush=True)
+            code = 3
+        else:
+            traceback.print_exc()
+            code = 1
     if code and _rank():
         # other ranks may wait in a collective for this one: leave now, without Horovod's
         # shutdown handshake, so the launcher sees the failure and stops the job

@@ -62,6 +62,9 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     # threads decoding images ahead of the training step
     workers: int = field(default=2, metadata=_at_least(0))
+    # unreadable images are skipped (replaced by another sample of the batch) up to this
+    # fraction of the samples read; past it the job stops naming the file
+    max_bad_fraction: float = field(default=0.001, metadata=_at_least(0.0))
 
 
 @dataclass
@@ -95,6 +98,13 @@ class TrainConfig:
     keep_checkpoints: int = field(default=3, metadata=_at_least(1))
     resume: bool = True
     seed: int = 0  # weight initialisation of the new head
+    # a step (or collective) not finishing in this many seconds aborts every rank (0: never)
+    stall_timeout: float = field(default=300.0, metadata=_at_least(0.0))
+    # after SIGTERM, a clean stop (agreed step, checkpoint) must happen within this many
+    # seconds, else the rank exits at once (a peer is gone; Kubernetes' default grace is 30 s)
+    preempt_grace: float = field(default=25.0, metadata=_at_least(1.0))
+    # NaN/Inf in the loss or the (allreduced) gradients: `error` stops, `skip` drops the update
+    on_nonfinite: str = field(default="error", metadata=_choices("error", "skip"))
 
 
 @dataclass

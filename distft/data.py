@@ -6,6 +6,7 @@ the ranks' batches at step t is exactly what one process with batch B*N takes at
 """
 from __future__ import annotations
 
+import io
 import os
 import queue
 import threading
@@ -15,7 +16,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .errors import DataError, mxnet_reason
+from .errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -102,12 +103,12 @@ class ImageFolder:
         return len(self.files)
 
     def read(self, i: int) -> np.ndarray:
-        import mxnet as mx
-
         try:
-            return mx.image.imread(self.files[i], to_rgb=True).asnumpy()
-        except mx.base.MXNetError as exc:
-            raise DataError(f"{self.files[i]}: cannot decode image ({mxnet_reason(exc)})") from None
+            with open(self.files[i], "rb") as fh:
+                payload = fh.read()
+        except OSError as exc:
+            raise DataError(f"{self.files[i]}: cannot read ({exc.strerror})") from None
+        return decode(payload, self.files[i])
 
     def describe(self, i: int) -> str:
         return self.files[i]
@@ -153,12 +154,12 @@ class RecordFile:
     def read(self, i: int) -> np.ndarray:
         import mxnet as mx
 
-        _, payload = mx.recordio.unpack(self._reader().read_idx(self.keys[i]))
+        where = f"{self.path} record {self.keys[i]}"
         try:
-            return mx.image.imdecode(payload, to_rgb=1).asnumpy()
-        except mx.base.MXNetError as exc:
-            raise DataError(f"{self.path} record {self.keys[i]}: cannot decode image "
-                            f"({mxnet_reason(exc)})") from None
+            _, payload = mx.recordio.unpack(self._reader().read_idx(self.keys[i]))
+        except (mx.base.MXNetError, ValueError, OSError) as exc:
+            raise DataError(f"{where}: unreadable record ({exc})") from None
+        return decode(payload, where)
 
     def describe(self, i: int) -> str:
         return f"{self.path} record {self.keys[i]}"
@@ -182,12 +183,24 @@ def open_dataset(spec: str, role: str, key: str):
 # --- transforms ------------------------------------------------------------------------------
 
 
+def decode(payload: bytes, where: str) -> np.ndarray:
+    """Encoded image -> (H, W, 3) uint8 RGB. Pillow, not MXNet's imdecode: a corrupt image
+    makes MXNet's engine op fail and its error resurfaces at a later, unrelated sync."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(payload)) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{where}: cannot decode image ({exc})") from None
+
+
 def _resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
-    import mxnet as mx
+    from PIL import Image
 
     if img.shape[0] == h and img.shape[1] == w:
         return img
-    return mx.image.imresize(mx.nd.array(img, dtype=np.uint8), w, h, interp=1).asnumpy()
+    return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((w, h), Image.BILINEAR))
 
 
 class Transform:
@@ -237,13 +250,21 @@ class Transform:
 
 
 class BatchLoader:
-    """Assembles batches on background threads, `depth` batches ahead of the training step."""
+    """Assembles batches on background threads, `depth` batches ahead of the training step.
 
-    def __init__(self, dataset, transform: Transform, workers: int = 2, depth: int = 2):
+    An unreadable sample is replaced by another sample of the same batch (the batch keeps its
+    size, so ranks stay in step) and counted; past `max_bad_fraction` of the samples read, the
+    job stops with the file named."""
+
+    def __init__(self, dataset, transform: Transform, workers: int = 2, depth: int = 2,
+                 max_bad_fraction: float = 0.0):
         self.dataset = dataset
         self.transform = transform
         self.workers = workers
         self.depth = depth
+        self.max_bad_fraction = max_bad_fraction
+        self.bad = 0
+        self.seen = 0
         self._pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
         self._cache: dict = {}
 
@@ -255,12 +276,29 @@ class BatchLoader:
             self._cache[i] = x  # in-memory sets: decode and resize once
         return x
 
+    def _try_sample(self, i: int, epoch: int):
+        try:
+            return self._sample(i, epoch)
+        except DataError as exc:
+            return exc
+
     def batch(self, indices: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         if self._pool is not None and len(indices) > 1:
-            xs = list(self._pool.map(lambda i: self._sample(i, epoch), indices))
+            xs = list(self._pool.map(lambda i: self._try_sample(i, epoch), indices))
         else:
-            xs = [self._sample(i, epoch) for i in indices]
-        return np.stack(xs), self.dataset.labels[indices]
+            xs = [self._try_sample(i, epoch) for i in indices]
+        labels = self.dataset.labels[indices].copy()
+        self.seen += len(xs)
+        bad = [k for k, x in enumerate(xs) if isinstance(x, DataError)]
+        if bad:
+            self.bad += len(bad)
+            if self.bad > self.max_bad_fraction * self.seen or len(bad) == len(xs):
+                raise DataError(f"data.max_bad_fraction: {self.bad} of {self.seen} samples read so far are "
+                                f"unreadable (limit {self.max_bad_fraction:g}); latest: {xs[bad[-1]]}")
+            good = next(k for k, x in enumerate(xs) if not isinstance(x, DataError))
+            for k in bad:
+                xs[k], labels[k] = xs[good], labels[good]
+        return np.stack(xs), labels
 
     def iterate(self, batches: list[tuple[int, np.ndarray]], epoch: int) -> Iterator:
         """Yields (step, x, y) for `batches` = [(step, indices)], prefetching on a thread."""

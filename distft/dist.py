@@ -121,8 +121,16 @@ class HorovodWorld(LocalWorld):
         self.hvd.shutdown()
 
 
-def init_world() -> LocalWorld:
-    return HorovodWorld() if launched_by_scheduler() else LocalWorld()
+def init_world(stall_timeout: float = 0.0) -> LocalWorld:
+    if not launched_by_scheduler():
+        return LocalWorld()
+    if stall_timeout:
+        # Horovod's stall inspector names the ranks that never joined a collective, then
+        # shuts Horovod down so the waiting ranks fail instead of hanging (read at init)
+        check = max(1, int(min(60, stall_timeout / 2)))
+        os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(check))
+        os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(max(int(stall_timeout), check + 1)))
+    return HorovodWorld()
 
 
 # --- gradient exchange -------------------------------------------------------------------------

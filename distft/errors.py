@@ -23,6 +23,19 @@ class CheckpointError(DistftError):
     """A checkpoint is missing, corrupt or belongs to another model."""
 
 
+class NumericalError(DistftError):
+    """NaN or Inf in the loss or the gradients."""
+
+    exit_code = 4
+
+
+class Preempted(DistftError):
+    """SIGTERM: every rank stopped at the same step boundary after a checkpoint. Relaunching
+    the same command resumes. Exit code 75 (EX_TEMPFAIL: try again)."""
+
+    exit_code = 75
+
+
 class DistributedError(DistftError):
     """Ranks disagree (frozen weights, state digests) or a rank failed."""
 

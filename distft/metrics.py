@@ -65,6 +65,9 @@ class Metrics:
         self.slowest = gauge("distft_slowest_rank_step_seconds", "Mean step time of the slowest rank "
                              "over the last log window")
         self.slowest_rank = gauge("distft_slowest_rank", "Rank with the longest mean step time")
+        self.skipped_steps = Counter("distft_skipped_steps", "Updates skipped for NaN/Inf "
+                                     "(train.on_nonfinite: skip)", names, registry=r)
+        self.bad_samples = Counter("distft_bad_samples", "Unreadable samples skipped", names, registry=r)
         self.world_size = gauge("distft_world_size", "Number of ranks")
         self.world_size.labels(**self.labels).set(world.size)
         self._window = {"samples": 0, "start": time.perf_counter(), "steps": 0, "step_seconds": 0.0}
@@ -166,6 +169,13 @@ class Metrics:
             self.push()
             self._last_push = global_step
         return record
+
+    def skipped(self, n: int) -> None:
+        self.child(self.skipped_steps).inc(n)
+
+    def bad(self, n: int) -> None:
+        if n:
+            self.child(self.bad_samples).inc(n)
 
     def evaluation(self, evals: dict, epoch: int) -> None:
         self.child(self.val_top1).set(evals["val_top1"])

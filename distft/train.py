@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -24,7 +26,8 @@ from . import checkpoint, dist, freeze, model, syncbn
 from .metrics import Metrics, forward_probe
 from .config import Config, dump_config
 from .data import BatchLoader, ShardSampler, Transform, eval_shard, open_dataset
-from .errors import CheckpointError, ConfigError, DataError, DistributedError
+from .errors import CheckpointError, ConfigError, DataError, DistributedError, NumericalError, Preempted, \
+    mxnet_reason
 from .schedule import LRSchedule
 
 
@@ -107,6 +110,7 @@ class Stats:
     data_seconds: float = 0.0
     compute_seconds: float = 0.0
     val_history: list = field(default_factory=list)
+    bad_reported: int = 0
 
 
 def build_trainer(cfg: Config, world, params: dict, plan, lr_mults: dict):
@@ -155,10 +159,11 @@ def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
     return int((top == labels[:, None]).any(axis=1).sum())
 
 
-def evaluate(world, runner, loader: BatchLoader, batch_size: int, ctx, loss_fn) -> dict:
+def evaluate(world, runner, loader: BatchLoader, batch_size: int, ctx, loss_fn, beat=lambda: None) -> dict:
     idx = eval_shard(len(loader.dataset), world.size, world.rank)
     sums = np.zeros(4)  # top1, top5, loss, count
     for start in range(0, len(idx), batch_size):
+        beat()
         x, y = loader.batch(idx[start:start + batch_size], epoch=0)
         out = runner(mx.nd.array(x, ctx=ctx))
         loss = loss_fn(out, mx.nd.array(y, ctx=ctx)).asnumpy()
@@ -181,6 +186,10 @@ class Job:
         self.bytes_broadcast = 0
         self.bytes_control = 0
         self.switches: list = []
+        self.skipped_steps = 0
+        self.stop_requested = False
+        self.finished = False
+        self.heartbeat = time.monotonic()
 
     # set-up ------------------------------------------------------------------------------------
     def prepare_output(self) -> None:
@@ -218,12 +227,13 @@ class Job:
                               f"ranks) is larger than data.train ({len(self.train_set)} samples)")
         self.train_loader = BatchLoader(self.train_set, Transform(cfg.model.image_size, cfg.data.mean, cfg.data.std,
                                                                   cfg.data.augment, cfg.data.seed),
-                                        workers=cfg.data.workers)
+                                        workers=cfg.data.workers, max_bad_fraction=cfg.data.max_bad_fraction)
         self.val_loader = None
         if cfg.data.val:
             val_set = open_dataset(cfg.data.val, "val", "data.val")
             self.val_loader = BatchLoader(val_set, Transform(cfg.model.image_size, cfg.data.mean, cfg.data.std,
-                                                             False, cfg.data.seed), workers=cfg.data.workers)
+                                                             False, cfg.data.seed), workers=cfg.data.workers,
+                                            max_bad_fraction=cfg.data.max_bad_fraction)
         spe = self.sampler.steps_per_epoch
         self.total_steps = spe * cfg.train.epochs
         if cfg.train.max_steps:
@@ -322,7 +332,20 @@ class Job:
                 "plan_epoch": self.plan_epoch,
                 "lr": self.schedule(max(self.global_step - 1, 0)), "update_counts": counts,
                 "state_digest": self.digests[0]}
-        path = checkpoint.save(self.out, self.global_step, arrays, opt_arrays, meta, self.cfg.train.keep_checkpoints)
+        try:
+            path = checkpoint.save(self.out, self.global_step, arrays, opt_arrays, meta,
+                                   self.cfg.train.keep_checkpoints)
+        except (OSError, mx.base.MXNetError) as exc:
+            import shutil
+
+            kept = checkpoint.list_checkpoints(self.out)
+            reason = getattr(exc, "strerror", None) or mxnet_reason(exc)
+            free = shutil.disk_usage(self.out).free
+            raise CheckpointError(
+                f"train.output: writing the checkpoint of step {self.global_step} failed ({reason}; "
+                f"{free:,} bytes free there); "
+                + (f"the previous checkpoint {kept[-1]} is intact" if kept else "no earlier checkpoint exists")
+            ) from None
         log(self.world, f"checkpoint {path}")
 
     # the loop ----------------------------------------------------------------------------------
@@ -334,12 +357,84 @@ class Job:
         with autograd.record():
             loss = self.loss_fn(self.runner.suffix(features), y)
         loss.backward()
-        self.trainer.step(self.cfg.data.batch_size)  # allreduce of trainable grads, then update
-        return float(loss.mean().asscalar())
+        self.trainer.allreduce_grads()  # trainable gradients only, fused buckets
+        loss_value = float(loss.mean().asscalar())
+        if self.finite(loss_value):
+            self.trainer.update(self.cfg.data.batch_size)
+        return loss_value
+
+    def finite(self, loss_value: float) -> bool:
+        """NaN/Inf in the loss or the allreduced gradients (the same on every rank after the
+        allreduce, so all ranks decide alike): stop, or skip the update."""
+        grads = [p.list_grad()[0] for p in self.trainer._params]  # noqa: SLF001
+        total = mx.nd.add_n(*[g.abs().sum() for g in grads]).asscalar() if grads else 0.0
+        if np.isfinite(loss_value) and np.isfinite(total):
+            return True
+        names = [self.names[p] for p, g in zip(self.trainer._params, grads)  # noqa: SLF001
+                 if not np.isfinite(g.asnumpy()).all()]
+        where = f"step {self.global_step + 1} (epoch {self.epoch})"
+        what = f"loss {loss_value}" + (f"; non-finite gradients in {', '.join(names[:5])}"
+                                       + (f" and {len(names) - 5} more" if len(names) > 5 else "") if names else "")
+        if self.cfg.train.on_nonfinite == "error":
+            raise NumericalError(f"{where}: {what} (lower optimizer.lr, or set train.on_nonfinite: skip)")
+        self.skipped_steps += 1
+        self.metrics.skipped(1)
+        log(self.world, f"warning: {where}: {what}; update skipped ({self.skipped_steps} so far)")
+        return False
+
+    # preemption and hangs -----------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        def on_term(signum, frame):  # noqa: ARG001
+            if self.stop_requested:
+                return
+            self.stop_requested = True
+            grace = self.cfg.train.preempt_grace
+
+            def deadline():
+                time.sleep(grace)
+                print(f"distft: error (rank {self.world.rank}): SIGTERM {grace:g} s ago and no clean stop "
+                      "(train.preempt_grace): a peer rank is gone; exiting, the last completed checkpoint "
+                      "is intact", file=sys.stderr, flush=True)
+                os._exit(143)
+
+            threading.Thread(target=deadline, name="distft-preempt-deadline", daemon=True).start()
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_term)
+
+    def agreed_to_stop(self) -> bool:
+        """Every rank learns whether any rank was asked to stop, at the same step."""
+        if self.world.size == 1:
+            return self.stop_requested
+        return bool(self.world.allreduce_numpy(np.array([float(self.stop_requested)]), "distft.stop")[0] > 0)
+
+    def start_watchdog(self) -> None:
+        timeout = self.cfg.train.stall_timeout
+        if not timeout:
+            return
+
+        def watch():
+            while not self.finished:
+                time.sleep(min(1.0, timeout / 4))
+                idle = time.monotonic() - self.heartbeat
+                if idle > timeout and not self.finished:
+                    print(f"distft: error (rank {self.world.rank}): no progress for {idle:.0f} s "
+                          f"(train.stall_timeout {timeout:g} s): a rank is hung or a collective never "
+                          f"completed; Horovod's stall report above names the missing ranks",
+                          file=sys.stderr, flush=True)
+                    os._exit(5)
+
+        threading.Thread(target=watch, name="distft-watchdog", daemon=True).start()
+
+    def beat(self) -> None:
+        self.heartbeat = time.monotonic()
 
     def fit(self) -> dict:
         cfg, world, stats = self.cfg, self.world, Stats()
         spe = self.sampler.steps_per_epoch
+        self.install_signal_handlers()
+        self.beat()
+        self.start_watchdog()
         every_steps = cfg.train.checkpoint_every_steps
         evals: dict = {}
         wall_start = time.perf_counter()
@@ -366,14 +461,14 @@ class Job:
                 self.metrics.step(samples=self.sampler.batch_size, seconds=t1 - t0, data=t0 - t_wait,
                                   allreduce=self.exchange.seconds_total - exchanged,
                                   allreduce_bytes=self.exchange.bytes_per_step, loss=loss, lr=lr, epoch=epoch)
+                self.metrics.bad(self.train_loader.bad - stats.bad_reported)
+                stats.bad_reported = self.train_loader.bad
                 self.global_step += 1
                 stats.steps += 1
                 stats.samples += self.sampler.global_batch
                 if stats.steps > 1:  # the first step builds graphs and allocates: not counted
                     stats.steady_seconds += t1 - t_wait  # data wait + step; not eval or checkpoints
                     stats.steady_samples += self.sampler.global_batch
-                if not np.isfinite(loss):
-                    raise DistributedError(f"step {self.global_step}: loss is {loss} (optimizer.lr too high?)")
                 if self.global_step % cfg.train.log_every == 0 or step == last - 1:
                     record = self.metrics.window(global_step=self.global_step, total_steps=self.total_steps,
                                                  epoch=epoch, loss=loss, lr=lr)
@@ -382,13 +477,16 @@ class Job:
                                    f"samples/s {record['samples_per_sec']:.1f}")
                 if every_steps and self.global_step % every_steps == 0 and step != last - 1:
                     self.save_checkpoint(epoch, step + 1)
+                if self.agreed_to_stop():
+                    self.stop_at(epoch, step + 1, spe)
+                self.beat()
                 t_wait = time.perf_counter()
             self.step_in_epoch = 0
             finished_epoch = last == spe
             if self.val_loader is not None:
                 average_moving_stats(world, self.params, self.plan, cfg.dist.batchnorm)
                 evals = evaluate(world, self.runner, self.val_loader,
-                                 cfg.data.val_batch_size or cfg.data.batch_size, self.ctx, self.loss_fn)
+                                 cfg.data.val_batch_size or cfg.data.batch_size, self.ctx, self.loss_fn, self.beat)
                 log(world, f"epoch {epoch} val top1 {evals['val_top1']:.4f} top5 {evals['val_top5']:.4f} "
                            f"loss {evals['val_loss']:.4f}")
                 self.metrics.evaluation(evals, epoch)
@@ -404,6 +502,16 @@ class Job:
             evals = evaluate(world, self.runner, self.val_loader,
                              cfg.data.val_batch_size or cfg.data.batch_size, self.ctx, self.loss_fn)
         return self.finish(stats, evals, time.perf_counter() - wall_start)
+
+    def stop_at(self, epoch: int, next_step: int, spe: int) -> None:
+        """Preemption: checkpoint at this step boundary (all ranks) and leave with code 75."""
+        if next_step == spe:
+            self.save_checkpoint(epoch + 1, 0)
+        else:
+            self.save_checkpoint(epoch, next_step)
+        self.finished = True
+        raise Preempted(f"preempted (SIGTERM) at step {self.global_step}; checkpoint written; "
+                        "run the same command again to resume")
 
     def reconfigure(self, epoch: int) -> None:
         """Gradual unfreezing at an epoch boundary, at the same step on every rank: grad_req,
@@ -455,6 +563,8 @@ class Job:
             "lr_mult": {self.names[p]: float(self.trainer._optimizer.param_dict[i].lr_mult)  # noqa: SLF001
                         for i, p in enumerate(self.trainer._params)},  # noqa: SLF001
             "resumed": self.resume_meta is not None,
+            "skipped_steps": self.skipped_steps,
+            "bad_samples": self.train_loader.bad,
             "forward_only_samples_per_sec_per_rank": self.forward_rate,
             "throughput_vs_forward_only": (rate / world.size / self.forward_rate) if self.forward_rate else None,
             "metrics_port": self.metrics.port,
@@ -468,6 +578,7 @@ class Job:
                                     lambda tmp: _write_json(tmp, summary))
             log(world, f"done: {self.global_step} steps, val top1 {summary['val_top1']}, "
                        f"{rate:.1f} samples/s; wrote {path}")
+        self.finished = True
         self.metrics.finish(summary)
         return summary
 
@@ -478,11 +589,12 @@ def _write_json(path: str, doc: dict) -> None:
 
 
 def run(cfg: Config, world=None) -> dict:
-    world = world or dist.init_world()
+    world = world or dist.init_world(stall_timeout=cfg.train.stall_timeout)
     job = Job(cfg, world)
     try:
         job.setup()
         return job.fit()
     finally:
+        job.finished = True
         if getattr(job, "metrics", None) is not None:
             job.metrics.close()

@@ -1,0 +1,294 @@
+"""Faults, for real: signals to real ranks, a full file system, corrupt images, NaN, fuzzed
+configs. Nothing completed is lost and nothing hangs."""
+import os
+import signal
+import string
+import subprocess
+import sys
+import time
+
+import mxnet as mx
+import numpy as np
+import psutil
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from distft import checkpoint
+from distft.config import Config, load_config
+from distft.errors import ConfigError
+
+from conftest import MPI_ENV, ROOT, horovodrun, read_summary, run_cli, small_config, write_config
+from imagefiles import png
+
+
+def start_job(tmp_path, pretrained, launcher, **sections):
+    cfg = write_config(tmp_path / "c.yaml", small_config(tmp_path, pretrained, **sections))
+    proc = subprocess.Popen(launcher + [sys.executable, "-m", "distft", "--config", cfg], cwd=ROOT,
+                            env={**os.environ, **MPI_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    return cfg, proc
+
+
+def rank_pids(launcher_pid, n=2, timeout=60):
+    """The PIDs of the `python -m distft` rank processes under a launcher."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ranks = {}
+        for p in psutil.Process(launcher_pid).children(recursive=True):
+            try:
+                cmd = p.cmdline()
+                if "distft" not in cmd or "-m" not in cmd:
+                    continue
+                env = p.environ()
+            except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                continue
+            rank = env.get("HOROVOD_RANK") or env.get("OMPI_COMM_WORLD_RANK")
+            if rank is not None:
+                ranks[int(rank)] = p.pid
+        if len(ranks) == n:
+            return ranks
+        time.sleep(0.2)
+    raise TimeoutError("rank processes not found")
+
+
+def gone(pid):
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(what)
+
+
+def kill_tree(proc):
+    try:
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+    except psutil.NoSuchProcess:
+        pass
+    proc.kill()
+    proc.wait()
+
+
+LONG_JOB = dict(data={"batch_size": 8}, train={"epochs": 50, "max_steps": None, "checkpoint_every_steps": 5,
+                                               "keep_checkpoints": 3, "log_every": 5})
+
+
+@pytest.mark.horovod
+def test_sigterm_to_one_rank_stops_all_at_one_step_with_a_checkpoint_and_resume_finishes(tmp_path, pretrained):
+    cfg, proc = start_job(tmp_path, pretrained, horovodrun(2, "gloo"), **LONG_JOB)
+    out = tmp_path / "out"
+    try:
+        ranks = rank_pids(proc.pid)
+        wait_for(lambda: checkpoint.list_checkpoints(str(out)), 120, "a first checkpoint")
+        os.kill(ranks[1], signal.SIGTERM)  # like an eviction reaching one pod first
+        text, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert proc.returncode != 0
+    assert "preempted (SIGTERM) at step" in text
+    step = int(text.split("preempted (SIGTERM) at step ")[1].split(";")[0])
+    latest = checkpoint.latest(str(out))
+    assert latest.meta["step"] == step  # written at the agreed step, after the SIGTERM
+    assert not (out / "summary.json").exists()
+    # the relaunch resumes there and finishes a short remainder
+    proc2 = run_cli(["--config", cfg, "--set", f"train.max_steps={step + 3}"], launcher=horovodrun(2, "gloo"))
+    assert proc2.returncode == 0, proc2.stdout[-2000:] + proc2.stderr[-2000:]
+    s = read_summary(out)
+    assert s["resumed"] and s["steps"] == step + 3 and s["steps_this_run"] == 3
+
+
+def test_sigterm_single_process_exits_75(tmp_path, pretrained):
+    cfg, proc = start_job(tmp_path, pretrained, [], **LONG_JOB)
+    try:
+        wait_for(lambda: checkpoint.list_checkpoints(str(tmp_path / "out")), 120, "a first checkpoint")
+        proc.send_signal(signal.SIGTERM)
+        text, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert proc.returncode == 75, text
+    assert text.strip().splitlines()[-1].startswith("distft: error: preempted (SIGTERM) at step")
+
+
+@pytest.mark.horovod
+@pytest.mark.parametrize("backend", ["gloo", "mpi"])
+def test_killed_rank_stops_the_job_quickly_and_the_last_checkpoint_survives(tmp_path, pretrained, backend):
+    cfg, proc = start_job(tmp_path, pretrained, horovodrun(2, backend), **LONG_JOB)
+    out = tmp_path / "out"
+    try:
+        ranks = rank_pids(proc.pid)
+        wait_for(lambda: len(checkpoint.list_checkpoints(str(out))) >= 1, 120, "a first checkpoint")
+        os.kill(ranks[1], signal.SIGKILL)
+        start = time.monotonic()
+        text, _ = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert proc.returncode != 0
+    # every surviving rank is gone within 60 s of the kill (the launcher may return first)
+    wait_for(lambda: gone(ranks[0]), max(1.0, 60 - elapsed), "rank 0 to exit")
+    latest = checkpoint.latest(str(out))  # verifies checksums
+    assert latest is not None
+    proc2 = run_cli(["--config", cfg, "--set", f"train.max_steps={latest.meta['step'] + 2}"],
+                    launcher=horovodrun(2, backend))
+    assert proc2.returncode == 0, proc2.stderr[-2000:]
+    assert read_summary(out)["resumed"]
+
+
+@pytest.mark.horovod
+def test_stopped_rank_makes_the_others_abort_within_the_stall_timeout(tmp_path, pretrained):
+    cfg, proc = start_job(tmp_path, pretrained, horovodrun(2, "gloo"),
+                          data={"batch_size": 8}, train={"epochs": 50, "max_steps": None, "stall_timeout": 8,
+                                                         "log_every": 5})
+    stopped = None
+    try:
+        ranks = rank_pids(proc.pid)
+        wait_for(lambda: gone(ranks[0]) or psutil.Process(ranks[0]).cpu_times().user > 8, 120, "training under way")
+        stopped = ranks[1]
+        os.kill(stopped, signal.SIGSTOP)  # a hung node: alive, silent
+        start = time.monotonic()
+        wait_for(lambda: gone(ranks[0]), 45, "rank 0 to abort")
+        elapsed = time.monotonic() - start
+    finally:
+        if stopped and psutil.pid_exists(stopped):
+            os.kill(stopped, signal.SIGKILL)
+        text = ""
+        try:
+            text, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc)
+    assert elapsed < 8 + 20
+    assert "[1]" in text and ("stall" in text.lower() or "no progress" in text), text[-3000:]
+
+
+def test_nan_stops_with_the_step_and_parameters_named(tmp_path, pretrained):
+    doc = small_config(tmp_path, pretrained, optimizer={"lr": 1e38, "momentum": 0.0}, train={"max_steps": 6})
+    proc = run_cli(["--config", write_config(tmp_path / "c.yaml", doc)])
+    assert proc.returncode == 4
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("distft: error: step ") and "non-finite gradients in output.weight" in line
+
+
+def test_nan_skip_mode_counts_and_finishes(tmp_path, pretrained):
+    doc = small_config(tmp_path, pretrained, optimizer={"lr": 1e38, "momentum": 0.0},
+                       train={"max_steps": 6, "on_nonfinite": "skip"})
+    proc = run_cli(["--config", write_config(tmp_path / "c.yaml", doc)])
+    assert proc.returncode == 0, proc.stderr
+    s = read_summary(tmp_path / "out")
+    assert 0 < s["skipped_steps"] < 6 and s["steps"] == 6
+
+
+def corrupt_image_folder(root, n_good=30, bad=("cat/bad1.png", "dog/bad2.png")):
+    rng = np.random.default_rng(0)
+    for i in range(n_good):
+        d = root / ("cat" if i % 2 else "dog")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i}.png").write_bytes(png(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)))
+    for name in bad:
+        (root / name).write_bytes(b"\x89PNG\r\n\x1a\n this is not a picture")
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path, pretrained):
+    corrupt_image_folder(tmp_path / "imgs")
+    doc = small_config(tmp_path, pretrained, data={"train": str(tmp_path / "imgs"), "batch_size": 8,
+                                                   "max_bad_fraction": 0.2}, train={"max_steps": 8, "epochs": 3})
+    proc = run_cli(["--config", write_config(tmp_path / "c.yaml", doc)])
+    assert proc.returncode == 0, proc.stderr
+    assert read_summary(tmp_path / "out")["bad_samples"] >= 2
+
+
+def test_too_many_corrupt_images_stop_with_the_file_named(tmp_path, pretrained):
+    corrupt_image_folder(tmp_path / "imgs")
+    doc = small_config(tmp_path, pretrained, data={"train": str(tmp_path / "imgs"), "batch_size": 8,
+                                                   "max_bad_fraction": 0.0}, train={"max_steps": 8, "epochs": 3})
+    proc = run_cli(["--config", write_config(tmp_path / "c.yaml", doc)])
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "data.max_bad_fraction" in line and "/imgs/" in line and "bad" in line and "cannot decode image" in line
+
+
+def test_output_directory_that_cannot_be_created(tmp_path, pretrained):
+    (tmp_path / "afile").write_text("x")
+    doc = small_config(tmp_path, pretrained, train={"output": str(tmp_path / "afile" / "run")})
+    proc = run_cli(["--config", write_config(tmp_path / "c.yaml", doc)])
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"distft: error: train.output: {tmp_path / 'afile' / 'run'}: cannot write there (Not a directory)"
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, pretrained):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(disk)], check=True)
+    try:
+        doc = small_config(tmp_path, pretrained, train={"output": str(disk / "run"), "max_steps": 6,
+                                                        "checkpoint_every_steps": 1, "keep_checkpoints": 5})
+        proc = run_cli(["--config", write_config(tmp_path / "c.yaml", doc)])
+        assert proc.returncode == 2, proc.stderr
+        line = proc.stderr.strip().splitlines()[-1]
+        assert "writing the checkpoint of step" in line and "bytes free there" in line and "is intact" in line
+        kept = checkpoint.list_checkpoints(str(disk / "run"))
+        assert kept and checkpoint.load(kept[-1]).meta["step"] >= 1  # loads: checksums verified
+        assert not [n for n in os.listdir(disk / "run" / "checkpoints") if n.startswith(".tmp")]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_corrupted_checkpoint_file_is_a_clear_error(tmp_path, pretrained):
+    doc = small_config(tmp_path, pretrained, train={"max_steps": 2})
+    cfg = write_config(tmp_path / "c.yaml", doc)
+    assert run_cli(["--config", cfg]).returncode == 0
+    (ckpt,) = checkpoint.list_checkpoints(str(tmp_path / "out"))
+    with open(os.path.join(ckpt, "meta.json"), "w") as fh:
+        fh.write("{not json")
+    proc = run_cli(["--config", cfg, "--set", "train.max_steps=3"])
+    # the only checkpoint is unusable: reported, and the job starts over instead of crashing
+    assert proc.returncode == 0, proc.stderr
+    assert "skipping checkpoint" in proc.stdout and "meta.json: corrupt" in proc.stdout
+
+
+# --- fuzzed configs: only ever a ConfigError with a message ------------------------------------
+
+SECTIONS = {f.name: [g.name for g in __import__("dataclasses").fields(f.type if isinstance(f.type, type) else
+            getattr(__import__("distft.config", fromlist=["x"]), f.type))]
+            for f in __import__("dataclasses").fields(Config)}
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+                    st.text(string.printable, max_size=12))
+values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                       st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+                      max_leaves=6)
+keys = st.one_of(st.sampled_from([f"{s}.{k}" for s, ks in SECTIONS.items() for k in ks]),
+                 st.text(string.ascii_letters + "._", min_size=1, max_size=15))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(keys, values, max_size=4))
+def test_fuzzed_configs_fail_only_with_config_errors(tmp_path_factory, overrides):
+    import yaml
+
+    doc: dict = {}
+    for key, value in overrides.items():
+        node = doc
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else {}
+        node[parts[-1]] = value
+    path = tmp_path_factory.mktemp("fuzz") / "c.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    try:
+        load_config(str(path))
+    except ConfigError as exc:
+        assert str(exc) and "\n" not in str(exc).strip()
