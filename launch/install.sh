@@ -28,8 +28,8 @@ esac
 # Debian's cmake (3.25): pip's cmake 4.x rejects Gloo's CMakeLists.
 APT_PACKAGES=(libopenmpi-dev openmpi-bin cmake g++ make)
 if [ "$DEV" = 1 ]; then
-  # the tests run a real Prometheus server, promtool and a Pushgateway
-  APT_PACKAGES+=(prometheus prometheus-pushgateway)
+  # the tests run a real Prometheus server, promtool, a Pushgateway and a single-node Slurm
+  APT_PACKAGES+=(prometheus prometheus-pushgateway slurm-wlm munge)
 fi
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

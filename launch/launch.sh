@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Start distft on every slot of a multi-node allocation with horovodrun.
+#   hosts:  $DISTFT_HOSTFILE (the MPI Operator mounts /etc/mpi/hostfile), else the Slurm
+#           allocation (SLURM_JOB_NODELIST), else this machine with $DISTFT_NP ranks (default 1)
+#   DISTFT_CONTROLLER  gloo (default) or mpi
+#   DISTFT_IFACE       network interface for Horovod and NCCL (e.g. eth0, ib0)
+# Tuning defaults (override by exporting them): HOROVOD_FUSION_THRESHOLD=64 MiB (one fused
+# allreduce per bucket), HOROVOD_CYCLE_TIME=1 ms (how often Horovod batches ready tensors),
+# NCCL_DEBUG=WARN. Arguments go to distft (e.g. --config X --set k=v).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+HERE="$DISTFT_ROOT/launch"
+
+export HOROVOD_FUSION_THRESHOLD=${HOROVOD_FUSION_THRESHOLD:-67108864}
+export HOROVOD_CYCLE_TIME=${HOROVOD_CYCLE_TIME:-1}
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+extra=()
+if [ -n "${DISTFT_IFACE:-}" ]; then
+  export NCCL_SOCKET_IFNAME=$DISTFT_IFACE GLOO_SOCKET_IFNAME=$DISTFT_IFACE
+  extra+=(--network-interface "$DISTFT_IFACE")
+fi
+
+if [ -n "${DISTFT_HOSTFILE:-}" ]; then
+  hosts=$(python3 "$HERE/hosts.py" --hostfile "$DISTFT_HOSTFILE" --slots "${DISTFT_SLOTS:-1}")
+elif [ -n "${SLURM_JOB_NODELIST:-}" ]; then
+  hosts=$(python3 "$HERE/hosts.py" --slurm)
+else
+  hosts="-np ${DISTFT_NP:-1} -H localhost:${DISTFT_NP:-1}"
+fi
+echo "[launch] horovodrun $hosts --${DISTFT_CONTROLLER:-gloo}" >&2
+# shellcheck disable=SC2086  # $hosts is "-np N -H list", split on purpose
+exec horovodrun $hosts "--${DISTFT_CONTROLLER:-gloo}" "${extra[@]}" python -m distft "$@"

@@ -1,0 +1,241 @@
+"""Where users run it: horovodrun across nodes, Kubernetes (MPIJob via kustomize), Slurm, Docker."""
+import importlib.util
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from distft.config import load_config
+
+from conftest import MPI_ENV, ROOT, read_summary, small_config, write_config
+
+spec = importlib.util.spec_from_file_location("hosts", os.path.join(ROOT, "launch", "hosts.py"))
+hosts = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(hosts)
+BIN = os.path.dirname(sys.executable)
+
+
+# --- hostfile / node list helper -----------------------------------------------------------------
+
+@pytest.mark.parametrize("nodelist, expected", [
+    ("gpu01", ["gpu01"]),
+    ("gpu[01-03,07],cpu5", ["gpu01", "gpu02", "gpu03", "gpu07", "cpu5"]),
+    ("n[8-10]", ["n8", "n9", "n10"]),
+    ("rack[1-2]-n[1-2]", ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]),
+])
+def test_slurm_nodelists_expand(nodelist, expected):
+    assert hosts.expand_nodelist(nodelist) == expected
+
+
+def test_slurm_allocation_to_horovodrun_hosts():
+    env = {"SLURM_JOB_NODELIST": "gpu[01-03]", "SLURM_TASKS_PER_NODE": "4(x2),2"}
+    assert hosts.horovodrun_args(hosts.from_slurm(env)) == "-np 10 -H gpu01:4,gpu02:4,gpu03:2"
+
+
+def test_hostfiles_in_open_mpi_and_horovod_forms():
+    text = "# MPI Operator\nworker-0.distft-worker slots=4\nworker-1.distft-worker:4\nlonely\n"
+    assert hosts.horovodrun_args(hosts.parse_hostfile(text, default_slots=2)) == \
+        "-np 10 -H worker-0.distft-worker:4,worker-1.distft-worker:4,lonely:2"
+    with pytest.raises(ValueError, match="hostfile line 1"):
+        hosts.parse_hostfile("bad host line with words")
+
+
+def test_hosts_cli_reports_errors_cleanly(tmp_path):
+    proc = subprocess.run([sys.executable, "launch/hosts.py", "--hostfile", str(tmp_path / "none")], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("hosts.py: ")
+
+
+# --- Docker -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, base, extra", [("Dockerfile", "nvidia/cuda:11.2", "cu112"),
+                                               ("Dockerfile.cpu", "python:3.11", "cpu")])
+def test_dockerfiles_lint_clean_and_install_with_the_install_script(name, base, extra):
+    path = os.path.join(ROOT, "launch", "docker", name)
+    lint = subprocess.run([os.path.join(BIN, "hadolint"), path], capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    text = open(path).read()
+    assert re.search(rf"^FROM {re.escape(base)}", text, re.M)
+    run_lines = " ".join(re.findall(r"^RUN (.*(?:\n .*)*)", text, re.M))
+    assert f"DISTFT_EXTRA={extra}" in run_lines and "bash launch/install.sh" in run_lines
+    assert re.findall(r"^USER (.*)$", text, re.M)[-1] == "1000:1000"  # not root
+    assert "openssh" in text
+
+
+# --- Kubernetes -----------------------------------------------------------------------------------
+
+def kustomize(overlay):
+    out = subprocess.run([os.path.join(BIN, "kubectl"), "kustomize", os.path.join(ROOT, "k8s", "overlays", overlay)],
+                         capture_output=True, text=True, check=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def mpijob_schema():
+    crd = yaml.safe_load(open(os.path.join(ROOT, "tests", "data", "kubeflow.org_mpijobs.yaml")))
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v2beta1"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+K8S_VERSION = "1.30.0"
+
+
+@pytest.mark.parametrize("overlay", ["cpu-smoke", "gpu-2x4"])
+def test_kustomize_output_validates_against_kubernetes_and_the_mpijob_crd(overlay):
+    docs = kustomize(overlay)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["ConfigMap", "MPIJob", "PersistentVolumeClaim", "PodMonitor"]
+    for doc in docs:
+        if doc["kind"] == "MPIJob":
+            jsonschema.validate(doc, mpijob_schema())
+            for role, replica in doc["spec"]["mpiReplicaSpecs"].items():
+                # the pod templates against the real Kubernetes PodTemplate schema
+                kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate",
+                                              "metadata": {"name": f"{role.lower()}"},
+                                              "template": replica["template"]}, K8S_VERSION, strict=True)
+        elif doc["kind"] == "PodMonitor":
+            # no schema for the Prometheus Operator CRD is vendored: check what it must say
+            assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+            assert all(e["honorLabels"] and e["port"].startswith("distft-") for e in doc["spec"]["podMetricsEndpoints"])
+        else:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_mpijob_schema_rejects_a_broken_job():
+    (job,) = [d for d in kustomize("cpu-smoke") if d["kind"] == "MPIJob"]
+    job["spec"]["slotsPerWorker"] = "four"
+    with pytest.raises(jsonschema.ValidationError, match="'four' is not of type 'integer'"):
+        jsonschema.validate(job, mpijob_schema())
+    del job["spec"]["mpiReplicaSpecs"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(job, mpijob_schema())
+
+
+def test_gpu_overlay_is_two_nodes_of_four_gpus():
+    docs = {d["kind"]: d for d in kustomize("gpu-2x4")}
+    job = docs["MPIJob"]["spec"]
+    worker = job["mpiReplicaSpecs"]["Worker"]
+    assert job["slotsPerWorker"] == 4 and worker["replicas"] == 2
+    container = worker["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 4 and container["image"] == "distft:cu112"
+    assert [p["containerPort"] for p in container["ports"]] == [9400, 9401, 9402, 9403]
+    assert job["runPolicy"]["cleanPodPolicy"] and job["runPolicy"]["backoffLimit"] >= 1
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert "/data" in mounts  # the shared volume: checkpoints survive pod restarts
+    cfg = yaml.safe_load(docs["ConfigMap"]["data"]["job.yaml"])
+    assert cfg["train"]["output"].startswith("/data/")
+
+
+@pytest.mark.parametrize("overlay", ["cpu-smoke", "gpu-2x4"])
+def test_configmap_job_is_a_valid_distft_config(tmp_path, overlay):
+    docs = {d["kind"]: d for d in kustomize(overlay)}
+    (tmp_path / "job.yaml").write_text(docs["ConfigMap"]["data"]["job.yaml"])
+    load_config(str(tmp_path / "job.yaml"))
+
+
+@pytest.mark.horovod
+def test_mpijob_launcher_command_runs_locally_on_two_slots(tmp_path):
+    docs = {d["kind"]: d for d in kustomize("cpu-smoke")}
+    launcher = docs["MPIJob"]["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
+    (tmp_path / "job.yaml").write_text(docs["ConfigMap"]["data"]["job.yaml"])
+    (tmp_path / "hostfile").write_text("localhost slots=2\n")  # what the operator would mount
+    env = {e["name"]: e["value"] for e in launcher["env"]}
+    env["DISTFT_HOSTFILE"] = str(tmp_path / "hostfile")
+    local = {"/opt/distft": ROOT, "/etc/distft/job.yaml": str(tmp_path / "job.yaml")}
+    cmd = [next((v + a[len(k):] for k, v in local.items() if a.startswith(k)), a)
+           for a in launcher["command"] + launcher["args"]]
+    cmd += ["--set", f"train.output={tmp_path / 'out'}"]  # /data is the pod's volume
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **MPI_ENV, **env}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    s = read_summary(tmp_path / "out")
+    assert s["world_size"] == 2 and s["steps"] == 20
+
+
+# --- Slurm -----------------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def slurm_cluster(tmp_path):
+    """A real single-node Slurm: munged, slurmctld and slurmd with a config written here."""
+    d = tmp_path / "slurm"
+    for sub in ("state", "spool", "munge"):
+        (d / sub).mkdir(parents=True)
+    key = d / "munge" / "munge.key"
+    subprocess.run(["mungekey", "--create", "--keyfile", str(key)], check=True)
+    os.chmod(key, 0o600)
+    sock = d / "munge" / "munge.socket"
+    subprocess.run(["munged", "--force", f"--socket={sock}", f"--key-file={key}", f"--pid-file={d / 'munge' / 'pid'}",
+                    f"--log-file={d / 'munge' / 'log'}", f"--seed-file={d / 'munge' / 'seed'}"], check=True)
+    node = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    conf = d / "slurm.conf"
+    conf.write_text(f"""ClusterName=distfttest
+SlurmctldHost={socket.gethostname()}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={sock}
+StateSaveLocation={d / 'state'}
+SlurmdSpoolDir={d / 'spool'}
+SlurmctldPidFile={d / 'slurmctld.pid'}
+SlurmdPidFile={d / 'slurmd.pid'}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+ReturnToService=2
+JobAcctGatherType=jobacct_gather/none
+SlurmctldLogFile={d / 'slurmctld.log'}
+SlurmdLogFile={d / 'slurmd.log'}
+{node} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+""")
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    subprocess.run(["slurmctld", "-c", "-i"], env=env, check=True)
+    subprocess.run(["slurmd"], env=env, check=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout.strip()
+            if state == "idle":
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"slurm node never became idle: {state!r}\n" + (d / "slurmctld.log").read_text()[-2000:])
+        yield env
+    finally:
+        for pid_file in ("slurmd.pid", "slurmctld.pid", "munge/pid"):
+            try:
+                os.kill(int((d / pid_file).read_text()), 15)
+            except (OSError, ValueError):
+                pass
+
+
+@pytest.mark.horovod
+def test_sbatch_runs_a_two_task_job_to_completion(tmp_path, pretrained, slurm_cluster):
+    cfg = write_config(tmp_path / "job.yaml", small_config(tmp_path, pretrained, train={"max_steps": 5}))
+    log = tmp_path / "slurm-%j.out"
+    proc = subprocess.run(["sbatch", "--wait", f"--chdir={ROOT}", f"--output={log}", "launch/slurm/distft.sbatch",
+                           "--config", cfg, "--set", f"train.output={tmp_path / 'out'}"],
+                          env={**slurm_cluster, **MPI_ENV}, capture_output=True, text=True, timeout=300)
+    logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr + logs[-3000:]
+    s = read_summary(tmp_path / "out")
+    assert s["world_size"] == 2 and s["steps"] == 5
+    assert "[launch] horovodrun -np 2 -H " in logs
