@@ -181,7 +181,7 @@ def optimizer_state(trainer, names: dict) -> tuple[dict, dict]:
         leaves: list = []
         _leaves(updater.states.get(index), leaves)
         for j, leaf in enumerate(leaves):
-            arrays[f"{name}#{j}"] = leaf.copyto(mx.cpu())
+            arrays[f"{name}#{j}"] = leaf.as_in_context(mx.cpu())  # no copy when already there
         counts[name] = int(opt._index_update_count.get(index, 0))  # noqa: SLF001
     return arrays, counts
 

@@ -9,7 +9,7 @@ import traceback
 
 from .errors import DistftError
 
-COMMANDS = ("train", "plan", "demo-prepare")
+COMMANDS = ("train", "plan", "demo-prepare", "bench")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -32,7 +32,30 @@ def parser() -> argparse.ArgumentParser:
     _config_args(d)
     d.add_argument("--pretrain-config", default=None,
                    help="config of the pretraining run (default: configs/demo-pretrain.yaml beside --config)")
+    b = sub.add_parser("bench", help="distft vs a plain Horovod loop vs forward-only, on this machine")
+    _config_args(b)
+    b.add_argument("--np", type=int, default=2, help="ranks (default 2)")
+    b.add_argument("--steps", type=int, default=30, help="timed steps per run (default 30)")
+    b.add_argument("--window", type=int, default=5, help="steps per throughput window (default 5)")
+    b.add_argument("--controller", choices=("gloo", "mpi"), default="gloo")
+    b.add_argument("--json", dest="json_path", help="write the results as JSON here")
+    b.add_argument("--markdown", dest="md_path", help="write the Markdown table here")
     return p
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+
+    result = bench.run(args.config, args.overrides, args.np, args.steps, args.window, args.controller)
+    table = bench.markdown(result)
+    print(table)
+    if args.json_path:
+        with open(args.json_path, "w") as fh:
+            json.dump(result, fh, indent=1)
+    if args.md_path:
+        with open(args.md_path, "w") as fh:
+            fh.write(table)
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -84,7 +107,8 @@ def main(argv=None) -> int:
     if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
         argv.insert(0, "train")  # `python -m distft --config X` trains
     args = parser().parse_args(argv)
-    handler = {"train": cmd_train, "plan": cmd_plan, "demo-prepare": cmd_demo_prepare}[args.command]
+    handler = {"train": cmd_train, "plan": cmd_plan, "demo-prepare": cmd_demo_prepare,
+               "bench": cmd_bench}[args.command]
     try:
         code = handler(args)
     except DistftError as exc:

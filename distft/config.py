@@ -98,6 +98,11 @@ class TrainConfig:
     keep_checkpoints: int = field(default=3, metadata=_at_least(1))
     resume: bool = True
     seed: int = 0  # weight initialisation of the new head
+    # keep the frozen prefix's output per sample (needs data.augment: false): later epochs
+    # train the suffix from the cache. In memory up to cache_memory_bytes, else a file.
+    cache_features: bool = False
+    cache_dtype: str = field(default="float32", metadata=_choices("float32", "float16"))
+    cache_memory_bytes: int = field(default=4 * 1024 ** 3, metadata=_at_least(0))
     # a step (or collective) not finishing in this many seconds aborts every rank (0: never)
     stall_timeout: float = field(default=300.0, metadata=_at_least(0.0))
     # after SIGTERM, a clean stop (agreed step, checkpoint) must happen within this many
@@ -111,8 +116,9 @@ class TrainConfig:
 class DistConfig:
     # trainable BatchNorm across ranks: `sync` (global batch statistics) or `local`
     batchnorm: str = field(default="sync", metadata=_choices("sync", "local"))
-    # gradients are allreduced in buckets of about this many bytes (0: one call per tensor)
-    bucket_bytes: int = field(default=64 * 1024 * 1024, metadata=_at_least(0))
+    # gradients are allreduced in buckets of about this many bytes (0: one call per tensor);
+    # several buckets let the first ones travel while backward still computes the rest
+    bucket_bytes: int = field(default=8 * 1024 * 1024, metadata=_at_least(0))
     compression: str = field(default="none", metadata=_choices("none", "fp16"))
     gradient_predivide_factor: float = field(default=1.0, metadata=_at_least(1e-6))
     # frozen weights that differ between ranks: `error` stops the job, `broadcast` fixes them
@@ -188,7 +194,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         key_tp, val_tp = typing.get_args(tp)
-        return {_convert(k, key_tp, f"{path}"): _convert(v, val_tp, f"{path}.{k}")
+        return {_convert(k, key_tp, f"{path}"): _convert(v, val_tp, f"{path}.{_part(k)}")
                 for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
@@ -212,6 +218,13 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
 
 
+def _part(key: Any) -> str:
+    """A key as it appears in an error path: plain when it is a plain name, else quoted (so a
+    key with a newline cannot break the one-line error)."""
+    text = str(key)
+    return text if re.fullmatch(r"[A-Za-z0-9_\-]+", text) else repr(key)
+
+
 def _suggest(key: str, known: list[str]) -> str:
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known)})"
@@ -227,7 +240,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
-        key_path = f"{path}.{key}" if path else str(key)
+        key_path = f"{path}.{_part(key)}" if path else _part(key)
         if key not in fields:
             known = [f"{path}.{name}" if path else name for name in fields]
             raise ConfigError(f"{key_path}: unknown key{_suggest(key_path, known)}")
@@ -264,6 +277,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"optimizer.step_epochs: must be increasing, got {cfg.optimizer.step_epochs}")
     if cfg.optimizer.schedule == "step" and not cfg.optimizer.step_epochs:
         raise ConfigError("optimizer.step_epochs: the `step` schedule needs at least one epoch")
+    if cfg.train.cache_features and cfg.data.augment:
+        raise ConfigError("train.cache_features: needs data.augment: false (augmented views differ every epoch)")
     if not cfg.train.output:
         raise ConfigError("train.output: must name a directory")
     if isinstance(cfg.model.pretrained, str) and not cfg.model.pretrained:
@@ -272,8 +287,8 @@ def _check(cfg: Config) -> None:
         where = f"freeze.schedule[{i}]"
         unknown = set(stage) - {"epoch", "unfreeze", "freeze"}
         if unknown:
-            key = sorted(unknown)[0]
-            raise ConfigError(f"{where}.{key}: unknown key{_suggest(key, ['epoch', 'unfreeze', 'freeze'])}")
+            key = sorted(unknown, key=str)[0]
+            raise ConfigError(f"{where}.{_part(key)}: unknown key{_suggest(str(key), ['epoch', 'unfreeze', 'freeze'])}")
         epoch = stage.get("epoch")
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
             raise ConfigError(f"{where}.epoch: expected an integer >= 0, got {epoch!r}")

@@ -300,11 +300,17 @@ class BatchLoader:
                 xs[k], labels[k] = xs[good], labels[good]
         return np.stack(xs), labels
 
-    def iterate(self, batches: list[tuple[int, np.ndarray]], epoch: int) -> Iterator:
-        """Yields (step, x, y) for `batches` = [(step, indices)], prefetching on a thread."""
+    def iterate(self, batches: list[tuple[int, np.ndarray]], epoch: int, skip=None) -> Iterator:
+        """Yields (step, indices, x, y) for `batches` = [(step, indices)], prefetching on a
+        thread. `skip(indices)` true: x is None (e.g. the feature cache holds the batch)."""
+        def make(step, idx):
+            if skip is not None and skip(idx):
+                return step, idx, None, self.dataset.labels[idx]
+            return (step, idx, *self.batch(idx, epoch))
+
         if self.workers == 0:
             for step, idx in batches:
-                yield (step, *self.batch(idx, epoch))
+                yield make(step, idx)
             return
         q: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
@@ -314,7 +320,7 @@ class BatchLoader:
                 for step, idx in batches:
                     if stop.is_set():
                         return
-                    q.put((step, *self.batch(idx, epoch)))
+                    q.put(make(step, idx))
                 q.put(None)
             except BaseException as exc:  # handed to the consumer, raised there
                 q.put(exc)

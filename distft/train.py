@@ -23,6 +23,7 @@ import yaml
 from mxnet import autograd, gluon
 
 from . import checkpoint, dist, freeze, model, syncbn
+from .cache import FeatureCache
 from .metrics import Metrics, forward_probe
 from .config import Config, dump_config
 from .data import BatchLoader, ShardSampler, Transform, eval_shard, open_dataset
@@ -111,6 +112,7 @@ class Stats:
     compute_seconds: float = 0.0
     val_history: list = field(default_factory=list)
     bad_reported: int = 0
+    first_step_at: float = 0.0
 
 
 def build_trainer(cfg: Config, world, params: dict, plan, lr_mults: dict):
@@ -186,6 +188,7 @@ class Job:
         self.bytes_broadcast = 0
         self.bytes_control = 0
         self.switches: list = []
+        self.cache = None
         self.skipped_steps = 0
         self.stop_requested = False
         self.finished = False
@@ -239,6 +242,16 @@ class Job:
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
 
+    def build_cache(self) -> None:
+        """A cache is valid for one frozen prefix: (re)built whenever the plan changes."""
+        if self.cache is not None:
+            self.cache.close()
+        self.cache = None
+        if self.cfg.train.cache_features and self.plan.prefix:
+            self.cache = FeatureCache(len(self.train_set), self.cfg.train.cache_dtype,
+                                      self.cfg.train.cache_memory_bytes, os.path.join(self.out, "cache"),
+                                      self.world.rank)
+
     def configure(self, epoch: int) -> None:
         """Resolve the freeze plan in force at `epoch` and set the network up for it: grad_req,
         BatchNorm modes, synchronized BN, the prefix/suffix split, hybridization, optimizer."""
@@ -252,6 +265,7 @@ class Job:
         if sync:
             syncbn.convert(self.net, moving_bn, self.world)
         self.runner = model.SplitNet(self.net, self.plan.prefix, self.plan.suffix)
+        self.build_cache()
         if cfg.train.hybridize:
             unreliable_bn = model.cached_batchnorm_is_unreliable(self.ctx.device_type)
             self.runner.hybridize(keep_imperative=lambda b: syncbn.is_sync(b) or (
@@ -325,7 +339,7 @@ class Job:
         if self.world.rank != 0:
             return
         names = self.plan.trainable_state_names()
-        arrays = {n: self.params[n].data().copyto(mx.cpu()) for n in names}
+        arrays = {n: self.params[n].data().as_in_context(mx.cpu()) for n in names}  # copies only from a GPU
         opt_arrays, counts = checkpoint.optimizer_state(self.trainer, self.names)
         meta = {"epoch": epoch, "step_in_epoch": step_in_epoch, "model": self.cfg.model.name,
                 "classes": self.cfg.model.classes, "world_size": self.world.size,
@@ -349,9 +363,18 @@ class Job:
         log(self.world, f"checkpoint {path}")
 
     # the loop ----------------------------------------------------------------------------------
-    def train_step(self, x, y, lr: float) -> float:
+    def features_for(self, idx, x):
+        """The frozen prefix's output: from the feature cache, or computed (inference mode,
+        nothing recorded) and, with the cache on, kept."""
+        if self.cache is not None and self.cache.has_all(idx):
+            return mx.nd.array(self.cache.get(idx), ctx=self.ctx)
+        features = self.runner.features(mx.nd.array(x, ctx=self.ctx))
+        if self.cache is not None:
+            self.cache.put(idx, features.asnumpy())
+        return features
+
+    def train_step(self, features, y, lr: float) -> float:
         self.trainer.set_learning_rate(lr)
-        features = self.runner.features(x)  # frozen prefix: inference mode, nothing recorded
         if self.plan.input_grad:
             features.attach_grad()  # so backward reaches a statistics-only BN (see FreezePlan)
         with autograd.record():
@@ -367,11 +390,14 @@ class Job:
         """NaN/Inf in the loss or the allreduced gradients (the same on every rank after the
         allreduce, so all ranks decide alike): stop, or skip the update."""
         grads = [p.list_grad()[0] for p in self.trainer._params]  # noqa: SLF001
-        total = mx.nd.add_n(*[g.abs().sum() for g in grads]).asscalar() if grads else 0.0
+        # one fused reduction over every gradient (2 small ops per tensor cost half the step)
+        total = float(mx.nd.multi_sum_sq(*grads, num_arrays=len(grads)).sum().asscalar()) if grads else 0.0
         if np.isfinite(loss_value) and np.isfinite(total):
             return True
         names = [self.names[p] for p, g in zip(self.trainer._params, grads)  # noqa: SLF001
                  if not np.isfinite(g.asnumpy()).all()]
+        if np.isfinite(loss_value) and not names:
+            return True  # huge but finite gradients overflowed the sum of squares
         where = f"step {self.global_step + 1} (epoch {self.epoch})"
         what = f"loss {loss_value}" + (f"; non-finite gradients in {', '.join(names[:5])}"
                                        + (f" and {len(names) - 5} more" if len(names) > 5 else "") if names else "")
@@ -450,12 +476,13 @@ class Job:
             perm = self.sampler.permutation(epoch)
             plan = [(s, self.sampler.indices(epoch, s, perm)) for s in range(first, last)]
             t_wait = time.perf_counter()
-            for step, x, y in self.train_loader.iterate(plan, epoch):
+            skip = self.cache.has_all if self.cache is not None else None
+            for step, idx, x, y in self.train_loader.iterate(plan, epoch, skip=skip):
                 t0 = time.perf_counter()
                 stats.data_seconds += t0 - t_wait
                 lr = self.schedule(self.global_step)
                 exchanged = self.exchange.seconds_total
-                loss = self.train_step(mx.nd.array(x, ctx=self.ctx), mx.nd.array(y, ctx=self.ctx), lr)
+                loss = self.train_step(self.features_for(idx, x), mx.nd.array(y, ctx=self.ctx), lr)
                 t1 = time.perf_counter()
                 stats.compute_seconds += t1 - t0
                 self.metrics.step(samples=self.sampler.batch_size, seconds=t1 - t0, data=t0 - t_wait,
@@ -466,6 +493,8 @@ class Job:
                 self.global_step += 1
                 stats.steps += 1
                 stats.samples += self.sampler.global_batch
+                if stats.steps == 1:
+                    stats.first_step_at = time.time()
                 if stats.steps > 1:  # the first step builds graphs and allocates: not counted
                     stats.steady_seconds += t1 - t_wait  # data wait + step; not eval or checkpoints
                     stats.steady_samples += self.sampler.global_batch
@@ -536,6 +565,8 @@ class Job:
         world = self.world
         average_moving_stats(world, self.params, self.plan, self.cfg.dist.batchnorm)
         digests = check_rank_digests(world, self.params, "end of training")
+        rss = [int(b) for b in (x.decode() for x in world.allgather_bytes(
+            str(peak_rss_bytes()).encode(), "distft.rss"))]
         t = self.plan.totals()
         rate = stats.steady_samples / stats.steady_seconds if stats.steady_seconds else (
             stats.samples / wall if wall else 0.0)
@@ -558,12 +589,17 @@ class Job:
             "allreduce_bytes_per_step": self.exchange.bytes_per_step,
             "allreduce_seconds": self.exchange.seconds_total,
             "rank_state_digests": digests,
+            "peak_rss_bytes": rss,  # per rank
+            "gpu_memory_used_bytes": gpu_memory_used(self.ctx),
+            "seconds_to_first_step": (stats.first_step_at - process_start_time()) if stats.first_step_at else None,
             "freeze_switches": self.switches,
             # as the optimizer holds them: per trainable parameter, lr multiplier
             "lr_mult": {self.names[p]: float(self.trainer._optimizer.param_dict[i].lr_mult)  # noqa: SLF001
                         for i, p in enumerate(self.trainer._params)},  # noqa: SLF001
             "resumed": self.resume_meta is not None,
             "skipped_steps": self.skipped_steps,
+            "feature_cache": ({"hits": self.cache.hits, "misses": self.cache.misses,
+                               "file": self.cache.path} if self.cache is not None else None),
             "bad_samples": self.train_loader.bad,
             "forward_only_samples_per_sec_per_rank": self.forward_rate,
             "throughput_vs_forward_only": (rate / world.size / self.forward_rate) if self.forward_rate else None,
@@ -583,6 +619,26 @@ class Job:
         return summary
 
 
+def peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def gpu_memory_used(ctx):
+    """Bytes in use on this rank's GPU now (MXNet keeps its pool, so this is near the peak)."""
+    if ctx.device_type != "gpu":
+        return None
+    free, total = mx.context.gpu_memory_info(ctx.device_id)
+    return int(total - free)
+
+
+def process_start_time() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
+
+
 def _write_json(path: str, doc: dict) -> None:
     with open(path, "w") as fh:
         json.dump(doc, fh, indent=1)
@@ -598,3 +654,5 @@ def run(cfg: Config, world=None) -> dict:
         job.finished = True
         if getattr(job, "metrics", None) is not None:
             job.metrics.close()
+        if getattr(job, "cache", None) is not None:
+            job.cache.close()

@@ -1,0 +1,115 @@
+"""`distft bench`: distft, the plain Horovod baseline (distft/baseline.py) and the forward-only
+limit, on this machine, in one invocation, with the same model, freeze plan, batch and data.
+Throughput is the median over windows of `window` steps, the first window (warm-up) excluded."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+from .config import dump_config, load_config
+from .errors import DistftError
+
+
+def _machine() -> dict:
+    import mxnet as mx
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
+    except OSError:
+        pass
+    gpus = mx.context.num_gpus()
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpus": gpus, "python": platform.python_version(),
+            "mxnet": mx.__version__, "platform": platform.platform()}
+
+
+def _run(cmd: list, what: str, timeout: int) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        raise DistftError(f"bench: the {what} run failed (exit {proc.returncode}):\n{tail}")
+
+
+def run(config: str, overrides: list, np_: int, steps: int, window: int, controller: str = "gloo",
+        timeout: int = 3600) -> dict:
+    if steps < 3 * window:
+        raise DistftError(f"bench: --steps {steps} must be at least 3 windows of {window}")
+    work = tempfile.mkdtemp(prefix="distft-bench-")
+    try:
+        cfg = load_config(config, overrides + ["data.val=null", "metrics.port=0", "metrics.report=false",
+                                               "train.resume=false", f"train.max_steps={steps}",
+                                               "train.epochs=100000", f"train.log_every={window}",
+                                               "train.checkpoint_every_epochs=0",
+                                               # the limit is measured as its own run here
+                                               "metrics.probe_batches=0",
+                                               f"train.output={os.path.join(work, 'distft')}"])
+        job = os.path.join(work, "job.yaml")
+        dump_config(cfg, job)
+        launcher = [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", str(np_), f"--{controller}"]
+        results = {}
+        for mode in ("limit", "baseline"):
+            out = os.path.join(work, f"{mode}.json")
+            _run(launcher + [sys.executable, "-m", "distft.baseline", "--config", job, "--mode",
+                             "limit" if mode == "limit" else "train", "--steps", str(steps + 1),
+                             "--window", str(window), "--out", out], mode, timeout)
+            with open(out) as fh:
+                results[mode] = json.load(fh)
+        _run(launcher + [sys.executable, "-m", "distft", "--config", job], "distft", timeout)
+        with open(os.path.join(work, "distft", "summary.json")) as fh:
+            summary = json.load(fh)
+        windows = [h["samples_per_sec"] for h in summary["history"]]
+        results["distft"] = {"samples_per_sec": statistics.median(windows[1:]), "window_samples_per_sec": windows,
+                             "peak_rss_bytes": summary["peak_rss_bytes"],
+                             "bytes_broadcast": summary["bytes_broadcast"],
+                             "allreduce_bytes_per_step": summary["allreduce_bytes_per_step"],
+                             "seconds_to_first_step": summary["seconds_to_first_step"]}
+        trainable_bytes = summary["trainable_bytes"]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    d, b, lim = (results[k] for k in ("distft", "baseline", "limit"))
+    return {
+        "model": cfg.model.name, "image_size": cfg.model.image_size, "trainable": cfg.freeze.trainable,
+        "batch_size_per_rank": cfg.data.batch_size, "world_size": np_, "steps": steps, "window": window,
+        "samples_per_sec": {"distft": d["samples_per_sec"], "baseline": b["samples_per_sec"],
+                            "limit": lim["samples_per_sec"]},
+        "ratios": {"distft_over_baseline": d["samples_per_sec"] / b["samples_per_sec"],
+                   "distft_over_limit": d["samples_per_sec"] / lim["samples_per_sec"]},
+        "peak_rss_bytes": {"distft": max(d["peak_rss_bytes"]), "baseline": max(b["peak_rss_bytes"]),
+                           "limit": max(lim["peak_rss_bytes"])},
+        "bytes_broadcast": {"distft": d["bytes_broadcast"], "baseline": b["bytes_broadcast"]},
+        # DistributedTrainer allreduces every parameter whose grad_req is not 'null': the same set
+        "allreduce_bytes_per_step": {"distft": d["allreduce_bytes_per_step"],
+                                     "baseline": trainable_bytes if np_ > 1 else 0},
+        "seconds_to_first_step": {"distft": d["seconds_to_first_step"], "baseline": b["seconds_to_first_step"]},
+        "windows": {k: v["window_samples_per_sec"] for k, v in results.items()},
+        "machine": _machine(),
+    }
+
+
+def markdown(r: dict) -> str:
+    mb = 1024 * 1024
+    rows = [
+        ("samples/s (all ranks)", *(f"{r['samples_per_sec'][k]:.1f}" for k in ("distft", "baseline", "limit"))),
+        ("vs forward-only limit", *(f"{r['samples_per_sec'][k] / r['samples_per_sec']['limit']:.2f}"
+                                    for k in ("distft", "baseline", "limit"))),
+        ("peak RSS per rank (MiB)", *(f"{r['peak_rss_bytes'][k] / mb:.0f}" for k in ("distft", "baseline", "limit"))),
+        ("bytes broadcast at start", f"{r['bytes_broadcast']['distft']:,}", f"{r['bytes_broadcast']['baseline']:,}", "-"),
+        ("bytes allreduced per step", f"{r['allreduce_bytes_per_step']['distft']:,}",
+         f"{r['allreduce_bytes_per_step']['baseline']:,}", "-"),
+        ("seconds to first step", f"{r['seconds_to_first_step']['distft']:.1f}",
+         f"{r['seconds_to_first_step']['baseline']:.1f}", "-"),
+    ]
+    m = r["machine"]
+    head = (f"`{r['model']}` at {r['image_size']}px, trainable {', '.join(r['trainable'])}, "
+            f"{r['world_size']} ranks x batch {r['batch_size_per_rank']}; {m['cores']} cores ({m['cpu'] or 'cpu'}), "
+            f"{m['gpus']} GPUs, MXNet {m['mxnet']}. distft/baseline = {r['ratios']['distft_over_baseline']:.2f}, "
+            f"distft/limit = {r['ratios']['distft_over_limit']:.2f}.\n\n")
+    table = ["| | distft | baseline | limit |", "|---|---:|---:|---:|"] + [f"| {' | '.join(row)} |" for row in rows]
+    return head + "\n".join(table) + "\n"

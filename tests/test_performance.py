@@ -1,0 +1,91 @@
+"""The feature cache changes speed, not results; the benchmark command reports every figure."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from distft.config import load_config
+from distft.dist import LocalWorld
+from distft.train import run
+
+from conftest import load_params, read_summary, run_cli, small_config, write_config
+
+
+def train(tmp_path, pretrained, name, trainable=("features.8", "output"), lr=0.01, **train_section):
+    doc = small_config(tmp_path, pretrained, freeze={"trainable": list(trainable)},
+                       data={"batch_size": 32}, optimizer={"lr": lr},
+                       train={"epochs": 3, "max_steps": None, "output": str(tmp_path / name), **train_section})
+    return run(load_config(write_config(tmp_path / f"{name}.yaml", doc)), LocalWorld())
+
+
+def max_diff(tmp_path, a, b):
+    a, b = load_params(tmp_path / a / "model.params"), load_params(tmp_path / b / "model.params")
+    return max(float(np.max(np.abs(a[n] - b[n]))) for n in a)
+
+
+def test_cached_features_are_exactly_the_computed_ones(tmp_path, pretrained):
+    """Imperative runs (the same kernels either way): the cache changes nothing, bit for bit."""
+    train(tmp_path, pretrained, "plain", hybridize=False)
+    s = train(tmp_path, pretrained, "cached", hybridize=False, cache_features=True)
+    assert max_diff(tmp_path, "plain", "cached") == 0.0
+    cache = s["feature_cache"]
+    # every sample of every step came from the cache or was computed; epoch 0 computes, and a
+    # later batch holding a sample not seen before (the remainder dropped in epoch 0) is too
+    assert cache["hits"] + cache["misses"] == s["steps"] * 32
+    assert cache["misses"] >= s["steps"] // 3 * 32 and cache["hits"] >= s["steps"] // 3 * 32
+
+
+def test_cached_and_uncached_runs_give_the_same_weights(tmp_path, pretrained):
+    """Hybridized, as jobs run: the suffix then reads a plain array instead of the prefix's
+    oneDNN-layout output, so kernels round differently, but the weights agree to 1e-5."""
+    train(tmp_path, pretrained, "plain", trainable=("output",), lr=0.001)
+    train(tmp_path, pretrained, "cached", trainable=("output",), lr=0.001, cache_features=True)
+    assert max_diff(tmp_path, "plain", "cached") <= 1e-5
+
+
+def test_cache_spills_to_a_file_past_the_memory_limit_in_float16(tmp_path, pretrained):
+    s = train(tmp_path, pretrained, "spilled", trainable=("output",), lr=0.001, cache_features=True,
+              cache_memory_bytes=1024, cache_dtype="float16")
+    assert s["feature_cache"]["file"].endswith("features-rank0.float16") and s["feature_cache"]["hits"] > 0
+    assert not os.path.exists(s["feature_cache"]["file"])  # removed at the end
+
+
+def test_float16_cache_keeps_features_to_float16_precision(tmp_path):
+    from distft.cache import FeatureCache
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(0, 50, (6, 512, 1, 1)).astype(np.float32)
+    cache = FeatureCache(10, "float16", memory_bytes=0, directory=str(tmp_path), rank=0)
+    cache.put(np.array([1, 3, 5, 7, 8, 9]), feats)
+    assert cache.path and cache.has_all(np.array([3, 9])) and not cache.has_all(np.array([0, 3]))
+    back = cache.get(np.array([1, 3, 5, 7, 8, 9]))
+    assert back.dtype == np.float32
+    assert np.max(np.abs(back - feats) / np.maximum(np.abs(feats), 1e-3)) <= 2 ** -11  # float16's rounding
+    cache.close()
+    assert not os.path.exists(cache.path)
+
+
+def test_cache_with_augmentation_is_a_config_error(tmp_path, pretrained):
+    doc = small_config(tmp_path, pretrained, data={"augment": True}, train={"cache_features": True})
+    proc = run_cli(["--config", write_config(tmp_path / "c.yaml", doc)])
+    assert proc.returncode == 2 and "train.cache_features: needs data.augment: false" in proc.stderr
+
+
+@pytest.mark.horovod
+def test_bench_command_reports_every_field(tmp_path, pretrained):
+    doc = small_config(tmp_path, pretrained, freeze={"trainable": ["features.8", "output"]}, data={"batch_size": 8})
+    out = tmp_path / "bench.json"
+    proc = run_cli(["bench", "--config", write_config(tmp_path / "c.yaml", doc), "--np", "2", "--steps", "15",
+                    "--window", "5", "--json", str(out), "--markdown", str(tmp_path / "bench.md")], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    for group, keys in {"samples_per_sec": ("distft", "baseline", "limit"),
+                        "ratios": ("distft_over_baseline", "distft_over_limit"),
+                        "peak_rss_bytes": ("distft", "baseline"), "bytes_broadcast": ("distft", "baseline")}.items():
+        for key in keys:
+            assert r[group][key] > 0, (group, key)
+    assert r["machine"]["cores"] >= 1 and r["machine"]["mxnet"] == "1.9.1"
+    assert r["ratios"]["distft_over_limit"] == pytest.approx(r["samples_per_sec"]["distft"] / r["samples_per_sec"]["limit"])
+    assert r["bytes_broadcast"]["distft"] < r["bytes_broadcast"]["baseline"]
+    assert "| samples/s (all ranks) |" in (tmp_path / "bench.md").read_text()
