@@ -72,8 +72,6 @@ class ArrayImages:
     def read(self, i: int) -> np.ndarray:
         return self.images[i]
 
-    def describe(self, i: int) -> str:
-        return f"{self.name}[{i}]"
 
 
 class ImageFolder:
@@ -110,8 +108,6 @@ class ImageFolder:
             raise DataError(f"{self.files[i]}: cannot read ({exc.strerror})") from None
         return decode(payload, self.files[i])
 
-    def describe(self, i: int) -> str:
-        return self.files[i]
 
 
 class RecordFile:
@@ -161,8 +157,6 @@ class RecordFile:
             raise DataError(f"{where}: unreadable record ({exc})") from None
         return decode(payload, where)
 
-    def describe(self, i: int) -> str:
-        return f"{self.path} record {self.keys[i]}"
 
 
 def open_dataset(spec: str, role: str, key: str):

@@ -12,7 +12,6 @@ import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
-from .errors import DistributedError
 
 _LAUNCHER_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
 
@@ -54,11 +53,6 @@ class LocalWorld:
     def allreduce_numpy(self, value: np.ndarray, name: str) -> np.ndarray:
         return np.asarray(value)
 
-    def barrier(self) -> None:
-        return None
-
-    def shutdown(self) -> None:
-        return None
 
 
 class HorovodWorld(LocalWorld):
@@ -114,11 +108,6 @@ class HorovodWorld(LocalWorld):
         arr = mx.nd.array(np.asarray(value, dtype=np.float64), dtype=np.float64)
         return self.hvd.allreduce(arr, average=False, name=name).asnumpy()
 
-    def barrier(self) -> None:
-        self.allreduce_numpy(np.zeros(1), name="distft.barrier")
-
-    def shutdown(self) -> None:
-        self.hvd.shutdown()
 
 
 def init_world(stall_timeout: float = 0.0) -> LocalWorld:
@@ -168,9 +157,6 @@ class GradientExchange:
         self.bytes_per_step = sum(sizes) if world.size > 1 else 0
         self.seconds_total = 0.0
         self.calls = 0
-
-    def set_params(self, params: list, bucket_bytes: int) -> None:
-        self.__init__(self.world, params, bucket_bytes, self.compression, self.predivide)
 
     def __call__(self) -> None:
         if self.world.size == 1 or not self.params:

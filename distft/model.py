@@ -100,15 +100,6 @@ def find_block(net: gluon.Block, path: str) -> gluon.Block:
     return block
 
 
-def replace_block(net: gluon.Block, path: str, new: gluon.Block) -> None:
-    parent_path, _, key = path.rpartition(".")
-    parent = find_block(net, parent_path) if parent_path else net
-    if getattr(parent, key, None) is parent._children[key]:  # noqa: SLF001
-        setattr(parent, key, new)  # attribute child (e.g. bn1): registers it again
-    else:
-        parent._children[key] = new  # noqa: SLF001 - Sequential child, kept in order
-
-
 def execution_stages(net: gluon.Block, head: str) -> Optional[list[str]]:
     """The model-zoo convention: forward is `output(features(x))`. Then the stages are the
     children of `features` followed by the head, and a leading run of them can be run as a

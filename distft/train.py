@@ -19,7 +19,6 @@ from typing import Optional
 
 import mxnet as mx
 import numpy as np
-import yaml
 from mxnet import autograd, gluon
 
 from . import checkpoint, dist, freeze, model, syncbn
@@ -27,7 +26,7 @@ from .cache import FeatureCache
 from .metrics import Metrics, forward_probe
 from .config import Config, dump_config
 from .data import BatchLoader, ShardSampler, Transform, eval_shard, open_dataset
-from .errors import CheckpointError, ConfigError, DataError, DistributedError, NumericalError, Preempted, \
+from .errors import CheckpointError, ConfigError, DistributedError, NumericalError, Preempted, \
     mxnet_reason
 from .schedule import LRSchedule
 
@@ -656,3 +655,6 @@ def run(cfg: Config, world=None) -> dict:
             job.metrics.close()
         if getattr(job, "cache", None) is not None:
             job.cache.close()
+        for loader in (getattr(job, "train_loader", None), getattr(job, "val_loader", None)):
+            if loader is not None:
+                loader.close()

@@ -42,7 +42,7 @@ def pretrain_backbone(out_dir, epochs=2):
 
     cfg = load_config(os.path.join(ROOT, "configs", "demo-pretrain.yaml"),
                       [f"train.epochs={epochs}", f"train.output={out_dir}", "data.val=null",
-                       "train.log_every=100", "optimizer.warmup_steps=2"])
+                       "train.log_every=100", "optimizer.warmup_steps=2", "metrics.port=0"])
     run(cfg, LocalWorld())
     return os.path.join(str(out_dir), "model.params")
 

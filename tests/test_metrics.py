@@ -3,7 +3,6 @@ a Pushgateway, and the Grafana dashboard checked against what the exporter serve
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys

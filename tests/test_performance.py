@@ -9,7 +9,7 @@ from distft.config import load_config
 from distft.dist import LocalWorld
 from distft.train import run
 
-from conftest import load_params, read_summary, run_cli, small_config, write_config
+from conftest import load_params, run_cli, small_config, write_config
 
 
 def train(tmp_path, pretrained, name, trainable=("features.8", "output"), lr=0.01, **train_section):

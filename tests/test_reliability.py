@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import mxnet as mx
 import numpy as np
 import psutil
 import pytest

@@ -1,5 +1,4 @@
 """Single-process training: frozen means frozen, checkpoints round-trip, resume is exact."""
-import json
 import os
 import shutil
 
