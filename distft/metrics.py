@@ -79,6 +79,11 @@ class Metrics:
             and world.rank == 0
         self._last_push = 0
 
+    @property
+    def shows_progress(self) -> bool:
+        """Rank 0 on a terminal draws a progress line instead of log lines."""
+        return self._progress
+
     # --- serving ------------------------------------------------------------------------------
     def start(self) -> None:
         if self.world.rank == 0:

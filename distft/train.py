@@ -500,7 +500,7 @@ class Job:
                 if self.global_step % cfg.train.log_every == 0 or step == last - 1:
                     record = self.metrics.window(global_step=self.global_step, total_steps=self.total_steps,
                                                  epoch=epoch, loss=loss, lr=lr)
-                    if not self.metrics._progress:  # noqa: SLF001 - the progress line replaces the log
+                    if not self.metrics.shows_progress:
                         log(world, f"epoch {epoch} step {step + 1}/{spe} loss {loss:.4f} lr {lr:.4g} "
                                    f"samples/s {record['samples_per_sec']:.1f}")
                 if every_steps and self.global_step % every_steps == 0 and step != last - 1:
