@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -349,8 +350,6 @@ class Job:
             path = checkpoint.save(self.out, self.global_step, arrays, opt_arrays, meta,
                                    self.cfg.train.keep_checkpoints)
         except (OSError, mx.base.MXNetError) as exc:
-            import shutil
-
             kept = checkpoint.list_checkpoints(self.out)
             reason = getattr(exc, "strerror", None) or mxnet_reason(exc)
             free = shutil.disk_usage(self.out).free
@@ -512,9 +511,7 @@ class Job:
             self.step_in_epoch = 0
             finished_epoch = last == spe
             if self.val_loader is not None:
-                average_moving_stats(world, self.params, self.plan, cfg.dist.batchnorm)
-                evals = evaluate(world, self.runner, self.val_loader,
-                                 cfg.data.val_batch_size or cfg.data.batch_size, self.ctx, self.loss_fn, self.beat)
+                evals = self.validate()
                 log(world, f"epoch {epoch} val top1 {evals['val_top1']:.4f} top5 {evals['val_top5']:.4f} "
                            f"loss {evals['val_loss']:.4f}")
                 self.metrics.evaluation(evals, epoch)
@@ -527,9 +524,15 @@ class Job:
             elif done:  # train.max_steps ended the run inside an epoch
                 self.save_checkpoint(epoch, last)
         if not evals and self.val_loader is not None:  # resumed a finished run: still report
-            evals = evaluate(world, self.runner, self.val_loader,
-                             cfg.data.val_batch_size or cfg.data.batch_size, self.ctx, self.loss_fn)
+            evals = self.validate()
         return self.finish(stats, evals, time.perf_counter() - wall_start)
+
+    def validate(self) -> dict:
+        """Top-1/top-5 over data.val, each rank its shard; `local` BN statistics averaged first
+        so every rank evaluates the same model."""
+        average_moving_stats(self.world, self.params, self.plan, self.cfg.dist.batchnorm)
+        return evaluate(self.world, self.runner, self.val_loader,
+                        self.cfg.data.val_batch_size or self.cfg.data.batch_size, self.ctx, self.loss_fn, self.beat)
 
     def stop_at(self, epoch: int, next_step: int, spe: int) -> None:
         """Preemption: checkpoint at this step boundary (all ranks) and leave with code 75."""
