@@ -2,8 +2,8 @@
 
 The prefix runs in inference mode with frozen weights, so its output for a sample never changes
 (without augmentation): epochs after the first train the suffix from the cache and skip both
-decoding and the prefix. Each rank caches the samples it has seen (with world-size-independent
-sharding that becomes the whole data set after a few epochs)."""
+decoding and the prefix. Each rank holds a slot for every sample of its shard (data.shards:
+fixed), so after epoch 0 every batch it takes is cached."""
 from __future__ import annotations
 
 import os
@@ -12,11 +12,15 @@ import numpy as np
 
 
 class FeatureCache:
-    def __init__(self, size: int, dtype: str, memory_bytes: int, directory: str, rank: int):
-        self.size, self.dtype = size, np.dtype(dtype)
+    def __init__(self, samples: np.ndarray, dtype: str, memory_bytes: int, directory: str, rank: int):
+        """`samples`: the data-set indices this rank can be asked for (its shard)."""
+        samples = np.asarray(samples, dtype=np.int64)
+        self.size, self.dtype = len(samples), np.dtype(dtype)
         self.memory_bytes, self.directory, self.rank = memory_bytes, directory, rank
+        self.slot = np.full(int(samples.max()) + 1 if len(samples) else 0, -1, dtype=np.int64)
+        self.slot[samples] = np.arange(len(samples))
         self.store = None
-        self.filled = np.zeros(size, dtype=bool)
+        self.filled = np.zeros(self.size, dtype=bool)
         self.path = None
         self.hits = 0
         self.misses = 0
@@ -30,19 +34,26 @@ class FeatureCache:
             self.path = os.path.join(self.directory, f"features-rank{self.rank}.{self.dtype.name}")
             self.store = np.lib.format.open_memmap(self.path, mode="w+", dtype=self.dtype, shape=(self.size, *shape))
 
+    def _slots(self, indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and (indices.max() >= len(self.slot) or (self.slot[indices] < 0).any()):
+            raise IndexError("feature cache: asked for a sample outside this rank's shard")
+        return self.slot[indices]
+
     def has_all(self, indices: np.ndarray) -> bool:
-        return bool(self.filled[indices].all())
+        return bool(self.filled[self._slots(indices)].all())
 
     def get(self, indices: np.ndarray) -> np.ndarray:
         self.hits += len(indices)
-        return np.asarray(self.store[indices], dtype=np.float32)
+        return np.asarray(self.store[self._slots(indices)], dtype=np.float32)
 
     def put(self, indices: np.ndarray, features: np.ndarray) -> None:
         if self.store is None:
             self._allocate(features.shape[1:])
+        slots = self._slots(indices)
         self.misses += len(indices)
-        self.store[indices] = features.astype(self.dtype, copy=False)
-        self.filled[indices] = True
+        self.store[slots] = features.astype(self.dtype, copy=False)
+        self.filled[slots] = True
 
     def close(self) -> None:
         if self.path:

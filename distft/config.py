@@ -65,6 +65,11 @@ class DataConfig:
     # unreadable images are skipped (replaced by another sample of the batch) up to this
     # fraction of the samples read; past it the job stops naming the file
     max_bad_fraction: float = field(default=0.001, metadata=_at_least(0.0))
+    # how samples go to ranks: `reshuffled` (every epoch's permutation split across ranks, so N
+    # ranks take exactly the batches one process with an N-times batch takes) or `fixed` (each
+    # rank keeps one shard for the whole run and reshuffles it; what a feature cache needs, and
+    # it keeps a rank's reads on its own shard). `auto`: fixed when train.cache_features is on.
+    shards: str = field(default="auto", metadata=_choices("auto", "reshuffled", "fixed"))
 
 
 @dataclass
@@ -123,6 +128,10 @@ class DistConfig:
     gradient_predivide_factor: float = field(default=1.0, metadata=_at_least(1e-6))
     # frozen weights that differ between ranks: `error` stops the job, `broadcast` fixes them
     on_frozen_mismatch: str = field(default="error", metadata=_choices("error", "broadcast"))
+    # trainable weights and moving BN statistics at start: `verify` hashes them on every rank
+    # and broadcasts only those that differ from rank 0's (every rank loaded the same pretrained
+    # file and seed, so usually none); `broadcast` always sends them all from rank 0
+    trainable_start: str = field(default="verify", metadata=_choices("verify", "broadcast"))
 
 
 @dataclass
@@ -154,6 +163,11 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def fixed_shards(self) -> bool:
+        """Whether each rank keeps one shard of data.train for the whole run."""
+        return self.data.shards == "fixed" or (self.data.shards == "auto" and self.train.cache_features)
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -279,6 +293,9 @@ def _check(cfg: Config) -> None:
         raise ConfigError("optimizer.step_epochs: the `step` schedule needs at least one epoch")
     if cfg.train.cache_features and cfg.data.augment:
         raise ConfigError("train.cache_features: needs data.augment: false (augmented views differ every epoch)")
+    if cfg.train.cache_features and cfg.data.shards == "reshuffled":
+        raise ConfigError("data.shards: `reshuffled` hands every rank new samples each epoch, so "
+                          "train.cache_features would rarely hit; use `fixed` or `auto`")
     if not cfg.train.output:
         raise ConfigError("train.output: must name a directory")
     if isinstance(cfg.model.pretrained, str) and not cfg.model.pretrained:

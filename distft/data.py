@@ -1,8 +1,14 @@
 """Data sets, world-size-independent sharding and a prefetching batch loader.
 
-Sharding: every epoch has one permutation, drawn from (data.seed, epoch) alone. Global step t
-covers positions [t*B*N, (t+1)*B*N) of it and rank r takes its r-th slice of B, so the union of
-the ranks' batches at step t is exactly what one process with batch B*N takes at step t.
+Sharding (`reshuffled`, the default): every epoch has one permutation, drawn from (data.seed,
+epoch) alone. Global step t covers positions [t*B*N, (t+1)*B*N) of it and rank r takes its r-th
+slice of B, so the union of the ranks' batches at step t is exactly what one process with batch
+B*N takes at step t.
+
+`fixed`: rank r owns the r-th of N equal slices of one permutation drawn from data.seed, for the
+whole run, and reshuffles it every epoch. Every epoch then shows each rank the same samples
+(what a feature cache needs); the N-rank run learns what the one-process run learns in
+distribution, not batch for batch.
 """
 from __future__ import annotations
 
@@ -42,15 +48,35 @@ class ShardSampler:
         """Full global batches only, so every rank takes the same number of steps."""
         return self.size // self.global_batch
 
+    fixed: bool = False
+
+    def shard(self) -> np.ndarray:
+        """The samples this rank may ever read (everything, unless shards are fixed)."""
+        if not self.fixed:
+            return np.arange(self.size)
+        per = self.size // self.world_size
+        owner = np.random.default_rng([self.seed, _FIXED_SHARDS]).permutation(self.size) if self.shuffle \
+            else np.arange(self.size)
+        return owner[self.rank * per:(self.rank + 1) * per]
+
     def permutation(self, epoch: int) -> np.ndarray:
+        """Reshuffled: the epoch's permutation of the whole data set. Fixed: of this rank's shard."""
+        if self.fixed:
+            mine = self.shard()
+            if not self.shuffle:
+                return mine
+            return mine[np.random.default_rng([self.seed, epoch, self.rank]).permutation(len(mine))]
         if not self.shuffle:
             return np.arange(self.size)
         return np.random.default_rng([self.seed, epoch]).permutation(self.size)
 
     def indices(self, epoch: int, step: int, perm: Optional[np.ndarray] = None) -> np.ndarray:
         perm = self.permutation(epoch) if perm is None else perm
-        start = step * self.global_batch + self.rank * self.batch_size
+        start = step * self.batch_size if self.fixed else step * self.global_batch + self.rank * self.batch_size
         return perm[start:start + self.batch_size]
+
+
+_FIXED_SHARDS = 0x5A4D  # a seed stream of its own for the fixed shard assignment
 
 
 def eval_shard(size: int, world_size: int, rank: int) -> np.ndarray:

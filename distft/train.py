@@ -2,8 +2,8 @@
 autograd -> backward -> trainer.step (allreduce of trainable gradients, then the update).
 
 Set-up order matters for multi-rank runs: every rank loads the pretrained file itself; rank 0
-alone reads the checkpoint to resume from; frozen weights are then verified by hash and only
-the trainable state is broadcast from rank 0.
+alone reads the checkpoint to resume from; every tensor is then verified by hash and only what
+differs from rank 0 (normally: the state a resume read) is broadcast from rank 0.
 """
 from __future__ import annotations
 
@@ -62,31 +62,46 @@ def check_same_config(world, cfg: Config) -> int:
     return len(mine) * world.size
 
 
-def verify_frozen(world, plan, params, on_mismatch: str) -> tuple[int, int]:
-    """Hash every frozen tensor on every rank and compare. Returns (bytes exchanged, bytes
-    re-broadcast)."""
-    names = plan.frozen_names()
+def differing_tensors(world, params: dict, names: list[str]) -> tuple[dict[str, list[int]], int]:
+    """Hash each named tensor on every rank; returns ({name: ranks disagreeing with rank 0},
+    bytes exchanged). One allgather of 8-byte digests, not of the tensors."""
     payload = b"".join(dist.digest(params[n].data().asnumpy()) for n in names)
-    everyone = world.allgather_bytes(payload, "distft.frozen_digests")
-    exchanged = len(payload) * world.size
+    everyone = world.allgather_bytes(payload, "distft.state_digests")
     if any(len(d) != len(payload) for d in everyone):
-        raise DistributedError("ranks hold different frozen parameter sets (different model or freeze plan)")
+        raise DistributedError("ranks hold different parameter sets (different model or freeze plan)")
     bad: dict[str, list[int]] = {}
     for i, name in enumerate(names):
         for r, d in enumerate(everyone):
             if d[8 * i:8 * i + 8] != everyone[0][8 * i:8 * i + 8]:
                 bad.setdefault(name, []).append(r)
-    if not bad:
-        return exchanged, 0
-    first = next(iter(bad))
-    if on_mismatch == "error":
+    return bad, len(payload) * world.size
+
+
+def agree_on_start_state(world, plan, params, on_frozen_mismatch: str, trainable_start: str) -> tuple[int, int]:
+    """Make every rank hold rank 0's model before the first step, moving as few bytes as it can.
+
+    Frozen tensors are verified by hash: a mismatch means ranks loaded different pretrained
+    files, so the job stops (or, if asked, re-broadcasts them). Trainable state is either
+    broadcast whole, or verified the same way with only the differing tensors broadcast (after a
+    resume, where rank 0 alone read the checkpoint, that is whatever training changed).
+    Returns (control bytes exchanged, tensor bytes broadcast)."""
+    frozen = plan.frozen_names()
+    trainable = plan.trainable_state_names()
+    checked = frozen + (trainable if trainable_start == "verify" else [])
+    bad, exchanged = differing_tensors(world, params, checked)
+    bad_frozen = [n for n in frozen if n in bad]
+    if bad_frozen and on_frozen_mismatch == "error":
+        first = bad_frozen[0]
         raise DistributedError(
             f"frozen parameter {first} differs between ranks: rank(s) {bad[first]} disagree with rank 0"
-            + (f" ({len(bad) - 1} more frozen tensors differ)" if len(bad) > 1 else "")
+            + (f" ({len(bad_frozen) - 1} more frozen tensors differ)" if len(bad_frozen) > 1 else "")
             + "; every rank must load the same pretrained file (model.pretrained), "
               "or set dist.on_frozen_mismatch: broadcast")
-    log(world, f"warning: {len(bad)} frozen tensors differed between ranks (first {first}); re-broadcast from rank 0")
-    return exchanged, world.broadcast_([params[n].data() for n in bad], "distft.frozen_fix")
+    if bad_frozen:
+        log(world, f"warning: {len(bad_frozen)} frozen tensors differed between ranks (first {bad_frozen[0]}); "
+                   "re-broadcast from rank 0")
+    send = bad_frozen + (trainable if trainable_start == "broadcast" else [n for n in trainable if n in bad])
+    return exchanged, world.broadcast_([params[n].data() for n in send], "distft.start_state") if send else 0
 
 
 def check_rank_digests(world, params: dict, where: str) -> list[str]:
@@ -224,7 +239,7 @@ class Job:
             raise ConfigError(f"model.classes: {cfg.model.classes}, but data.train has labels up to "
                               f"{self.train_set.classes - 1}")
         self.sampler = ShardSampler(len(self.train_set), cfg.data.batch_size, self.world.size,
-                                    self.world.rank, cfg.data.seed)
+                                    self.world.rank, cfg.data.seed, fixed=cfg.fixed_shards)
         if self.sampler.steps_per_epoch == 0:
             raise ConfigError(f"data.batch_size: the global batch ({cfg.data.batch_size} x {self.world.size} "
                               f"ranks) is larger than data.train ({len(self.train_set)} samples)")
@@ -248,7 +263,7 @@ class Job:
             self.cache.close()
         self.cache = None
         if self.cfg.train.cache_features and self.plan.prefix:
-            self.cache = FeatureCache(len(self.train_set), self.cfg.train.cache_dtype,
+            self.cache = FeatureCache(self.sampler.shard(), self.cfg.train.cache_dtype,
                                       self.cfg.train.cache_memory_bytes, os.path.join(self.out, "cache"),
                                       self.world.rank)
 
@@ -292,11 +307,10 @@ class Job:
         self.configure(int(meta.get("plan_epoch", self.epoch)))
         if ckpt is not None:
             self.restore_weights(ckpt)
-        exchanged, fixed = verify_frozen(world, self.plan, self.params, cfg.dist.on_frozen_mismatch)
+        exchanged, sent = agree_on_start_state(world, self.plan, self.params, cfg.dist.on_frozen_mismatch,
+                                               cfg.dist.trainable_start)
         self.bytes_control += exchanged
-        self.bytes_broadcast += fixed
-        self.bytes_broadcast += world.broadcast_(
-            [self.params[n].data() for n in self.plan.trainable_state_names()], "distft.trainable")
+        self.bytes_broadcast += sent
         self.lr_mults = freeze.lr_multipliers(self.spec, cfg.optimizer.lr_mult)
         self.trainer, self.exchange = build_trainer(cfg, world, self.params, self.plan, self.lr_mults)
         if ckpt is not None:

@@ -36,6 +36,23 @@ def test_epochs_reshuffle_and_eval_shards_cover_everything():
     assert sorted(shards) == list(range(50))
 
 
+@pytest.mark.parametrize("world", [1, 3])
+def test_fixed_shards_are_disjoint_and_the_same_every_epoch(world):
+    B = 4
+    ranks = [ShardSampler(size=103, batch_size=B, world_size=world, rank=r, seed=7, fixed=True) for r in range(world)]
+    plain = ShardSampler(size=103, batch_size=B, world_size=world, rank=0, seed=7)
+    assert all(s.steps_per_epoch == plain.steps_per_epoch for s in ranks)
+    shards = [set(s.shard().tolist()) for s in ranks]
+    assert sum(len(x) for x in shards) == len(set().union(*shards)) == 103 // world * world
+    for s, mine in zip(ranks, shards):
+        seen = [np.concatenate([s.indices(e, t) for t in range(s.steps_per_epoch)]) for e in range(3)]
+        assert all(set(x.tolist()) <= mine and len(set(x.tolist())) == len(x) for x in seen)
+        assert not np.array_equal(seen[0], seen[1])  # reshuffled within the shard
+    # each step, the ranks together still take a global batch of distinct samples
+    union = np.concatenate([s.indices(2, 5) for s in ranks])
+    assert len(set(union.tolist())) == B * world
+
+
 def test_image_folder(tmp_path):
     imgs = images()
     for i, img in enumerate(imgs):

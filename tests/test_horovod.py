@@ -108,7 +108,8 @@ def test_sync_batchnorm_matches_one_bn_over_the_union_batch(tmp_path, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_only_trainable_bytes_are_broadcast(tmp_path, pretrained, backend):
-    proc = run_cli(["--config", job(tmp_path, pretrained, "out", ["output"], B)], launcher=horovodrun(2, backend))
+    proc = run_cli(["--config", job(tmp_path, pretrained, "out", ["output"], B, dist={"trainable_start": "broadcast"})],
+                   launcher=horovodrun(2, backend))
     assert proc.returncode == 0, proc.stderr
     s = read_summary(tmp_path / "out")
     assert s["bytes_broadcast_trainable"] == s["trainable_bytes"] == (512 * 5 + 5) * 4
@@ -116,6 +117,43 @@ def test_only_trainable_bytes_are_broadcast(tmp_path, pretrained, backend):
     assert s["bytes_full_broadcast"] == (s["trainable_bytes"] + s["frozen_bytes"])
     assert s["bytes_broadcast"] * 100 < s["bytes_full_broadcast"]
     assert s["allreduce_bytes_per_step"] == s["trainable_bytes"]
+
+
+def perturbed_copy(src, dst, prefix):
+    """The pretrained file with every tensor under `prefix` changed a little."""
+    import mxnet as mx
+
+    params = mx.nd.load(str(src))
+    changed = {k: v + 1e-3 for k, v in params.items() if k.startswith(prefix) and not k.endswith("running_var")}
+    mx.nd.save(str(dst), {**params, **changed})
+    return str(dst), sum(v.size * 4 for v in changed.values())
+
+
+def test_trainable_tensors_are_verified_and_only_differing_ones_sent(tmp_path, pretrained):
+    """`dist.trainable_start: verify` (the default): ranks that loaded the same weights send no
+    tensor at all; a rank whose trainable stage differs gets exactly those tensors from rank 0,
+    and trains to the same model."""
+    trainable = ["features.8", "output"]
+    same = job(tmp_path, pretrained, "same", trainable, B)
+    proc = run_cli(["--config", same], launcher=horovodrun(2, "gloo"))
+    assert proc.returncode == 0, proc.stderr
+    s = read_summary(tmp_path / "same")
+    assert s["bytes_broadcast_trainable"] == 0
+    assert 0 < s["bytes_control"] < 20_000 and s["bytes_full_broadcast"] > 1000 * s["bytes_broadcast"]
+
+    other, changed_bytes = perturbed_copy(pretrained, tmp_path / "other.params", "features.8.")
+    cfg = job(tmp_path, pretrained, "mixed", trainable, B)
+    import subprocess
+    proc = subprocess.run(horovodrun(2, "gloo") + [
+        sys.executable, "tests/helpers/per_rank.py", f"--set=model.pretrained={pretrained}|--set=model.pretrained={other}",
+        "--", "--config", cfg], cwd=ROOT, env={**os.environ, **MPI_ENV}, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = read_summary(tmp_path / "mixed")
+    assert s["bytes_broadcast_trainable"] == changed_bytes > 0
+    assert s["rank_state_digests"][0] == s["rank_state_digests"][1]
+    a, b = load_params(tmp_path / "same" / "model.params"), load_params(tmp_path / "mixed" / "model.params")
+    for n in a:
+        np.testing.assert_array_equal(a[n], b[n], err_msg=n)
 
 
 def test_local_batchnorm_statistics_are_averaged_so_ranks_agree(tmp_path, pretrained):

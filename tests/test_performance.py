@@ -13,8 +13,9 @@ from conftest import load_params, run_cli, small_config, write_config
 
 
 def train(tmp_path, pretrained, name, trainable=("features.8", "output"), lr=0.01, **train_section):
+    # fixed shards in both runs: what the cached run gets from data.shards: auto
     doc = small_config(tmp_path, pretrained, freeze={"trainable": list(trainable)},
-                       data={"batch_size": 32}, optimizer={"lr": lr},
+                       data={"batch_size": 32, "shards": "fixed"}, optimizer={"lr": lr},
                        train={"epochs": 3, "max_steps": None, "output": str(tmp_path / name), **train_section})
     return run(load_config(write_config(tmp_path / f"{name}.yaml", doc)), LocalWorld())
 
@@ -56,9 +57,11 @@ def test_float16_cache_keeps_features_to_float16_precision(tmp_path):
 
     rng = np.random.default_rng(0)
     feats = rng.normal(0, 50, (6, 512, 1, 1)).astype(np.float32)
-    cache = FeatureCache(10, "float16", memory_bytes=0, directory=str(tmp_path), rank=0)
+    cache = FeatureCache(np.arange(10), "float16", memory_bytes=0, directory=str(tmp_path), rank=0)
     cache.put(np.array([1, 3, 5, 7, 8, 9]), feats)
     assert cache.path and cache.has_all(np.array([3, 9])) and not cache.has_all(np.array([0, 3]))
+    with pytest.raises(IndexError, match="outside this rank's shard"):
+        cache.has_all(np.array([10]))
     back = cache.get(np.array([1, 3, 5, 7, 8, 9]))
     assert back.dtype == np.float32
     assert np.max(np.abs(back - feats) / np.maximum(np.abs(feats), 1e-3)) <= 2 ** -11  # float16's rounding
@@ -66,10 +69,34 @@ def test_float16_cache_keeps_features_to_float16_precision(tmp_path):
     assert not os.path.exists(cache.path)
 
 
-def test_cache_with_augmentation_is_a_config_error(tmp_path, pretrained):
+def test_cache_with_augmentation_or_reshuffled_shards_is_a_config_error(tmp_path, pretrained):
     doc = small_config(tmp_path, pretrained, data={"augment": True}, train={"cache_features": True})
     proc = run_cli(["--config", write_config(tmp_path / "c.yaml", doc)])
     assert proc.returncode == 2 and "train.cache_features: needs data.augment: false" in proc.stderr
+    doc = small_config(tmp_path, pretrained, data={"shards": "reshuffled"}, train={"cache_features": True})
+    proc = run_cli(["--config", write_config(tmp_path / "c.yaml", doc)])
+    assert proc.returncode == 2 and "data.shards: `reshuffled` hands every rank new samples" in proc.stderr
+
+
+@pytest.mark.horovod
+def test_on_two_ranks_every_batch_after_the_first_epoch_comes_from_the_cache(tmp_path, pretrained):
+    """With fixed shards (what data.shards: auto picks for the cache) each rank sees the same
+    samples every epoch; only batches holding a sample epoch 0 dropped are computed again."""
+    from conftest import horovodrun, read_summary
+
+    B = 16
+    doc = small_config(tmp_path, pretrained, data={"batch_size": B},
+                       train={"epochs": 3, "max_steps": None, "cache_features": True, "log_every": 10})
+    proc = run_cli(["--config", write_config(tmp_path / "c.yaml", doc)], launcher=horovodrun(2, "gloo"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = read_summary(tmp_path / "out")
+    spe = s["steps"] // 3
+    cache = s["feature_cache"]
+    assert cache["hits"] + cache["misses"] == s["steps"] * B
+    # epoch 0 computes; afterwards a batch misses only if it holds one of the < B samples of
+    # the shard that epoch 0 left out
+    assert spe * B <= cache["misses"] <= spe * B + B * B
+    assert cache["hits"] >= 2 * spe * B - B * B
 
 
 @pytest.mark.horovod
