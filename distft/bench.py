@@ -1,6 +1,8 @@
 """`distft bench`: distft, the plain Horovod baseline (distft/baseline.py) and the forward-only
 limit, on this machine, in one invocation, with the same model, freeze plan, batch and data.
-Throughput is the median over windows of `window` steps, the first window (warm-up) excluded."""
+Throughput is the median over windows of `window` steps, the first window (warm-up) excluded.
+A fourth run, distft with the feature cache over `cache_epochs` epochs, gives the epoch
+throughput once the cache is filled (the median over epochs after the first)."""
 from __future__ import annotations
 
 import json
@@ -38,18 +40,20 @@ def _run(cmd: list, what: str, timeout: int) -> None:
 
 
 def run(config: str, overrides: list, np_: int, steps: int, window: int, controller: str = "gloo",
-        timeout: int = 3600) -> dict:
+        timeout: int = 3600, cache_epochs: int = 3) -> dict:
     if steps < 3 * window:
         raise DistftError(f"bench: --steps {steps} must be at least 3 windows of {window}")
+    if cache_epochs == 1 or cache_epochs < 0:
+        raise DistftError(f"bench: --cache-epochs {cache_epochs}: 0 (no cached run) or at least 2")
     work = tempfile.mkdtemp(prefix="distft-bench-")
     try:
-        cfg = load_config(config, overrides + ["data.val=null", "metrics.port=0", "metrics.report=false",
-                                               "train.resume=false", f"train.max_steps={steps}",
-                                               "train.epochs=100000", f"train.log_every={window}",
-                                               "train.checkpoint_every_epochs=0",
-                                               # the limit is measured as its own run here
-                                               "metrics.probe_batches=0",
-                                               f"train.output={os.path.join(work, 'distft')}"])
+        common = overrides + ["data.val=null", "metrics.port=0", "metrics.report=false", "train.resume=false",
+                              "train.checkpoint_every_epochs=0",
+                              # the limit is measured as its own run here
+                              "metrics.probe_batches=0"]
+        cfg = load_config(config, common + [f"train.max_steps={steps}", "train.epochs=100000",
+                                            f"train.log_every={window}",
+                                            f"train.output={os.path.join(work, 'distft')}"])
         job = os.path.join(work, "job.yaml")
         dump_config(cfg, job)
         launcher = [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", str(np_), f"--{controller}"]
@@ -62,8 +66,7 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
             with open(out) as fh:
                 results[mode] = json.load(fh)
         _run(launcher + [sys.executable, "-m", "distft", "--config", job], "distft", timeout)
-        with open(os.path.join(work, "distft", "summary.json")) as fh:
-            summary = json.load(fh)
+        summary = _summary(os.path.join(work, "distft"))
         windows = [h["samples_per_sec"] for h in summary["history"]]
         results["distft"] = {"samples_per_sec": statistics.median(windows[1:]), "window_samples_per_sec": windows,
                              "peak_rss_bytes": summary["peak_rss_bytes"],
@@ -71,10 +74,20 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
                              "allreduce_bytes_per_step": summary["allreduce_bytes_per_step"],
                              "seconds_to_first_step": summary["seconds_to_first_step"]}
         trainable_bytes = summary["trainable_bytes"]
+        if cache_epochs:
+            cached = load_config(config, common + [
+                "train.cache_features=true", "data.augment=false", "train.max_steps=null",
+                f"train.epochs={cache_epochs}", "train.log_every=1000000",
+                f"train.output={os.path.join(work, 'cached')}"])
+            dump_config(cached, job)
+            _run(launcher + [sys.executable, "-m", "distft", "--config", job], "cached distft", timeout)
+            epochs = _summary(os.path.join(work, "cached"))["epoch_history"]
+            results["cached"] = {"epoch_samples_per_sec": [e["samples_per_sec"] for e in epochs],
+                                 "samples_per_sec": statistics.median(e["samples_per_sec"] for e in epochs[1:])}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     d, b, lim = (results[k] for k in ("distft", "baseline", "limit"))
-    return {
+    out = {
         "model": cfg.model.name, "image_size": cfg.model.image_size, "trainable": cfg.freeze.trainable,
         "batch_size_per_rank": cfg.data.batch_size, "world_size": np_, "steps": steps, "window": window,
         "samples_per_sec": {"distft": d["samples_per_sec"], "baseline": b["samples_per_sec"],
@@ -88,9 +101,22 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
         "allreduce_bytes_per_step": {"distft": d["allreduce_bytes_per_step"],
                                      "baseline": trainable_bytes if np_ > 1 else 0},
         "seconds_to_first_step": {"distft": d["seconds_to_first_step"], "baseline": b["seconds_to_first_step"]},
-        "windows": {k: v["window_samples_per_sec"] for k, v in results.items()},
+        "windows": {k: v["window_samples_per_sec"] for k, v in results.items() if "window_samples_per_sec" in v},
         "machine": _machine(),
     }
+    if "cached" in results:
+        c = results["cached"]
+        # the baseline's steady rate is its epoch throughput (every epoch costs the same), warm-up excluded
+        out["cache"] = {"epochs": cache_epochs, "epoch_samples_per_sec": c["epoch_samples_per_sec"],
+                        "augment": False}
+        out["samples_per_sec"]["distft_cached"] = c["samples_per_sec"]
+        out["ratios"]["cached_over_baseline"] = c["samples_per_sec"] / b["samples_per_sec"]
+    return out
+
+
+def _summary(directory: str) -> dict:
+    with open(os.path.join(directory, "summary.json")) as fh:
+        return json.load(fh)
 
 
 def markdown(r: dict) -> str:
@@ -106,10 +132,17 @@ def markdown(r: dict) -> str:
         ("seconds to first step", f"{r['seconds_to_first_step']['distft']:.1f}",
          f"{r['seconds_to_first_step']['baseline']:.1f}", "-"),
     ]
+    if "cache" in r:
+        rates = r["cache"]["epoch_samples_per_sec"]
+        rows.append(("with the feature cache: samples/s, epochs after the first",
+                     f"{r['samples_per_sec']['distft_cached']:.1f} (epoch 0: {rates[0]:.1f})",
+                     f"{r['samples_per_sec']['baseline']:.1f}", "-"))
     m = r["machine"]
     head = (f"`{r['model']}` at {r['image_size']}px, trainable {', '.join(r['trainable'])}, "
             f"{r['world_size']} ranks x batch {r['batch_size_per_rank']}; {m['cores']} cores ({m['cpu'] or 'cpu'}), "
             f"{m['gpus']} GPUs, MXNet {m['mxnet']}. distft/baseline = {r['ratios']['distft_over_baseline']:.2f}, "
-            f"distft/limit = {r['ratios']['distft_over_limit']:.2f}.\n\n")
+            f"distft/limit = {r['ratios']['distft_over_limit']:.2f}"
+            + (f", cached epochs/baseline = {r['ratios']['cached_over_baseline']:.1f}" if "cache" in r else "")
+            + ".\n\n")
     table = ["| | distft | baseline | limit |", "|---|---:|---:|---:|"] + [f"| {' | '.join(row)} |" for row in rows]
     return head + "\n".join(table) + "\n"

@@ -38,6 +38,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=30, help="timed steps per run (default 30)")
     b.add_argument("--window", type=int, default=5, help="steps per throughput window (default 5)")
     b.add_argument("--controller", choices=("gloo", "mpi"), default="gloo")
+    b.add_argument("--cache-epochs", type=int, default=3,
+                   help="epochs of a distft run with train.cache_features on; epochs after the first "
+                        "are compared with the baseline (default 3; 0 skips it)")
     b.add_argument("--json", dest="json_path", help="write the results as JSON here")
     b.add_argument("--markdown", dest="md_path", help="write the Markdown table here")
     return p
@@ -46,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
 def cmd_bench(args) -> int:
     from . import bench
 
-    result = bench.run(args.config, args.overrides, args.np, args.steps, args.window, args.controller)
+    result = bench.run(args.config, args.overrides, args.np, args.steps, args.window, args.controller,
+                       cache_epochs=args.cache_epochs)
     table = bench.markdown(result)
     print(table)
     if args.json_path:

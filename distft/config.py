@@ -103,6 +103,9 @@ class TrainConfig:
     keep_checkpoints: int = field(default=3, metadata=_at_least(1))
     resume: bool = True
     seed: int = 0  # weight initialisation of the new head
+    # `amp`: mixed precision (float16 on GPU with dynamic loss scaling, bfloat16 on CPU); weights,
+    # optimizer state and checkpoints stay float32
+    precision: str = field(default="float32", metadata=_choices("float32", "amp"))
     # keep the frozen prefix's output per sample (needs data.augment: false): later epochs
     # train the suffix from the cache. In memory up to cache_memory_bytes, else a file.
     cache_features: bool = False

@@ -7,8 +7,9 @@ B*N takes at step t.
 
 `fixed`: rank r owns the r-th of N equal slices of one permutation drawn from data.seed, for the
 whole run, and reshuffles it every epoch. Every epoch then shows each rank the same samples
-(what a feature cache needs); the N-rank run learns what the one-process run learns in
-distribution, not batch for batch.
+(what a feature cache needs: nothing is computed twice); the N-rank run learns what the
+one-process run learns in distribution, not batch for batch. The fewer than N*B samples left
+over by the split are not used (reshuffled sharding drops other ones each epoch).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ class ShardSampler:
         """The samples this rank may ever read (everything, unless shards are fixed)."""
         if not self.fixed:
             return np.arange(self.size)
-        per = self.size // self.world_size
+        per = self.steps_per_epoch * self.batch_size  # what an epoch takes: all of it, every epoch
         owner = np.random.default_rng([self.seed, _FIXED_SHARDS]).permutation(self.size) if self.shuffle \
             else np.arange(self.size)
         return owner[self.rank * per:(self.rank + 1) * per]

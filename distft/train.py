@@ -22,7 +22,7 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
 
-from . import checkpoint, dist, freeze, model, syncbn
+from . import checkpoint, dist, freeze, model, precision, syncbn
 from .cache import FeatureCache
 from .metrics import Metrics, forward_probe
 from .config import Config, dump_config
@@ -128,6 +128,8 @@ class Stats:
     val_history: list = field(default_factory=list)
     bad_reported: int = 0
     first_step_at: float = 0.0
+    first_step_seconds: float = 0.0
+    epochs: list = field(default_factory=list)  # per epoch: steps, seconds of data wait + steps
 
 
 def build_trainer(cfg: Config, world, params: dict, plan, lr_mults: dict):
@@ -182,7 +184,7 @@ def evaluate(world, runner, loader: BatchLoader, batch_size: int, ctx, loss_fn, 
     for start in range(0, len(idx), batch_size):
         beat()
         x, y = loader.batch(idx[start:start + batch_size], epoch=0)
-        out = runner(mx.nd.array(x, ctx=ctx))
+        out = precision.to_float32(runner(mx.nd.array(x, ctx=ctx)))
         loss = loss_fn(out, mx.nd.array(y, ctx=ctx)).asnumpy()
         logits = out.asnumpy()
         sums += [topk_correct(logits, y, 1), topk_correct(logits, y, 5), loss.sum(), len(y)]
@@ -277,6 +279,11 @@ class Job:
         self.plan_epoch = epoch
         freeze.apply(self.net, self.plan)
         moving_bn = [p for p, m in self.plan.bn_modes.items() if m != freeze.BN_FROZEN]
+        if sync and moving_bn and self.compute_dtype != "float32":
+            # MXNet 1.9.1: AMP's rewritten operators around our synchronized BN's autograd
+            # Function fail backward shape inference ("Backward shape inconsistent")
+            raise ConfigError("train.precision: amp does not work with a synchronized BatchNorm yet "
+                              f"({len(moving_bn)} trainable BN layers here); set dist.batchnorm: local")
         if sync:
             syncbn.convert(self.net, moving_bn, self.world)
         self.runner = model.SplitNet(self.net, self.plan.prefix, self.plan.suffix)
@@ -292,6 +299,8 @@ class Job:
         self.metrics = Metrics(cfg.metrics, world, self.out, cfg.train.log_every)
         self.metrics.start()
         self.bytes_control += check_same_config(world, cfg)
+        self.compute_dtype = precision.enable(cfg.train.precision, self.ctx)  # before the model is built
+        self.loss_scale = precision.LossScale(self.compute_dtype)
         self.net = model.create(cfg.model, self.ctx, seed=cfg.train.seed)
         self.spec = model.describe(self.net, cfg.model.name, cfg.model.head)
         self.params = model.structural_params(self.net)
@@ -382,20 +391,23 @@ class Job:
             return mx.nd.array(self.cache.get(idx), ctx=self.ctx)
         features = self.runner.features(mx.nd.array(x, ctx=self.ctx))
         if self.cache is not None:
-            self.cache.put(idx, features.asnumpy())
+            self.cache.put(idx, precision.to_float32(features).asnumpy())
         return features
 
     def train_step(self, features, y, lr: float) -> float:
         self.trainer.set_learning_rate(lr)
         if self.plan.input_grad:
             features.attach_grad()  # so backward reaches a statistics-only BN (see FreezePlan)
+        scale = self.loss_scale.scale
         with autograd.record():
             loss = self.loss_fn(self.runner.suffix(features), y)
-        loss.backward()
+            scaled = loss * scale if scale != 1.0 else loss
+        scaled.backward()
         self.trainer.allreduce_grads()  # trainable gradients only, fused buckets
         loss_value = float(loss.mean().asscalar())
         if self.finite(loss_value):
-            self.trainer.update(self.cfg.data.batch_size)
+            self.trainer.update(self.cfg.data.batch_size * scale)  # also undoes the loss scale
+            self.loss_scale.stepped()
         return loss_value
 
     def finite(self, loss_value: float) -> bool:
@@ -410,6 +422,10 @@ class Job:
                  if not np.isfinite(g.asnumpy()).all()]
         if np.isfinite(loss_value) and not names:
             return True  # huge but finite gradients overflowed the sum of squares
+        if self.loss_scale.dynamic and np.isfinite(loss_value):
+            # float16 gradients overflowed at this loss scale: the usual AMP step, not an error
+            self.loss_scale.overflowed()
+            return False
         where = f"step {self.global_step + 1} (epoch {self.epoch})"
         what = f"loss {loss_value}" + (f"; non-finite gradients in {', '.join(names[:5])}"
                                        + (f" and {len(names) - 5} more" if len(names) > 5 else "") if names else "")
@@ -488,6 +504,7 @@ class Job:
             perm = self.sampler.permutation(epoch)
             plan = [(s, self.sampler.indices(epoch, s, perm)) for s in range(first, last)]
             t_wait = time.perf_counter()
+            epoch_start_seconds, epoch_start_steps = stats.steady_seconds + stats.first_step_seconds, stats.steps
             skip = self.cache.has_all if self.cache is not None else None
             for step, idx, x, y in self.train_loader.iterate(plan, epoch, skip=skip):
                 t0 = time.perf_counter()
@@ -507,6 +524,7 @@ class Job:
                 stats.samples += self.sampler.global_batch
                 if stats.steps == 1:
                     stats.first_step_at = time.time()
+                    stats.first_step_seconds = t1 - t_wait
                 if stats.steps > 1:  # the first step builds graphs and allocates: not counted
                     stats.steady_seconds += t1 - t_wait  # data wait + step; not eval or checkpoints
                     stats.steady_samples += self.sampler.global_batch
@@ -524,6 +542,10 @@ class Job:
                 t_wait = time.perf_counter()
             self.step_in_epoch = 0
             finished_epoch = last == spe
+            epoch_seconds = stats.steady_seconds + stats.first_step_seconds - epoch_start_seconds
+            stats.epochs.append({"epoch": epoch, "steps": stats.steps - epoch_start_steps, "seconds": epoch_seconds,
+                                 "samples_per_sec": (stats.steps - epoch_start_steps) * self.sampler.global_batch
+                                 / epoch_seconds if epoch_seconds else None})
             if self.val_loader is not None:
                 evals = self.validate()
                 log(world, f"epoch {epoch} val top1 {evals['val_top1']:.4f} top5 {evals['val_top5']:.4f} "
@@ -614,6 +636,8 @@ class Job:
                         for i, p in enumerate(self.trainer._params)},  # noqa: SLF001
             "resumed": self.resume_meta is not None,
             "skipped_steps": self.skipped_steps,
+            "precision": self.compute_dtype,
+            "loss_scale": self.loss_scale.scale, "loss_scale_overflows": self.loss_scale.overflows,
             "feature_cache": ({"hits": self.cache.hits, "misses": self.cache.misses,
                                "file": self.cache.path} if self.cache is not None else None),
             "bad_samples": self.train_loader.bad,
@@ -621,6 +645,9 @@ class Job:
             "throughput_vs_forward_only": (rate / world.size / self.forward_rate) if self.forward_rate else None,
             "metrics_port": self.metrics.port,
             "val_history": stats.val_history,
+            # per epoch of this run: samples/s over its steps (data wait included; evaluation
+            # and checkpoints not); with the feature cache, epochs after the first show its effect
+            "epoch_history": stats.epochs,
             "history": self.metrics.history,
         }
         if world.rank == 0:
