@@ -63,7 +63,8 @@ class FreezePlan:
         return [p.name for p in self.params if self.is_moving_state(p)]
 
     def trainable_state_names(self) -> list[str]:
-        """What rank 0 broadcasts at start: trainable weights and changing BN statistics."""
+        """Trainable weights and changing BN statistics: what rank 0 sends at start (all of them
+        with dist.trainable_start: broadcast, those that differ from its own with verify)."""
         return self.trainable_names() + self.moving_state_names()
 
     def totals(self) -> dict:
