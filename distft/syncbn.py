@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 
 import mxnet as mx
+import numpy as np
 from mxnet import autograd
 from mxnet.gluon import nn
 
@@ -89,6 +90,9 @@ class SyncBatchNorm(nn.BatchNorm):
     def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var):
         if not autograd.is_training() or self._kwargs["use_global_stats"] or self._world is None:
             return super().hybrid_forward(F, x, gamma, beta, running_mean, running_var)
+        if np.dtype(x.dtype) != np.float32:
+            # mixed precision (train.precision: amp): statistics are summed in float32
+            x = mx.nd.amp_cast(x, dtype="float32")
         fn = _SyncBNFunction(self._world, f"distft.syncbn.{self._layer_name}.{next(_calls)}",
                              self._kwargs["eps"], self._kwargs["momentum"], self._kwargs["fix_gamma"],
                              running_mean, running_var)

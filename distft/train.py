@@ -279,11 +279,6 @@ class Job:
         self.plan_epoch = epoch
         freeze.apply(self.net, self.plan)
         moving_bn = [p for p, m in self.plan.bn_modes.items() if m != freeze.BN_FROZEN]
-        if sync and moving_bn and self.compute_dtype != "float32":
-            # MXNet 1.9.1: AMP's rewritten operators around our synchronized BN's autograd
-            # Function fail backward shape inference ("Backward shape inconsistent")
-            raise ConfigError("train.precision: amp does not work with a synchronized BatchNorm yet "
-                              f"({len(moving_bn)} trainable BN layers here); set dist.batchnorm: local")
         if sync:
             syncbn.convert(self.net, moving_bn, self.world)
         self.runner = model.SplitNet(self.net, self.plan.prefix, self.plan.suffix)
@@ -389,9 +384,11 @@ class Job:
         nothing recorded) and, with the cache on, kept."""
         if self.cache is not None and self.cache.has_all(idx):
             return mx.nd.array(self.cache.get(idx), ctx=self.ctx)
-        features = self.runner.features(mx.nd.array(x, ctx=self.ctx))
+        # float32 at the seam, as cached features are: under AMP a low-precision leaf given an
+        # input gradient (FreezePlan.input_grad) fails MXNet's backward shape inference
+        features = precision.to_float32(self.runner.features(mx.nd.array(x, ctx=self.ctx)))
         if self.cache is not None:
-            self.cache.put(idx, precision.to_float32(features).asnumpy())
+            self.cache.put(idx, features.asnumpy())
         return features
 
     def train_step(self, features, y, lr: float) -> float:

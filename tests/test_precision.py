@@ -43,11 +43,24 @@ def test_bfloat16_amp_trains_what_float32_trains_and_moves_no_frozen_weight(tmp_
 
 @needs_bf16
 @pytest.mark.horovod
-def test_amp_with_synchronized_batchnorm_is_a_clear_error(tmp_path, pretrained):
-    cfg = job(tmp_path, pretrained, "out", precision="amp")
-    proc = run_cli(["--config", cfg, "--set", "dist.batchnorm=sync"], launcher=horovodrun(2, "gloo"))
-    assert proc.returncode != 0
-    assert "train.precision: amp does not work with a synchronized BatchNorm yet" in proc.stderr
+def test_amp_with_synchronized_batchnorm_on_two_ranks_matches_one_rank_with_twice_the_batch(tmp_path, pretrained):
+    """Sync BN statistics are summed in float32 under AMP; 2 ranks x 8 and 1 rank x 16 then take
+    the same steps, to bfloat16's precision."""
+    one = job(tmp_path, pretrained, "one", precision="amp")
+    proc = run_cli(["--config", one, "--set", "data.batch_size=16", "--set", "dist.batchnorm=sync"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    two = job(tmp_path, pretrained, "two", precision="amp")
+    proc = run_cli(["--config", two, "--set", "data.batch_size=8", "--set", "dist.batchnorm=sync"],
+                   launcher=horovodrun(2, "gloo"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    s = read_summary(tmp_path / "two")
+    assert s["precision"] == "bfloat16" and s["rank_state_digests"][0] == s["rank_state_digests"][1]
+    before = load_params(pretrained)
+    a, b = load_params(tmp_path / "one" / "model.params"), load_params(tmp_path / "two" / "model.params")
+    for n in a:
+        if n.startswith("features.8.") and n.endswith(("weight", "gamma", "beta")):
+            da, db = (a[n] - before[n]).ravel(), (b[n] - before[n]).ravel()
+            assert da @ db >= 0.98 * np.linalg.norm(da) * np.linalg.norm(db), n
 
 
 def test_float16_loss_scale_halves_on_overflow_and_grows_after_a_clean_window():
