@@ -143,7 +143,11 @@ def buckets(sizes: list[int], bucket_bytes: int) -> list[list[int]]:
 
 class GradientExchange:
     """Allreduces (averages) the gradients of trainable parameters in fused buckets, optionally
-    compressed to float16 on the wire, and counts bytes and time."""
+    compressed to float16 on the wire, and counts bytes and time.
+
+    It also carries one flag per step: each rank's vote (e.g. "I was asked to stop") rides in
+    the last bucket, so ranks agree on it without a collective of its own. `vote(flag)` before
+    the step; `any_voted()` after it: whether any rank voted, or None if no exchange ran."""
 
     def __init__(self, world: LocalWorld, params: list, bucket_bytes: int, compression: str = "none",
                  predivide: float = 1.0):
@@ -157,6 +161,15 @@ class GradientExchange:
         self.bytes_per_step = sum(sizes) if world.size > 1 else 0
         self.seconds_total = 0.0
         self.calls = 0
+        self._vote = 0.0
+        self._ballot = None  # this step's allreduced votes
+
+    def vote(self, flag: bool) -> None:
+        self._vote = 1.0 if flag else 0.0
+
+    def any_voted(self) -> Optional[bool]:
+        ballot, self._ballot = self._ballot, None
+        return None if ballot is None else bool(ballot.asscalar() > 0)
 
     def __call__(self) -> None:
         if self.world.size == 1 or not self.params:
@@ -164,17 +177,18 @@ class GradientExchange:
         # no wait for backward first: each bucket's allreduce starts as soon as its gradients
         # exist, overlapping the rest of backward; the time measured includes that tail
         start = time.perf_counter()
+        last = len(self.groups) - 1
         for gi, group in enumerate(self.groups):
             grads = [self.params[i].list_grad()[0] for i in group]
+            wire = [g.astype(np.float16) for g in grads] if self.compression == "fp16" else list(grads)
+            if gi == last:  # the vote: its average is > 0 exactly when some rank voted
+                self._ballot = mx.nd.full((1,), self._vote, ctx=grads[0].context, dtype=wire[0].dtype)
+                wire.append(self._ballot)
+            self.world.allreduce_(wire, name=f"distft.grad.{gi}", average=True,
+                                  prescale=1.0 / self.predivide, postscale=self.predivide)
             if self.compression == "fp16":
-                wire = [g.astype(np.float16) for g in grads]
-                self.world.allreduce_(wire, name=f"distft.grad.{gi}", average=True,
-                                      prescale=1.0 / self.predivide, postscale=self.predivide)
                 for g, w in zip(grads, wire):
                     g[:] = w.astype(g.dtype)
-            else:
-                self.world.allreduce_(grads, name=f"distft.grad.{gi}", average=True,
-                                      prescale=1.0 / self.predivide, postscale=self.predivide)
         for i in range(len(self.params)):
             self.params[i].list_grad()[0].wait_to_read()
         self.seconds_total += time.perf_counter() - start

@@ -454,9 +454,14 @@ class Job:
             signal.signal(signal.SIGTERM, on_term)
 
     def agreed_to_stop(self) -> bool:
-        """Every rank learns whether any rank was asked to stop, at the same step."""
+        """Every rank learns whether any rank was asked to stop, at the same step: the vote
+        travels with the step's gradient allreduce (a collective of its own only when no
+        gradients were exchanged)."""
         if self.world.size == 1:
             return self.stop_requested
+        voted = self.exchange.any_voted()
+        if voted is not None:
+            return voted
         return bool(self.world.allreduce_numpy(np.array([float(self.stop_requested)]), "distft.stop")[0] > 0)
 
     def start_watchdog(self) -> None:
@@ -508,6 +513,7 @@ class Job:
                 stats.data_seconds += t0 - t_wait
                 lr = self.schedule(self.global_step)
                 exchanged = self.exchange.seconds_total
+                self.exchange.vote(self.stop_requested)
                 loss = self.train_step(self.features_for(idx, x), mx.nd.array(y, ctx=self.ctx), lr)
                 t1 = time.perf_counter()
                 stats.compute_seconds += t1 - t0

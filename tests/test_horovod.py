@@ -119,6 +119,23 @@ def test_only_trainable_bytes_are_broadcast(tmp_path, pretrained, backend):
     assert s["allreduce_bytes_per_step"] == s["trainable_bytes"]
 
 
+def test_fp16_compression_in_several_buckets_learns_the_same_to_float16_precision(tmp_path, pretrained, single_runs):
+    """Gradients travel as float16, in small buckets (the stop vote rides in the last one)."""
+    proc = run_cli(["--config", job(tmp_path, pretrained, "out", CASES["sync-bn"], B,
+                                    dist={"batchnorm": "sync", "compression": "fp16", "bucket_bytes": 64 * 1024,
+                                          "gradient_predivide_factor": 2.0})],
+                   launcher=horovodrun(2, "gloo"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = read_summary(tmp_path / "out")
+    assert s["allreduce_bytes_per_step"] * 2 == s["trainable_bytes"]  # half the bytes on the wire
+    one, two = load_params(single_runs["sync-bn"] / "model.params"), load_params(tmp_path / "out" / "model.params")
+    before = load_params(pretrained)
+    for n in one:
+        if n.startswith(("features.8.", "output.")) and not n.endswith(("running_mean", "running_var")):
+            d1, d2 = (one[n] - before[n]).ravel(), (two[n] - before[n]).ravel()
+            assert np.linalg.norm(d2 - d1) <= 0.01 * np.linalg.norm(d1), n  # float16 keeps ~3 digits
+
+
 def perturbed_copy(src, dst, prefix):
     """The pretrained file with every tensor under `prefix` changed a little."""
     import mxnet as mx
