@@ -1,6 +1,7 @@
 """`distft bench`: distft, the plain Horovod baseline (distft/baseline.py) and the forward-only
 limit, on this machine, in one invocation, with the same model, freeze plan, batch and data.
-Throughput is the median over windows of `window` steps, the first window (warm-up) excluded.
+Throughput is the median over windows of `window` steps, the first window (warm-up) excluded;
+with `repeats` > 1 the three runs are repeated in turn and each figure is the median of its runs.
 A fourth run, distft with the feature cache over `cache_epochs` epochs, gives the epoch
 throughput once the cache is filled (the median over epochs after the first)."""
 from __future__ import annotations
@@ -40,9 +41,11 @@ def _run(cmd: list, what: str, timeout: int) -> None:
 
 
 def run(config: str, overrides: list, np_: int, steps: int, window: int, controller: str = "gloo",
-        timeout: int = 3600, cache_epochs: int = 3) -> dict:
+        timeout: int = 3600, cache_epochs: int = 3, repeats: int = 1) -> dict:
     if steps < 3 * window:
         raise DistftError(f"bench: --steps {steps} must be at least 3 windows of {window}")
+    if repeats < 1:
+        raise DistftError(f"bench: --repeats {repeats}: at least 1")
     if cache_epochs == 1 or cache_epochs < 0:
         raise DistftError(f"bench: --cache-epochs {cache_epochs}: 0 (no cached run) or at least 2")
     work = tempfile.mkdtemp(prefix="distft-bench-")
@@ -57,22 +60,27 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
         job = os.path.join(work, "job.yaml")
         dump_config(cfg, job)
         launcher = [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", str(np_), f"--{controller}"]
-        results = {}
-        for mode in ("limit", "baseline"):
-            out = os.path.join(work, f"{mode}.json")
-            _run(launcher + [sys.executable, "-m", "distft.baseline", "--config", job, "--mode",
-                             "limit" if mode == "limit" else "train", "--steps", str(steps + 1),
-                             "--window", str(window), "--out", out], mode, timeout)
-            with open(out) as fh:
-                results[mode] = json.load(fh)
-        _run(launcher + [sys.executable, "-m", "distft", "--config", job], "distft", timeout)
-        summary = _summary(os.path.join(work, "distft"))
-        windows = [h["samples_per_sec"] for h in summary["history"]]
-        results["distft"] = {"samples_per_sec": statistics.median(windows[1:]), "window_samples_per_sec": windows,
-                             "peak_rss_bytes": summary["peak_rss_bytes"],
-                             "bytes_broadcast": summary["bytes_broadcast"],
-                             "allreduce_bytes_per_step": summary["allreduce_bytes_per_step"],
-                             "seconds_to_first_step": summary["seconds_to_first_step"]}
+        rounds = []
+        for _ in range(repeats):  # interleaved, so a slow spell of a shared machine hits all three
+            results = {}
+            for mode in ("limit", "baseline"):
+                out = os.path.join(work, f"{mode}.json")
+                _run(launcher + [sys.executable, "-m", "distft.baseline", "--config", job, "--mode",
+                                 "limit" if mode == "limit" else "train", "--steps", str(steps + 1),
+                                 "--window", str(window), "--out", out], mode, timeout)
+                with open(out) as fh:
+                    results[mode] = json.load(fh)
+            _run(launcher + [sys.executable, "-m", "distft", "--config", job], "distft", timeout)
+            summary = _summary(os.path.join(work, "distft"))
+            windows = [h["samples_per_sec"] for h in summary["history"]]
+            results["distft"] = {"samples_per_sec": statistics.median(windows[1:]),
+                                 "window_samples_per_sec": windows,
+                                 "peak_rss_bytes": summary["peak_rss_bytes"],
+                                 "bytes_broadcast": summary["bytes_broadcast"],
+                                 "allreduce_bytes_per_step": summary["allreduce_bytes_per_step"],
+                                 "seconds_to_first_step": summary["seconds_to_first_step"]}
+            rounds.append(results)
+        results = _combine(rounds)
         trainable_bytes = summary["trainable_bytes"]
         if cache_epochs:
             cached = load_config(config, common + [
@@ -90,6 +98,7 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
     out = {
         "model": cfg.model.name, "image_size": cfg.model.image_size, "trainable": cfg.freeze.trainable,
         "batch_size_per_rank": cfg.data.batch_size, "world_size": np_, "steps": steps, "window": window,
+        "repeats": repeats,
         "samples_per_sec": {"distft": d["samples_per_sec"], "baseline": b["samples_per_sec"],
                             "limit": lim["samples_per_sec"]},
         "ratios": {"distft_over_baseline": d["samples_per_sec"] / b["samples_per_sec"],
@@ -102,6 +111,7 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
                                      "baseline": trainable_bytes if np_ > 1 else 0},
         "seconds_to_first_step": {"distft": d["seconds_to_first_step"], "baseline": b["seconds_to_first_step"]},
         "windows": {k: v["window_samples_per_sec"] for k, v in results.items() if "window_samples_per_sec" in v},
+        "rounds": {k: v["round_samples_per_sec"] for k, v in results.items() if "round_samples_per_sec" in v},
         "machine": _machine(),
     }
     if "cached" in results:
@@ -111,6 +121,23 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
                         "augment": False}
         out["samples_per_sec"]["distft_cached"] = c["samples_per_sec"]
         out["ratios"]["cached_over_baseline"] = c["samples_per_sec"] / b["samples_per_sec"]
+    return out
+
+
+def _combine(rounds: list) -> dict:
+    """Per run: the median over repeats of samples/s, the largest peak memory, the first run's
+    byte counts; every round's windows are kept."""
+    out = {}
+    for mode in rounds[0]:
+        runs = [r[mode] for r in rounds]
+        merged = dict(runs[0])
+        merged["samples_per_sec"] = statistics.median(r["samples_per_sec"] for r in runs)
+        merged["round_samples_per_sec"] = [r["samples_per_sec"] for r in runs]
+        merged["peak_rss_bytes"] = [max(vals) for vals in zip(*(r["peak_rss_bytes"] for r in runs))]
+        merged["window_samples_per_sec"] = [w for r in runs for w in r["window_samples_per_sec"]]
+        if "seconds_to_first_step" in merged:
+            merged["seconds_to_first_step"] = statistics.median(r["seconds_to_first_step"] for r in runs)
+        out[mode] = merged
     return out
 
 

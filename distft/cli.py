@@ -38,6 +38,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=30, help="timed steps per run (default 30)")
     b.add_argument("--window", type=int, default=5, help="steps per throughput window (default 5)")
     b.add_argument("--controller", choices=("gloo", "mpi"), default="gloo")
+    b.add_argument("--repeats", type=int, default=1,
+                   help="run limit, baseline and distft this many times in turn; report medians (default 1)")
     b.add_argument("--cache-epochs", type=int, default=3,
                    help="epochs of a distft run with train.cache_features on; epochs after the first "
                         "are compared with the baseline (default 3; 0 skips it)")
@@ -50,7 +52,7 @@ def cmd_bench(args) -> int:
     from . import bench
 
     result = bench.run(args.config, args.overrides, args.np, args.steps, args.window, args.controller,
-                       cache_epochs=args.cache_epochs)
+                       cache_epochs=args.cache_epochs, repeats=args.repeats)
     table = bench.markdown(result)
     print(table)
     if args.json_path:

@@ -100,7 +100,7 @@ def test_bench_command_reports_every_field(tmp_path, pretrained):
     doc = small_config(tmp_path, pretrained, freeze={"trainable": ["features.8", "output"]}, data={"batch_size": 8})
     out = tmp_path / "bench.json"
     proc = run_cli(["bench", "--config", write_config(tmp_path / "c.yaml", doc), "--np", "2", "--steps", "15",
-                    "--window", "5", "--cache-epochs", "2", "--json", str(out), "--markdown", str(tmp_path / "bench.md")], timeout=600)
+                    "--window", "5", "--cache-epochs", "2", "--repeats", "2", "--json", str(out), "--markdown", str(tmp_path / "bench.md")], timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     r = json.loads(out.read_text())
     for group, keys in {"samples_per_sec": ("distft", "baseline", "limit"),
@@ -111,6 +111,9 @@ def test_bench_command_reports_every_field(tmp_path, pretrained):
     assert r["machine"]["cores"] >= 1 and r["machine"]["mxnet"] == "1.9.1"
     assert r["ratios"]["distft_over_limit"] == pytest.approx(r["samples_per_sec"]["distft"] / r["samples_per_sec"]["limit"])
     assert r["bytes_broadcast"]["distft"] < r["bytes_broadcast"]["baseline"]
+    # two interleaved rounds; each figure is the median of its rounds
+    assert all(len(v) == 2 for v in r["rounds"].values()) and set(r["rounds"]) == {"distft", "baseline", "limit"}
+    assert r["samples_per_sec"]["baseline"] == pytest.approx(sum(r["rounds"]["baseline"]) / 2)
     # the cached run: epochs after the first, against the baseline
     assert len(r["cache"]["epoch_samples_per_sec"]) == 2
     assert r["ratios"]["cached_over_baseline"] == pytest.approx(
