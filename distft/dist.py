@@ -145,9 +145,15 @@ class GradientExchange:
     """Allreduces (averages) the gradients of trainable parameters in fused buckets, optionally
     compressed to float16 on the wire, and counts bytes and time.
 
+    Calling it only enqueues the allreduces: the update that follows is queued behind them and
+    they overlap whatever the host does next (the next batch, the frozen prefix's forward).
+    `wait()` blocks until they are done, counting the time as exposed allreduce time.
+
     It also carries one flag per step: each rank's vote (e.g. "I was asked to stop") rides in
     the last bucket, so ranks agree on it without a collective of its own. `vote(flag)` before
-    the step; `any_voted()` after it: whether any rank voted, or None if no exchange ran."""
+    the step; `any_voted(lag)` after it: whether any rank voted in the step `lag` steps back
+    (0: this one, which waits for its allreduce; 1: the one before), or None if no exchange ran
+    then."""
 
     def __init__(self, world: LocalWorld, params: list, bucket_bytes: int, compression: str = "none",
                  predivide: float = 1.0):
@@ -162,36 +168,39 @@ class GradientExchange:
         self.seconds_total = 0.0
         self.calls = 0
         self._vote = 0.0
-        self._ballot = None  # this step's allreduced votes
+        self._ballots: list = [None, None]  # allreduced votes of this step and the one before
 
     def vote(self, flag: bool) -> None:
         self._vote = 1.0 if flag else 0.0
 
-    def any_voted(self) -> Optional[bool]:
-        ballot, self._ballot = self._ballot, None
+    def any_voted(self, lag: int = 0) -> Optional[bool]:
+        ballot = self._ballots[lag]
         return None if ballot is None else bool(ballot.asscalar() > 0)
 
+    def wait(self) -> None:
+        start = time.perf_counter()
+        for p in self.params:
+            p.list_grad()[0].wait_to_read()
+        self.seconds_total += time.perf_counter() - start
+
     def __call__(self) -> None:
+        self._ballots = [None, self._ballots[0]]
         if self.world.size == 1 or not self.params:
             return
         # no wait for backward first: each bucket's allreduce starts as soon as its gradients
-        # exist, overlapping the rest of backward; the time measured includes that tail
-        start = time.perf_counter()
+        # exist, overlapping the rest of backward
         last = len(self.groups) - 1
         for gi, group in enumerate(self.groups):
             grads = [self.params[i].list_grad()[0] for i in group]
             wire = [g.astype(np.float16) for g in grads] if self.compression == "fp16" else list(grads)
             if gi == last:  # the vote: its average is > 0 exactly when some rank voted
-                self._ballot = mx.nd.full((1,), self._vote, ctx=grads[0].context, dtype=wire[0].dtype)
-                wire.append(self._ballot)
+                self._ballots[0] = mx.nd.full((1,), self._vote, ctx=grads[0].context, dtype=wire[0].dtype)
+                wire.append(self._ballots[0])
             self.world.allreduce_(wire, name=f"distft.grad.{gi}", average=True,
                                   prescale=1.0 / self.predivide, postscale=self.predivide)
             if self.compression == "fp16":
                 for g, w in zip(grads, wire):
                     g[:] = w.astype(g.dtype)
-        for i in range(len(self.params)):
-            self.params[i].list_grad()[0].wait_to_read()
-        self.seconds_total += time.perf_counter() - start
         self.calls += 1
 
 

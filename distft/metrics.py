@@ -43,7 +43,7 @@ class Metrics:
         self.step_time = Histogram("distft_step_duration_seconds", "Wall time of one training step", names,
                                    buckets=STEP_BUCKETS, registry=r)
         self.phase = Counter("distft_step_phase_seconds", "Step time split into data wait, compute and "
-                             "allreduce", names + ["phase"], registry=r)
+                             "allreduce (time spent waiting for the gradient exchange; the rest overlaps compute)", names + ["phase"], registry=r)
         self.allreduce_bytes = Counter("distft_allreduce_bytes", "Gradient bytes allreduced by this rank",
                                        names, registry=r)
         self.broadcast_bytes = Counter("distft_broadcast_bytes", "Bytes broadcast or exchanged at start-up",

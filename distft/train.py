@@ -208,6 +208,7 @@ class Job:
         self.cache = None
         self.skipped_steps = 0
         self.stop_requested = False
+        self.pending_check = None  # (sums of squares, loss, (step, epoch)) not read yet
         self.finished = False
         self.heartbeat = time.monotonic()
 
@@ -281,6 +282,13 @@ class Job:
         moving_bn = [p for p, m in self.plan.bn_modes.items() if m != freeze.BN_FROZEN]
         if sync:
             syncbn.convert(self.net, moving_bn, self.world)
+        # read each step's finiteness check one step late, letting the gradient exchange
+        # overlap the next batch (see train_step). Not with a synchronized BN: its backward
+        # waits for its own allreduce inside an engine operation, and with the previous
+        # step's exchange still in flight 2 ranks deadlocked (seen on 2 cores, one engine
+        # worker thread each)
+        self.deferred_check = (cfg.train.on_nonfinite == "error" and not self.loss_scale.dynamic
+                               and not (sync and moving_bn))
         self.runner = model.SplitNet(self.net, self.plan.prefix, self.plan.suffix)
         self.build_cache()
         if cfg.train.hybridize:
@@ -352,6 +360,8 @@ class Job:
 
     # checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self, epoch: int, step_in_epoch: int) -> None:
+        self.settle()
+        self.check_weights()
         average_moving_stats(self.world, self.params, self.plan, self.cfg.dist.batchnorm)
         self.digests = check_rank_digests(self.world, self.params, f"checkpoint at step {self.global_step}")
         if self.world.rank != 0:
@@ -392,6 +402,11 @@ class Job:
         return features
 
     def train_step(self, features, y, lr: float) -> float:
+        """One step. In the default mode (train.on_nonfinite: error, no float16 loss scaling)
+        nothing here waits for the gradient allreduce: the update is queued behind it, and the
+        finiteness check of this step's averaged gradients is read at the next step (`settle`),
+        so the exchange overlaps the next batch. `skip` and float16 loss scaling must decide
+        before updating, so they wait."""
         self.trainer.set_learning_rate(lr)
         if self.plan.input_grad:
             features.attach_grad()  # so backward reaches a statistics-only BN (see FreezePlan)
@@ -401,36 +416,70 @@ class Job:
             scaled = loss * scale if scale != 1.0 else loss
         scaled.backward()
         self.trainer.allreduce_grads()  # trainable gradients only, fused buckets
+        grads = [p.list_grad()[0] for p in self.trainer._params]  # noqa: SLF001
+        # one fused reduction: the sum of squares of each averaged gradient (queued, not read)
+        sums = mx.nd.multi_sum_sq(*grads, num_arrays=len(grads)) if grads else None
+        where = (self.global_step + 1, self.epoch)
+        if self.deferred_check:
+            self.trainer.update(self.cfg.data.batch_size)
+            loss_value = float(loss.mean().asscalar())
+            self.settle()  # the previous step's check: computed by now
+            self.pending_check = (sums, loss_value, where)
+            if not np.isfinite(loss_value):
+                self.settle()
+            return loss_value
+        self.exchange.wait()
         loss_value = float(loss.mean().asscalar())
-        if self.finite(loss_value):
+        if self.finite(sums, loss_value, where):
             self.trainer.update(self.cfg.data.batch_size * scale)  # also undoes the loss scale
             self.loss_scale.stepped()
         return loss_value
 
-    def finite(self, loss_value: float) -> bool:
+    def check_weights(self) -> None:
+        """Finite gradients can still make non-finite weights (a huge learning rate): such a
+        model never reaches a checkpoint."""
+        weights = [p.data() for p in self.trainer._params]  # noqa: SLF001
+        if not weights:
+            return
+        sums = mx.nd.multi_sum_sq(*weights, num_arrays=len(weights)).asnumpy()
+        bad = [self.names[p] for p, v in zip(self.trainer._params, sums) if not np.isfinite(v)]  # noqa: SLF001
+        if bad:
+            raise NumericalError(f"step {self.global_step} (epoch {self.epoch}): non-finite weights in "
+                                 f"{', '.join(bad[:5])} after the update; checkpoint not written, the previous "
+                                 "one is intact (lower optimizer.lr)")
+
+    def settle(self) -> None:
+        """Read the pending finiteness check (a no-op when none is pending). Everything that
+        reads or writes the weights (checkpoints, evaluation, the end, a freeze-plan switch)
+        settles first, so a non-finite update never reaches a file."""
+        if self.pending_check is None:
+            return
+        pending, self.pending_check = self.pending_check, None
+        start = time.perf_counter()
+        self.finite(*pending)
+        self.exchange.seconds_total += time.perf_counter() - start  # waited on the exchange
+
+    def finite(self, sums, loss_value: float, where: tuple) -> bool:
         """NaN/Inf in the loss or the allreduced gradients (the same on every rank after the
         allreduce, so all ranks decide alike): stop, or skip the update."""
-        grads = [p.list_grad()[0] for p in self.trainer._params]  # noqa: SLF001
-        # one fused reduction over every gradient (2 small ops per tensor cost half the step)
-        total = float(mx.nd.multi_sum_sq(*grads, num_arrays=len(grads)).sum().asscalar()) if grads else 0.0
-        if np.isfinite(loss_value) and np.isfinite(total):
+        per_tensor = sums.asnumpy() if sums is not None else np.zeros(0)
+        if np.isfinite(loss_value) and np.isfinite(per_tensor).all():
             return True
-        names = [self.names[p] for p, g in zip(self.trainer._params, grads)  # noqa: SLF001
-                 if not np.isfinite(g.asnumpy()).all()]
-        if np.isfinite(loss_value) and not names:
-            return True  # huge but finite gradients overflowed the sum of squares
+        names = [self.names[p] for p, v in zip(self.trainer._params, per_tensor)  # noqa: SLF001
+                 if not np.isfinite(v)]
         if self.loss_scale.dynamic and np.isfinite(loss_value):
             # float16 gradients overflowed at this loss scale: the usual AMP step, not an error
             self.loss_scale.overflowed()
             return False
-        where = f"step {self.global_step + 1} (epoch {self.epoch})"
+        step, epoch = where
         what = f"loss {loss_value}" + (f"; non-finite gradients in {', '.join(names[:5])}"
                                        + (f" and {len(names) - 5} more" if len(names) > 5 else "") if names else "")
         if self.cfg.train.on_nonfinite == "error":
-            raise NumericalError(f"{where}: {what} (lower optimizer.lr, or set train.on_nonfinite: skip)")
+            raise NumericalError(f"step {step} (epoch {epoch}): {what} "
+                                 "(lower optimizer.lr, or set train.on_nonfinite: skip)")
         self.skipped_steps += 1
         self.metrics.skipped(1)
-        log(self.world, f"warning: {where}: {what}; update skipped ({self.skipped_steps} so far)")
+        log(self.world, f"warning: step {step} (epoch {epoch}): {what}; update skipped ({self.skipped_steps} so far)")
         return False
 
     # preemption and hangs -----------------------------------------------------------------------
@@ -459,7 +508,9 @@ class Job:
         gradients were exchanged)."""
         if self.world.size == 1:
             return self.stop_requested
-        voted = self.exchange.any_voted()
+        # the vote of the step before when the exchange is left to overlap (one step later,
+        # the same step on every rank)
+        voted = self.exchange.any_voted(lag=1 if self.deferred_check else 0)
         if voted is not None:
             return voted
         return bool(self.world.allreduce_numpy(np.array([float(self.stop_requested)]), "distft.stop")[0] > 0)
@@ -569,6 +620,7 @@ class Job:
     def validate(self) -> dict:
         """Top-1/top-5 over data.val, each rank its shard; `local` BN statistics averaged first
         so every rank evaluates the same model."""
+        self.settle()
         average_moving_stats(self.world, self.params, self.plan, self.cfg.dist.batchnorm)
         return evaluate(self.world, self.runner, self.val_loader,
                         self.cfg.data.val_batch_size or self.cfg.data.batch_size, self.ctx, self.loss_fn, self.beat)
@@ -588,6 +640,7 @@ class Job:
         BN modes, sync BN, the prefix split and the cached graphs follow the new plan; the
         optimizer takes the new parameters with fresh state and keeps the state of the others.
         Nothing is broadcast: newly trainable tensors were frozen, hence verified identical."""
+        self.settle()
         old = set(self.plan.trainable_names())
         opt_arrays, counts = checkpoint.optimizer_state(self.trainer, self.names)
         self.configure(epoch)
@@ -604,6 +657,7 @@ class Job:
 
     def finish(self, stats: Stats, evals: dict, wall: float) -> dict:
         world = self.world
+        self.settle()
         average_moving_stats(world, self.params, self.plan, self.cfg.dist.batchnorm)
         digests = check_rank_digests(world, self.params, "end of training")
         rss = [int(b) for b in (x.decode() for x in world.allgather_bytes(

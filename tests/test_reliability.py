@@ -17,7 +17,7 @@ from distft import checkpoint
 from distft.config import Config, load_config
 from distft.errors import ConfigError
 
-from conftest import MPI_ENV, ROOT, horovodrun, read_summary, run_cli, small_config, write_config
+from conftest import MPI_ENV, ROOT, horovodrun, load_params, read_summary, run_cli, small_config, write_config
 from imagefiles import png
 
 
@@ -175,20 +175,53 @@ def test_stopped_rank_makes_the_others_abort_within_the_stall_timeout(tmp_path, 
 
 
 def test_nan_stops_with_the_step_and_parameters_named(tmp_path, pretrained):
-    doc = small_config(tmp_path, pretrained, optimizer={"lr": 1e38, "momentum": 0.0}, train={"max_steps": 6})
+    """The gradient check is read one step late (so the allreduce overlaps the next batch), but
+    a checkpoint is written only after it and after checking the weights themselves: no
+    checkpoint holds a non-finite weight."""
+    doc = small_config(tmp_path, pretrained, optimizer={"lr": 1e38, "momentum": 0.0},
+                       train={"max_steps": 6, "checkpoint_every_steps": 1})
     proc = run_cli(["--config", write_config(tmp_path / "c.yaml", doc)])
     assert proc.returncode == 4
     line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("distft: error: step ") and "non-finite gradients in output.weight" in line
+    # lr 1e38 times a finite gradient: the weights overflow at the first update
+    assert line.startswith("distft: error: step 1 ") and "non-finite weights in output.weight" in line
+    saved = sorted((tmp_path / "out" / "checkpoints").glob("ckpt-*"))
+    assert saved == []
+    for ckpt in saved:
+        for name, arr in load_params(ckpt / "trainable.params").items():
+            assert np.isfinite(arr).all(), (ckpt.name, name)
 
 
-def test_nan_skip_mode_counts_and_finishes(tmp_path, pretrained):
-    doc = small_config(tmp_path, pretrained, optimizer={"lr": 1e38, "momentum": 0.0},
-                       train={"max_steps": 6, "on_nonfinite": "skip"})
+def test_nan_skip_mode_skips_the_bad_batches_and_finishes_with_finite_weights(tmp_path, pretrained):
+    """Black images normalise to 0; any other pixel divided by std 1e-41 (times 255, a float32
+    subnormal) is inf, and the gradient it meets turns NaN: only batches holding such an image
+    are skipped."""
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        d = tmp_path / "data" / ("a" if i % 2 else "b")
+        d.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(1, 255, (8, 8, 3), dtype=np.uint8) if i in (3, 20) else np.zeros((8, 8, 3), np.uint8)
+        (d / f"{i}.png").write_bytes(png(pixels))
+    # features.1, the first convolution, gets an inf input: its weight gradient is NaN (the ReLUs
+    # further up squash NaN to 0, so the loss stays finite)
+    doc = small_config(tmp_path, pretrained, freeze={"trainable": ["features.1", "output"]},
+                       data={"train": str(tmp_path / "data"), "batch_size": 4,
+                                                   "mean": [0.0, 0.0, 0.0], "std": [1e-41] * 3},
+                       optimizer={"lr": 0.01, "momentum": 0.0}, train={"max_steps": 10, "on_nonfinite": "skip"})
     proc = run_cli(["--config", write_config(tmp_path / "c.yaml", doc)])
     assert proc.returncode == 0, proc.stderr
     s = read_summary(tmp_path / "out")
-    assert 0 < s["skipped_steps"] < 6 and s["steps"] == 6
+    assert 1 <= s["skipped_steps"] <= 2 and s["steps"] == 10  # the batches holding image 3 or 20
+    assert all(np.isfinite(a).all() for a in load_params(tmp_path / "out" / "model.params").values())
+
+
+def test_finite_gradients_that_overflow_the_weights_stop_in_skip_mode_too(tmp_path, pretrained):
+    doc = small_config(tmp_path, pretrained, optimizer={"lr": 1e38, "momentum": 0.0},
+                       train={"max_steps": 6, "on_nonfinite": "skip"})
+    proc = run_cli(["--config", write_config(tmp_path / "c.yaml", doc)])
+    assert proc.returncode == 4
+    assert "non-finite weights in output.weight" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out" / "model.params").exists()
 
 
 def corrupt_image_folder(root, n_good=30, bad=("cat/bad1.png", "dog/bad2.png")):
