@@ -39,6 +39,7 @@ class ShardSampler:
     rank: int
     seed: int
     shuffle: bool = True
+    fixed: bool = False  # data.shards: fixed (see the module's docstring)
 
     @property
     def global_batch(self) -> int:
@@ -48,8 +49,6 @@ class ShardSampler:
     def steps_per_epoch(self) -> int:
         """Full global batches only, so every rank takes the same number of steps."""
         return self.size // self.global_batch
-
-    fixed: bool = False
 
     def shard(self) -> np.ndarray:
         """The samples this rank may ever read (everything, unless shards are fixed)."""

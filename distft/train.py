@@ -472,7 +472,8 @@ class Job:
             self.loss_scale.overflowed()
             return False
         step, epoch = where
-        what = f"loss {loss_value}" + (f"; non-finite gradients in {', '.join(names[:5])}"
+        # the check reads each gradient's sum of squares: NaN/Inf, or values beyond ~1e19
+        what = f"loss {loss_value}" + (f"; non-finite gradient norms in {', '.join(names[:5])}"
                                        + (f" and {len(names) - 5} more" if len(names) > 5 else "") if names else "")
         if self.cfg.train.on_nonfinite == "error":
             raise NumericalError(f"step {step} (epoch {epoch}): {what} "
