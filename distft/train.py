@@ -128,7 +128,6 @@ class Stats:
     val_history: list = field(default_factory=list)
     bad_reported: int = 0
     first_step_at: float = 0.0
-    first_step_seconds: float = 0.0
     epochs: list = field(default_factory=list)  # per epoch: steps, seconds of data wait + steps
 
 
@@ -558,7 +557,7 @@ class Job:
             perm = self.sampler.permutation(epoch)
             plan = [(s, self.sampler.indices(epoch, s, perm)) for s in range(first, last)]
             t_wait = time.perf_counter()
-            epoch_start_seconds, epoch_start_steps = stats.steady_seconds + stats.first_step_seconds, stats.steps
+            epoch_seconds, epoch_steps = 0.0, 0  # data wait + steps of this epoch
             skip = self.cache.has_all if self.cache is not None else None
             for step, idx, x, y in self.train_loader.iterate(plan, epoch, skip=skip):
                 t0 = time.perf_counter()
@@ -569,6 +568,8 @@ class Job:
                 loss = self.train_step(self.features_for(idx, x), mx.nd.array(y, ctx=self.ctx), lr)
                 t1 = time.perf_counter()
                 stats.compute_seconds += t1 - t0
+                epoch_seconds += t1 - t_wait
+                epoch_steps += 1
                 self.metrics.step(samples=self.sampler.batch_size, seconds=t1 - t0, data=t0 - t_wait,
                                   allreduce=self.exchange.seconds_total - exchanged,
                                   allreduce_bytes=self.exchange.bytes_per_step, loss=loss, lr=lr, epoch=epoch)
@@ -579,7 +580,6 @@ class Job:
                 stats.samples += self.sampler.global_batch
                 if stats.steps == 1:
                     stats.first_step_at = time.time()
-                    stats.first_step_seconds = t1 - t_wait
                 if stats.steps > 1:  # the first step builds graphs and allocates: not counted
                     stats.steady_seconds += t1 - t_wait  # data wait + step; not eval or checkpoints
                     stats.steady_samples += self.sampler.global_batch
@@ -597,10 +597,9 @@ class Job:
                 t_wait = time.perf_counter()
             self.step_in_epoch = 0
             finished_epoch = last == spe
-            epoch_seconds = stats.steady_seconds + stats.first_step_seconds - epoch_start_seconds
-            stats.epochs.append({"epoch": epoch, "steps": stats.steps - epoch_start_steps, "seconds": epoch_seconds,
-                                 "samples_per_sec": (stats.steps - epoch_start_steps) * self.sampler.global_batch
-                                 / epoch_seconds if epoch_seconds else None})
+            stats.epochs.append({"epoch": epoch, "steps": epoch_steps, "seconds": epoch_seconds,
+                                 "samples_per_sec": epoch_steps * self.sampler.global_batch / epoch_seconds
+                                 if epoch_seconds else None})
             if self.val_loader is not None:
                 evals = self.validate()
                 log(world, f"epoch {epoch} val top1 {evals['val_top1']:.4f} top5 {evals['val_top5']:.4f} "
