@@ -21,6 +21,20 @@ CASES = {
 }
 
 
+def run_with_pretrained_per_rank(backend, files, cfg, timeout):
+    """distft on 2 ranks where rank r loads files[r] as its pretrained file (tests/helpers/per_rank.py)."""
+    import subprocess
+    import time
+
+    choices = "|".join(f"--set=model.pretrained={f}" for f in files)
+    start = time.monotonic()
+    proc = subprocess.run(horovodrun(2, backend) + [sys.executable, "tests/helpers/per_rank.py", choices, "--",
+                                                    "--config", cfg],
+                          cwd=ROOT, env={**os.environ, **MPI_ENV}, capture_output=True, text=True, timeout=timeout)
+    proc.elapsed = time.monotonic() - start
+    return proc
+
+
 def job(tmp_path, pretrained, name, trainable, batch, **extra):
     doc = small_config(tmp_path, pretrained, freeze={"trainable": trainable},
                        data={"batch_size": batch, "augment": False},
@@ -160,10 +174,7 @@ def test_trainable_tensors_are_verified_and_only_differing_ones_sent(tmp_path, p
 
     other, changed_bytes = perturbed_copy(pretrained, tmp_path / "other.params", "features.8.")
     cfg = job(tmp_path, pretrained, "mixed", trainable, B)
-    import subprocess
-    proc = subprocess.run(horovodrun(2, "gloo") + [
-        sys.executable, "tests/helpers/per_rank.py", f"--set=model.pretrained={pretrained}|--set=model.pretrained={other}",
-        "--", "--config", cfg], cwd=ROOT, env={**os.environ, **MPI_ENV}, capture_output=True, text=True, timeout=180)
+    proc = run_with_pretrained_per_rank("gloo", [pretrained, other], cfg, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = read_summary(tmp_path / "mixed")
     assert s["bytes_broadcast_trainable"] == changed_bytes > 0
@@ -185,18 +196,11 @@ def test_local_batchnorm_statistics_are_averaged_so_ranks_agree(tmp_path, pretra
 def test_rank_with_a_different_pretrained_file_stops_the_job(tmp_path, pretrained, backend):
     other = make_pretrained(tmp_path / "other.params", seed=7)
     cfg = job(tmp_path, pretrained, "out", ["output"], B)
-    exe = horovodrun(2, backend)
-    cmd = exe + [sys.executable, "tests/helpers/per_rank.py",
-                 f"--set=model.pretrained={pretrained}|--set=model.pretrained={other}", "--", "--config", cfg]
-    import subprocess
-    import time
-    start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **MPI_ENV}, capture_output=True, text=True, timeout=120)
-    elapsed = time.monotonic() - start
+    proc = run_with_pretrained_per_rank(backend, [pretrained, other], cfg, timeout=120)
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "frozen parameter features.0.running_mean differs between ranks: rank(s) [1] disagree with rank 0" in text
-    assert elapsed < 60
+    assert proc.elapsed < 60
     assert not os.path.exists(tmp_path / "out" / "model.params")
 
 
