@@ -4,7 +4,8 @@ Layout under <train.output>/checkpoints/:
     ckpt-00000120/
         trainable.params   trainable weights and moving BN statistics (mx.nd.save format)
         optimizer.params   optimizer state leaves, keyed <param>#<leaf>   (mx.nd.save format)
-        meta.json          epoch, step, learning rate, update counts, sha256 of both files
+        meta.json          the train state (epoch, samples into it, step, global batch, world size),
+                           the job's identity keys, update counts, loss scale, sha256 of both files
 A checkpoint is written to a hidden temporary directory, fsynced, then renamed into place, so a
 crash leaves either the previous checkpoint set or the new one, never a torn one.
 """
@@ -22,7 +23,8 @@ import mxnet as mx
 
 from .errors import CheckpointError, mxnet_reason
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the train state in samples, the job identity, the loss scale
+READABLE_FORMATS = (1, 2)
 _NAME = re.compile(r"^ckpt-(\d{8})$")
 
 
@@ -128,7 +130,7 @@ def load(path: str) -> Checkpoint:
         raise CheckpointError(f"{path}: not a checkpoint (no meta.json)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{meta_path}: corrupt ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION or "files" not in meta:
+    if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS or "files" not in meta:
         raise CheckpointError(f"{meta_path}: unknown checkpoint format")
     loaded = {}
     for fname, want in meta["files"].items():
@@ -155,62 +157,3 @@ def latest(output: str, warn=print) -> Optional[Checkpoint]:
         except CheckpointError as exc:
             warn(f"skipping checkpoint: {exc}")
     return None
-
-
-# --- optimizer state as plain arrays -----------------------------------------------------------
-
-
-def _leaves(state, out: list) -> None:
-    if state is None:
-        return
-    if isinstance(state, (list, tuple)):
-        for s in state:
-            _leaves(s, out)
-    else:
-        out.append(state)
-
-
-def optimizer_state(trainer, names: dict) -> tuple[dict, dict]:
-    """(arrays, counts): optimizer state leaves keyed by structural parameter name, and each
-    parameter's update count (Adam's bias correction needs it). `names`: Parameter -> name."""
-    arrays, counts = {}, {}
-    updater = trainer._updaters[0]  # noqa: SLF001 - gluon keeps the optimizer state here
-    opt = trainer._optimizer  # noqa: SLF001
-    for index, param in enumerate(trainer._params):  # noqa: SLF001
-        name = names[param]
-        leaves: list = []
-        _leaves(updater.states.get(index), leaves)
-        for j, leaf in enumerate(leaves):
-            arrays[f"{name}#{j}"] = leaf.as_in_context(mx.cpu())  # no copy when already there
-        counts[name] = int(opt._index_update_count.get(index, 0))  # noqa: SLF001
-    return arrays, counts
-
-
-def restore_optimizer_state(trainer, names: dict, arrays: dict, counts: dict, only=None) -> None:
-    """Load state saved by optimizer_state. `only`: restore just these Parameters (the others
-    start fresh, as after unfreezing)."""
-    updater = trainer._updaters[0]  # noqa: SLF001
-    opt = trainer._optimizer  # noqa: SLF001
-    for index, param in enumerate(trainer._params):  # noqa: SLF001
-        if only is not None and param not in only:
-            continue
-        name = names[param]
-        weight = param.list_data()[0]
-        state = opt.create_state_multi_precision(index, weight)
-        leaves: list = []
-        _leaves(state, leaves)
-        for j, leaf in enumerate(leaves):
-            key = f"{name}#{j}"
-            if key not in arrays:
-                raise CheckpointError(f"optimizer state for {name} is missing from the checkpoint "
-                                      f"(was it written with another optimizer?)")
-            if tuple(arrays[key].shape) != tuple(leaf.shape):
-                raise CheckpointError(f"optimizer state {key}: shape {tuple(arrays[key].shape)} "
-                                      f"!= {tuple(leaf.shape)}")
-            leaf[:] = arrays[key].as_in_context(leaf.context)
-        updater.states[index] = state
-        updater.states_synced[index] = True
-        if counts.get(name):
-            opt._index_update_count[index] = counts[name]  # noqa: SLF001
-    if counts:
-        opt.num_update = max([opt.num_update, *counts.values()])

@@ -54,7 +54,11 @@ class DataConfig:
     # ImageFolder directory, RecordIO .rec (with .idx beside it), `demo` or `demo-pretrain`
     train: str = "demo"
     val: Optional[str] = "demo"
-    batch_size: int = field(default=32, metadata=_at_least(1))  # per rank
+    batch_size: int = field(default=32, metadata=_at_least(1))  # per rank (the largest micro-batch)
+    # samples per optimizer step, all ranks together. The job's, not the launch's: default
+    # batch_size x world size at the first launch, kept on any later world size by accumulating
+    # gradients over micro-batches of at most batch_size
+    global_batch: Optional[int] = field(default=None, metadata=_at_least(1))
     val_batch_size: Optional[int] = field(default=None, metadata=_at_least(1))
     augment: bool = False
     seed: int = 0
@@ -85,7 +89,8 @@ class OptimizerConfig:
     step_epochs: list[int] = field(default_factory=list)
     step_factor: float = field(default=0.1, metadata=_at_least(0.0))
     min_lr: float = field(default=0.0, metadata=_at_least(0.0))
-    # scale lr with the number of ranks: `linear` multiplies by world size
+    # `linear`: lr x global batch / data.batch_size (the job's global batch, whatever the
+    # world size of this launch)
     lr_scaling: str = field(default="none", metadata=_choices("none", "linear"))
     # {block path or /regex/: multiplier}, e.g. {features: 0.1}
     lr_mult: dict[str, float] = field(default_factory=dict)

@@ -6,11 +6,14 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import mxnet as mx
 import numpy as np
 from mxnet import gluon
+
+from .errors import DistributedError
 
 
 _LAUNCHER_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
@@ -21,6 +24,29 @@ def launched_by_scheduler() -> bool:
     if any(v in os.environ for v in _LAUNCHER_VARS):
         return True
     return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
+
+
+def gpu_index(rank: int, local_rank: int, local_size: int, visible: int, cuda_visible) -> Optional[int]:
+    """Which of the GPUs this process can see is this rank's (None: the CPU).
+
+    One GPU visible: it is this rank's, whatever its local rank (Slurm's --gpus-per-task=1,
+    Kubernetes' device plugin). All of the node's GPUs visible: the local rank's. Anything
+    else cannot be mapped one GPU per rank and is an error naming the device."""
+    if visible == 0:
+        return None
+    if visible == 1:
+        return 0
+    if local_rank < visible and visible >= local_size:
+        return local_rank
+    raise DistributedError(
+        f"rank {rank} (local rank {local_rank} of {local_size} on this node) has no GPU of its own: this process "
+        f"sees {visible} GPU(s) (CUDA_VISIBLE_DEVICES={cuda_visible if cuda_visible is not None else 'unset'}); "
+        f"give each rank exactly one GPU, or every rank all {local_size} of the node's")
+
+
+def device_for_rank(rank: int, local_rank: int, local_size: int, visible: int, cuda_visible=None):
+    index = gpu_index(rank, local_rank, local_size, visible, cuda_visible)
+    return mx.cpu() if index is None else mx.gpu(index)
 
 
 def digest(arr: np.ndarray) -> bytes:
@@ -37,7 +63,8 @@ class LocalWorld:
     backend = "local"
 
     def context(self):
-        return mx.gpu(self.local_rank) if mx.context.num_gpus() > 0 else mx.cpu()
+        return device_for_rank(self.rank, self.local_rank, self.local_size, mx.context.num_gpus(),
+                               os.environ.get("CUDA_VISIBLE_DEVICES"))
 
     # all of these return bytes moved on the wire by this rank (0 here)
     def broadcast_(self, arrays: list, name: str) -> int:
@@ -141,6 +168,15 @@ def buckets(sizes: list[int], bucket_bytes: int) -> list[list[int]]:
     return groups
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What every rank agreed about one step: whether any rank asked to stop, and which ranks'
+    loss was not finite (the same on every rank, since it came out of an allreduce)."""
+
+    stop: bool
+    nonfinite_ranks: tuple
+
+
 class GradientExchange:
     """Allreduces (averages) the gradients of trainable parameters in fused buckets, optionally
     compressed to float16 on the wire, and counts bytes and time.
@@ -149,11 +185,12 @@ class GradientExchange:
     they overlap whatever the host does next (the next batch, the frozen prefix's forward).
     `wait()` blocks until they are done, counting the time as exposed allreduce time.
 
-    It also carries one flag per step: each rank's vote (e.g. "I was asked to stop") rides in
-    the last bucket, so ranks agree on it without a collective of its own. `vote(flag)` before
-    the step; `any_voted(lag)` after it: whether any rank voted in the step `lag` steps back
-    (0: this one, which waits for its allreduce; 1: the one before), or None if no exchange ran
-    then."""
+    It also carries each step's ballot, riding in the last bucket, so that ranks agree on
+    decisions without a collective of their own: slot 0 is the rank's stop vote (e.g. it got
+    SIGTERM), slot 1 + r is rank r's "my loss is not finite" (computed on the engine from the
+    loss array, never read on the host before the exchange). `vote(stop, loss)` before the
+    step's exchange; `last_ballot` after it: the averaged ballot, still on the engine (read
+    it with `read_verdict`), or None if no exchange ran."""
 
     def __init__(self, world: LocalWorld, params: list, bucket_bytes: int, compression: str = "none",
                  predivide: float = 1.0):
@@ -167,15 +204,26 @@ class GradientExchange:
         self.bytes_per_step = sum(sizes) if world.size > 1 else 0
         self.seconds_total = 0.0
         self.calls = 0
-        self._vote = 0.0
-        self._ballots: list = [None, None]  # allreduced votes of this step and the one before
+        self._stop = False
+        self._loss = None
+        self._ballots: list = [None]  # the allreduced ballot of the last exchange
 
-    def vote(self, flag: bool) -> None:
-        self._vote = 1.0 if flag else 0.0
+    def vote(self, stop: bool, loss=None) -> None:
+        self._stop, self._loss = bool(stop), loss
 
-    def any_voted(self, lag: int = 0) -> Optional[bool]:
-        ballot = self._ballots[lag]
-        return None if ballot is None else bool(ballot.asscalar() > 0)
+    def ballot(self, ctx, dtype) -> mx.nd.NDArray:
+        """This rank's ballot, built on the engine (no host synchronisation)."""
+        ballot = mx.nd.zeros((1 + self.world.size,), ctx=ctx, dtype="float32")
+        ballot[0] = 1.0 if self._stop else 0.0
+        if self._loss is not None:
+            finite = mx.nd.contrib.isfinite(self._loss.astype("float32").sum().reshape((1,)))
+            ballot[1 + self.world.rank:2 + self.world.rank] = (1 - finite).as_in_context(ctx)
+        return ballot.astype(dtype, copy=False)
+
+    @property
+    def last_ballot(self):
+        """The allreduced ballot of the last exchange (an engine array; None if it carried none)."""
+        return self._ballots[0]
 
     def wait(self) -> None:
         start = time.perf_counter()
@@ -184,7 +232,7 @@ class GradientExchange:
         self.seconds_total += time.perf_counter() - start
 
     def __call__(self) -> None:
-        self._ballots = [None, self._ballots[0]]
+        self._ballots = [None]
         if self.world.size == 1 or not self.params:
             return
         # no wait for backward first: each bucket's allreduce starts as soon as its gradients
@@ -193,8 +241,8 @@ class GradientExchange:
         for gi, group in enumerate(self.groups):
             grads = [self.params[i].list_grad()[0] for i in group]
             wire = [g.astype(np.float16) for g in grads] if self.compression == "fp16" else list(grads)
-            if gi == last:  # the vote: its average is > 0 exactly when some rank voted
-                self._ballots[0] = mx.nd.full((1,), self._vote, ctx=grads[0].context, dtype=wire[0].dtype)
+            if gi == last:  # averaged: a slot is > 0 exactly when some rank put 1 there
+                self._ballots[0] = self.ballot(grads[0].context, wire[0].dtype)
                 wire.append(self._ballots[0])
             self.world.allreduce_(wire, name=f"distft.grad.{gi}", average=True,
                                   prescale=1.0 / self.predivide, postscale=self.predivide)
@@ -202,6 +250,19 @@ class GradientExchange:
                 for g, w in zip(grads, wire):
                     g[:] = w.astype(g.dtype)
         self.calls += 1
+
+
+def agree_verdict(world, exchange: GradientExchange, ctx) -> Verdict:
+    """The ballot as a collective of its own (when no gradient exchange carried it)."""
+    ballot = exchange.ballot(ctx, "float32")
+    if world.size > 1:
+        world.allreduce_([ballot], "distft.ballot", average=True)
+    return read_verdict(ballot.asnumpy())
+
+
+def read_verdict(averaged: np.ndarray) -> Verdict:
+    return Verdict(stop=bool(averaged[0] > 0),
+                   nonfinite_ranks=tuple(int(r) for r in np.flatnonzero(averaged[1:] > 0)))
 
 
 class Trainer(gluon.Trainer):

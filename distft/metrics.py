@@ -182,11 +182,16 @@ class Metrics:
         if n:
             self.child(self.bad_samples).inc(n)
 
-    def evaluation(self, evals: dict, epoch: int) -> None:
+    def evaluation(self, evals: dict, epoch: int, step: Optional[int] = None) -> None:
         self.child(self.val_top1).set(evals["val_top1"])
         self.child(self.val_top5).set(evals["val_top5"])
+        self.event("eval", epoch=epoch, step=step, **evals)
+
+    def event(self, name: str, **fields) -> None:
+        """A line of the run's log.jsonl (rank 0): what summary.json is built from, across launches."""
         if self._jsonl:
-            self._jsonl.write(json.dumps({"event": "eval", "epoch": epoch, **evals, "time": time.time()}) + "\n")
+            self._jsonl.write(json.dumps({"event": name, **fields, "time": time.time()}) + "\n")
+            self._jsonl.flush()
 
     def push(self) -> None:
         from prometheus_client import push_to_gateway
@@ -205,8 +210,8 @@ class Metrics:
             self.child(self.vs_forward).set(summary["samples_per_sec"] / self.world.size / self.forward)
         if self.cfg.pushgateway:
             self.push()
-        if self.world.rank == 0 and self.cfg.report and self.history:
-            write_report(os.path.join(self.output, "report.png"), self.history, summary)
+        if self.world.rank == 0 and self.cfg.report and summary.get("history"):
+            write_report(os.path.join(self.output, "report.png"), summary["history"], summary)
         if self._jsonl:
             self._jsonl.write(json.dumps({"event": "done", **{k: summary.get(k) for k in (
                 "steps", "samples_per_sec", "val_top1", "world_size")}, "time": time.time()}) + "\n")
@@ -252,9 +257,13 @@ def write_report(path: str, history: list, summary: dict) -> None:
     ax[0, 1].set(title="validation top-1", xlabel="epoch", ylim=(0, 1))
     ax[1, 0].plot(steps, [h["samples_per_sec"] for h in history], label="job")
     ax[1, 0].set(title="samples/s", xlabel="step")
-    per_rank = np.array([h["rank_step_seconds"] for h in history])
-    for r in range(per_rank.shape[1]):
-        ax[1, 1].plot(steps, per_rank[:, r] * 1000, label=f"rank {r}")
+    # the world size may change between launches: each rank's line covers the steps it ran
+    for r in range(max(len(h["rank_step_seconds"]) for h in history)):
+        points = [(h["step"], h["rank_step_seconds"][r] * 1000) for h in history if r < len(h["rank_step_seconds"])]
+        ax[1, 1].plot(*zip(*points), label=f"rank {r}")
+    for seg in summary.get("segments", [])[1:]:  # where a relaunch resumed
+        for a in ax.ravel()[[0, 2, 3]]:
+            a.axvline(seg["start_step"], color="grey", linestyle=":", linewidth=1)
     ax[1, 1].set(title="mean step time per rank (ms)", xlabel="step")
     ax[1, 1].legend(fontsize=8)
     top1 = summary.get("val_top1")

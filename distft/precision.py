@@ -83,3 +83,12 @@ class LossScale:
         if self.good >= self.window:
             self.good = 0
             self.scale = min(self.scale * 2.0, self.ceiling)
+
+    def state(self) -> dict:
+        return {"scale": self.scale, "good": self.good, "overflows": self.overflows}
+
+    def load(self, doc: dict) -> None:
+        if self.dynamic and doc:
+            self.scale = float(doc.get("scale", self.scale))
+            self.good = int(doc.get("good", 0))
+            self.overflows = int(doc.get("overflows", 0))

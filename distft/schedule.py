@@ -18,8 +18,9 @@ class LRSchedule:
     min_lr: float = 0.0
 
     @classmethod
-    def from_config(cls, opt, steps_per_epoch: int, total_steps: int, world_size: int = 1) -> "LRSchedule":
-        scale = world_size if opt.lr_scaling == "linear" else 1
+    def from_config(cls, opt, steps_per_epoch: int, total_steps: int, batch_ratio: float = 1.0) -> "LRSchedule":
+        """`batch_ratio`: the job's global batch over data.batch_size (what `linear` scales by)."""
+        scale = batch_ratio if opt.lr_scaling == "linear" else 1
         return cls(base_lr=opt.lr * scale, kind=opt.schedule, steps_per_epoch=steps_per_epoch,
                    total_steps=total_steps, warmup_steps=opt.warmup_steps,
                    step_epochs=tuple(opt.step_epochs), step_factor=opt.step_factor, min_lr=opt.min_lr)

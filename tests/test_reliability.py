@@ -287,9 +287,14 @@ def test_corrupted_checkpoint_file_is_a_clear_error(tmp_path, pretrained):
     with open(os.path.join(ckpt, "meta.json"), "w") as fh:
         fh.write("{not json")
     proc = run_cli(["--config", cfg, "--set", "train.max_steps=3"])
-    # the only checkpoint is unusable: reported, and the job starts over instead of crashing
-    assert proc.returncode == 0, proc.stderr
+    # the only checkpoint is unusable: reported, and the job stops rather than start over on
+    # top of the user's run
+    assert proc.returncode == 2, proc.stderr
     assert "skipping checkpoint" in proc.stdout and "meta.json: corrupt" in proc.stdout
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("distft: error: train.output: none of the 1 checkpoint(s) in ") and \
+        "set train.resume: false or remove them" in line
+    assert run_cli(["--config", cfg, "--set", "train.max_steps=3", "--set", "train.resume=false"]).returncode == 0
 
 
 # --- fuzzed configs: only ever a ConfigError with a message ------------------------------------

@@ -1,4 +1,5 @@
 """Single-process training: frozen means frozen, checkpoints round-trip, resume is exact."""
+import json
 import os
 import shutil
 
@@ -149,13 +150,65 @@ def test_keep_last_k_checkpoints(tmp_path, pretrained):
     assert not [n for n in os.listdir(tmp_path / "out" / "checkpoints") if n.startswith(".tmp")]
 
 
-def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, pretrained):
+def test_relaunch_with_another_freeze_plan_is_refused_naming_the_key(tmp_path, pretrained):
     train(tmp_path, pretrained, freeze={"trainable": ["features.8", "output"]})
+    proc = run_cli(["--config", write_config(tmp_path / "other.yaml", small_config(
+        tmp_path, pretrained, freeze={"trainable": ["features.7", "output"]}, train={"max_steps": 5}))])
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "distft: error: freeze.trainable: this job's checkpoints were written with ['features.8', 'output'], "
+        "this launch asks for ['features.7', 'output']; a resumed job keeps it (use another train.output, "
+        "or train.resume: false to start over)")
+
+
+def test_relaunch_that_only_grows_the_run_or_changes_the_micro_batch_is_accepted(tmp_path, pretrained):
+    train(tmp_path, pretrained, train={"max_steps": 2})
+    s = train(tmp_path, pretrained, overrides=["train.max_steps=4", "data.batch_size=4", "data.workers=1"])
+    assert s["resumed"] and s["steps"] == 4 and s["global_batch"] == 8 and s["accumulation"] == 2
+
+
+def test_first_format_checkpoint_still_resumes_exactly(tmp_path, pretrained):
+    """Checkpoints written before the train state was counted in samples (format 1) load."""
+    sections = dict(freeze={"trainable": ["features.8", "output"]}, optimizer={"name": "adam", "lr": 0.001},
+                    train={"max_steps": 6, "checkpoint_every_steps": 3, "keep_checkpoints": 5})
+    train(tmp_path, pretrained, **sections)
+    old = tmp_path / "old" / "checkpoints" / "ckpt-00000003"
+    shutil.copytree(tmp_path / "out" / "checkpoints" / "ckpt-00000003", old)
+    meta = json.loads((old / "meta.json").read_text())
+    first = {"format": 1, "step": 3, "epoch": 0, "step_in_epoch": 3, "world_size": 1, "plan_epoch": 0,
+             "model": meta["model"], "classes": meta["classes"], "lr": meta["lr"],
+             "update_counts": meta["update_counts"], "state_digest": meta["state_digest"], "files": meta["files"]}
+    (old / "meta.json").write_text(json.dumps(first))
+    s = train(tmp_path, pretrained, name="old.yaml", overrides=[f"train.output={tmp_path / 'old'}"], **sections)
+    assert s["resumed"] and s["steps_this_run"] == 3
+    a, b = load_params(tmp_path / "out" / "model.params"), load_params(tmp_path / "old" / "model.params")
+    assert max(float(np.max(np.abs(a[n] - b[n]))) for n in a) <= 1e-6
+
+
+def test_first_format_checkpoint_of_another_plan_is_a_clear_error(tmp_path, pretrained):
+    train(tmp_path, pretrained, freeze={"trainable": ["features.8", "output"]})
+    (ckpt,) = checkpoint.list_checkpoints(str(tmp_path / "out"))
+    meta = json.loads(open(os.path.join(ckpt, "meta.json")).read())
+    for key in ("job", "state"):
+        meta.pop(key)
+    meta.update(format=1, step_in_epoch=3)
+    open(os.path.join(ckpt, "meta.json"), "w").write(json.dumps(meta))
     proc = run_cli(["--config", write_config(tmp_path / "other.yaml", small_config(
         tmp_path, pretrained, freeze={"trainable": ["features.7", "output"]}, train={"max_steps": 5}))])
     assert proc.returncode == 2
     assert "does not belong to this model/freeze plan" in proc.stderr and "missing: features.7" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_relaunching_a_finished_job_changes_nothing(tmp_path, pretrained):
+    train(tmp_path, pretrained, train={"max_steps": 3})
+    out = tmp_path / "out"
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()}
+    proc = run_cli(["--config", str(tmp_path / "cfg.yaml")])
+    assert proc.returncode == 0, proc.stderr
+    assert "the job is complete (step 3 of 3); nothing to do" in proc.stdout
+    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()}
+    assert after == before
 
 
 def test_demo_reaches_accuracy_far_above_chance(tmp_path):

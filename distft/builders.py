@@ -1,0 +1,97 @@
+"""Builders: the data (sets, sharding, loaders), the network as set up for a freeze plan
+(grad_req, BatchNorm modes, synchronized BN, frozen prefix + trainable suffix, hybridization)
+and the feature cache. Each takes the config and what it needs, and returns a part the
+trainer wires in."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from . import freeze, model, syncbn
+from .cache import FeatureCache
+from .data import BatchLoader, ShardSampler, Transform, open_dataset
+from .errors import ConfigError
+from .state import Batching
+
+
+@dataclass
+class Data:
+    train_set: object
+    sampler: ShardSampler
+    train_loader: BatchLoader
+    val_loader: Optional[BatchLoader]
+    total_steps: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def close(self) -> None:
+        for loader in (self.train_loader, self.val_loader):
+            if loader is not None:
+                loader.close()
+
+
+def build_data(cfg, world, batching: Batching) -> Data:
+    train_set = open_dataset(cfg.data.train, "train", "data.train")
+    if train_set.classes > cfg.model.classes:
+        raise ConfigError(f"model.classes: {cfg.model.classes}, but data.train has labels up to "
+                          f"{train_set.classes - 1}")
+    sampler = ShardSampler(len(train_set), batching.per_rank, world.size, world.rank, cfg.data.seed,
+                           fixed=cfg.fixed_shards)
+    if sampler.steps_per_epoch == 0:
+        raise ConfigError(f"data.batch_size: the global batch ({batching.global_batch} samples) is larger than "
+                          f"data.train ({len(train_set)} samples)")
+    transform = Transform(cfg.model.image_size, cfg.data.mean, cfg.data.std, cfg.data.augment, cfg.data.seed)
+    train_loader = BatchLoader(train_set, transform, workers=cfg.data.workers,
+                               max_bad_fraction=cfg.data.max_bad_fraction)
+    val_loader = None
+    if cfg.data.val:
+        val_set = open_dataset(cfg.data.val, "val", "data.val")
+        val_loader = BatchLoader(val_set, Transform(cfg.model.image_size, cfg.data.mean, cfg.data.std, False,
+                                                    cfg.data.seed),
+                                 workers=cfg.data.workers, max_bad_fraction=cfg.data.max_bad_fraction)
+    total = sampler.steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps:
+        total = min(total, cfg.train.max_steps)
+    return Data(train_set, sampler, train_loader, val_loader, total)
+
+
+@dataclass
+class Network:
+    """The network as set up for the freeze plan in force since `plan_epoch`."""
+
+    plan: freeze.FreezePlan
+    plan_epoch: int
+    runner: model.SplitNet
+    synchronized_bn: bool  # some trainable BatchNorm is synchronized across ranks
+
+    def local_stats(self, dist_bn: str) -> list[str]:
+        """BatchNorm statistics that drift apart between ranks (`dist.batchnorm: local`)."""
+        return self.plan.moving_state_names() if dist_bn == "local" else []
+
+
+def build_network(cfg, world, net, spec, epoch: int, ctx) -> Network:
+    """Resolve the freeze plan in force at `epoch` and set the network up for it."""
+    sync = world.size > 1 and cfg.dist.batchnorm == "sync"
+    plan = freeze.resolve(spec, cfg.freeze.trainable, cfg.freeze.batchnorm, cfg.freeze.schedule, epoch,
+                          synchronized_bn=sync)
+    freeze.apply(net, plan)
+    moving_bn = [p for p, m in plan.bn_modes.items() if m != freeze.BN_FROZEN]
+    if sync:
+        syncbn.convert(net, moving_bn, world)
+    runner = model.SplitNet(net, plan.prefix, plan.suffix)
+    if cfg.train.hybridize:
+        unreliable_bn = model.cached_batchnorm_is_unreliable(ctx.device_type)
+        runner.hybridize(keep_imperative=lambda b: syncbn.is_sync(b) or (
+            unreliable_bn and model.is_training_batchnorm(b)))
+    return Network(plan, epoch, runner, bool(sync and moving_bn))
+
+
+def build_cache(cfg, network: Network, sampler: ShardSampler, rank: int) -> Optional[FeatureCache]:
+    """A cache is valid for one frozen prefix: built anew whenever the plan changes."""
+    if not (cfg.train.cache_features and network.plan.prefix):
+        return None
+    return FeatureCache(sampler.shard(), cfg.train.cache_dtype, cfg.train.cache_memory_bytes,
+                        os.path.join(cfg.train.output, "cache"), rank)

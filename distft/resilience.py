@@ -1,0 +1,90 @@
+"""Preemption and hangs.
+
+- A stop request (SIGTERM, or a test's fault hook) on any rank travels in the next step's
+  ballot; every rank stops at the same step, checkpoints and exits 75.
+- The preemption deadline (`train.preempt_grace`) is for a peer that is gone: it counts only
+  while the stop is not yet agreed and the ranks are not in a phase they entered together
+  (validation, the agreed checkpoint). Once every rank has agreed to stop it is disarmed, so no
+  healthy rank is killed while the checkpoint is written.
+- The watchdog exits a rank that made no progress for `train.stall_timeout` seconds.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+from . import faults
+
+
+class Resilience:
+    def __init__(self, world, stall_timeout: float, preempt_grace: float):
+        self.world = world
+        self.stall_timeout, self.preempt_grace = stall_timeout, preempt_grace
+        self.heartbeat = time.monotonic()
+        self.stop_requested = False
+        self.finished = False
+        self._together = 0  # depth of phases all ranks are in together
+        self._agreed = False
+
+    def beat(self) -> None:
+        self.heartbeat = time.monotonic()
+
+    @contextmanager
+    def together(self):
+        """A phase every rank enters at the same point (validation, a checkpoint): waiting for
+        a peer there is not a sign that it is gone."""
+        self._together += 1
+        self.beat()
+        try:
+            yield
+        finally:
+            self._together -= 1
+            self.beat()
+
+    def start(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda signum, frame: self.request_stop())
+        self.beat()
+        if self.stall_timeout:
+            threading.Thread(target=self._watch, name="distft-watchdog", daemon=True).start()
+
+    def request_stop(self) -> None:
+        if self.stop_requested:
+            return
+        self.stop_requested = True
+        threading.Thread(target=self._deadline, name="distft-preempt-deadline", daemon=True).start()
+
+    def poll_faults(self, step: int) -> None:
+        if faults.stop_requested(self.world.rank, step):
+            self.request_stop()
+
+    def stop_agreed(self) -> None:
+        self._agreed = True
+
+    def _deadline(self) -> None:
+        waited, tick = 0.0, 0.1
+        while not (self._agreed or self.finished):
+            time.sleep(tick)
+            if not self._together:
+                waited += tick
+            if waited > self.preempt_grace:
+                print(f"distft: error (rank {self.world.rank}): SIGTERM {self.preempt_grace:g} s ago and no clean "
+                      "stop (train.preempt_grace): a peer rank is gone; exiting, the last completed checkpoint "
+                      "is intact", file=sys.stderr, flush=True)
+                os._exit(143)
+
+    def _watch(self) -> None:
+        timeout = self.stall_timeout
+        while not self.finished:
+            time.sleep(min(1.0, timeout / 4))
+            idle = time.monotonic() - self.heartbeat
+            if idle > timeout and not self.finished:
+                print(f"distft: error (rank {self.world.rank}): no progress for {idle:.0f} s "
+                      f"(train.stall_timeout {timeout:g} s): a rank is hung or a collective never "
+                      f"completed; Horovod's stall report above names the missing ranks",
+                      file=sys.stderr, flush=True)
+                os._exit(5)
