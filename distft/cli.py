@@ -65,10 +65,16 @@ def cmd_bench(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from . import zoo
     from .config import load_config
     from .train import run
 
-    run(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.pretrained is True:
+        # every process of a node, before Horovod starts: one download per node (a file lock),
+        # and no collective waits on it
+        zoo.fetch(cfg.model.name)
+    run(cfg)
     return 0
 
 

@@ -16,6 +16,7 @@ from mxnet import gluon
 from mxnet.gluon import nn
 from mxnet.gluon.model_zoo import vision
 
+from . import zoo
 from .errors import ModelError, mxnet_reason
 
 BN_TYPES = (nn.BatchNorm,)
@@ -125,18 +126,6 @@ def describe(net: gluon.Block, name: str, head: str) -> ModelSpec:
 # --- weights ---------------------------------------------------------------------------------
 
 
-def zoo_cache_file(name: str) -> str:
-    from mxnet.gluon.model_zoo import model_store
-
-    root = os.path.join(os.environ.get("MXNET_HOME", os.path.join("~", ".mxnet")), "models")
-    try:
-        digest = model_store.short_hash(name)
-    except ValueError:
-        raise ModelError(f"model.pretrained: true, but the model zoo has no pretrained weights for {name!r}; "
-                         "give a .params path instead") from None
-    return os.path.expanduser(os.path.join(root, f"{name}-{digest}.params"))
-
-
 def _summarise(names: list[str], limit: int = 5) -> str:
     more = f" … and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
@@ -205,11 +194,7 @@ def create(cfg_model, ctx, seed: int) -> gluon.HybridBlock:
         raise ModelError(f"model.image_size: {size} does not fit {cfg_model.name}: {first}") from None
     pretrained = cfg_model.pretrained
     if pretrained is True:
-        path = zoo_cache_file(cfg_model.name)
-        if not os.path.isfile(path):
-            raise ModelError(f"model.pretrained: true looks for the model-zoo file {path}, which is not there "
-                             "(no download here): put it there ($MXNET_HOME/models) or give a .params path")
-        load_pretrained(net, path, cfg_model.head, ctx)
+        load_pretrained(net, zoo.fetch(cfg_model.name), cfg_model.head, ctx)
     elif pretrained:
         load_pretrained(net, os.path.expanduser(pretrained), cfg_model.head, ctx)
     return net
