@@ -1,4 +1,5 @@
-"""Command line: `distft [train] --config X --set a.b=c`, `distft plan`, `distft demo-prepare`."""
+"""Command line: `distft [train] --config X --set a.b=c`, `distft plan`, `distft demo-prepare`,
+`distft bench`, and for a trained run `distft eval`, `distft predict`, `distft export`."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,7 @@ import traceback
 
 from .errors import DistftError
 
-COMMANDS = ("train", "plan", "demo-prepare", "bench")
+COMMANDS = ("train", "plan", "demo-prepare", "bench", "eval", "predict", "export")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -45,7 +46,26 @@ def parser() -> argparse.ArgumentParser:
                         "are compared with the baseline (default 3; 0 skips it)")
     b.add_argument("--json", dest="json_path", help="write the results as JSON here")
     b.add_argument("--markdown", dest="md_path", help="write the Markdown table here")
+    e = sub.add_parser("eval", help="evaluate the trained model (train.output/model.params or a checkpoint): "
+                       "top-1, top-5, per-class precision/recall, confusion matrix; runs under horovodrun too")
+    _config_args(e)
+    e.add_argument("--data", help="ImageFolder directory or .rec to evaluate on (default: data.val)")
+    e.add_argument("--checkpoint", metavar="DIR",
+                   help="a checkpoint directory (train.output/checkpoints/ckpt-N): its trainable tensors on "
+                        "top of the pretrained model, instead of model.params")
+    e.add_argument("--head", help="for grid runs: the head to evaluate (train.output/heads/NAME/model.params)")
+    e.add_argument("--json", dest="json_path", required=True,
+                   help="write the results here; the confusion-matrix PNG goes beside it (same name, .png)")
     return p
+
+
+def cmd_eval(args) -> int:
+    from . import evaluate
+    from .config import load_config
+
+    evaluate.run(load_config(args.config, args.overrides), args.json_path, data=args.data,
+                 checkpoint_dir=args.checkpoint, head=args.head)
+    return 0
 
 
 def cmd_bench(args) -> int:
@@ -120,7 +140,7 @@ def main(argv=None) -> int:
         argv.insert(0, "train")  # `python -m distft --config X` trains
     args = parser().parse_args(argv)
     handler = {"train": cmd_train, "plan": cmd_plan, "demo-prepare": cmd_demo_prepare,
-               "bench": cmd_bench}[args.command]
+               "bench": cmd_bench, "eval": cmd_eval}[args.command]
     try:
         code = handler(args)
     except DistftError as exc:

@@ -131,17 +131,18 @@ def _summarise(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def load_pretrained(net: gluon.Block, path: str, head: str, ctx) -> int:
-    """Load a `save_parameters` file into every parameter outside `head`. Returns the count loaded."""
+def load_pretrained(net: gluon.Block, path: str, head: str, ctx, what: str = "model.pretrained") -> int:
+    """Load a `save_parameters` file into every parameter outside `head` (all of them when
+    `head` is ""). Returns the count loaded. Errors name `what` (a key) and the file."""
     if not os.path.isfile(path):
-        raise ModelError(f"model.pretrained: {path}: no such file")
+        raise ModelError(f"{what}: {path}: no such file")
     try:
         loaded = mx.nd.load(path)
     except mx.base.MXNetError as exc:
         first = mxnet_reason(exc)
-        raise ModelError(f"model.pretrained: {path}: not an MXNet .params file ({first})") from None
+        raise ModelError(f"{what}: {path}: not an MXNet .params file ({first})") from None
     if not isinstance(loaded, dict):
-        raise ModelError(f"model.pretrained: {path}: holds a list of arrays, not named parameters")
+        raise ModelError(f"{what}: {path}: holds a list of arrays, not named parameters")
     # files written by export() prefix names with arg:/aux:
     loaded = {k.split(":", 1)[1] if k.startswith(("arg:", "aux:")) else k: v for k, v in loaded.items()}
     params = structural_params(net)
@@ -152,7 +153,7 @@ def load_pretrained(net: gluon.Block, path: str, head: str, ctx) -> int:
             loaded = {by_prefixed.get(k, k): v for k, v in loaded.items()}
 
     def outside_head(key: str) -> bool:
-        return not (key == head or key.startswith(head + "."))
+        return not head or not (key == head or key.startswith(head + "."))
 
     missing = [k for k in params if outside_head(k) and k not in loaded]
     unexpected = [k for k in loaded if outside_head(k) and k not in params]
@@ -167,7 +168,7 @@ def load_pretrained(net: gluon.Block, path: str, head: str, ctx) -> int:
             parts.append(f"missing from the file: {_summarise(missing)}")
         if unexpected:
             parts.append(f"not in the model: {_summarise(unexpected)}")
-        raise ModelError(f"model.pretrained: {path} does not fit this model ({len(params)} parameters); "
+        raise ModelError(f"{what}: {path} does not fit this model ({len(params)} parameters); "
                          + "; ".join(parts))
     count = 0
     for key, param in params.items():

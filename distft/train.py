@@ -25,8 +25,10 @@ from mxnet import autograd, gluon
 from . import checkpoint, dist, freeze, model, precision, syncbn
 from .cache import FeatureCache
 from .metrics import Metrics, forward_probe
+from .preprocess import Preprocess
 from .config import Config, dump_config
-from .data import BatchLoader, ShardSampler, Transform, eval_shard, open_dataset
+from .data import BatchLoader, ShardSampler, Transform, open_dataset
+from .evaluate import evaluate
 from .errors import CheckpointError, ConfigError, DistributedError, NumericalError, Preempted, \
     mxnet_reason
 from .schedule import LRSchedule
@@ -171,28 +173,6 @@ def average_moving_stats(world, params: dict, plan, dist_bn: str) -> None:
         mx.nd.waitall()
 
 
-def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
-    k = min(k, logits.shape[1])
-    top = np.argpartition(-logits, kth=k - 1, axis=1)[:, :k]
-    return int((top == labels[:, None]).any(axis=1).sum())
-
-
-def evaluate(world, runner, loader: BatchLoader, batch_size: int, ctx, loss_fn, beat=lambda: None) -> dict:
-    idx = eval_shard(len(loader.dataset), world.size, world.rank)
-    sums = np.zeros(4)  # top1, top5, loss, count
-    for start in range(0, len(idx), batch_size):
-        beat()
-        x, y = loader.batch(idx[start:start + batch_size], epoch=0)
-        out = precision.to_float32(runner(mx.nd.array(x, ctx=ctx)))
-        loss = loss_fn(out, mx.nd.array(y, ctx=ctx)).asnumpy()
-        logits = out.asnumpy()
-        sums += [topk_correct(logits, y, 1), topk_correct(logits, y, 5), loss.sum(), len(y)]
-    total = world.allreduce_numpy(sums, "distft.eval")
-    n = max(total[3], 1)
-    return {"val_top1": total[0] / n, "val_top5": total[1] / n, "val_loss": total[2] / n,
-            "val_samples": int(total[3])}
-
-
 # --- the job -----------------------------------------------------------------------------------
 
 
@@ -222,6 +202,7 @@ class Job:
             except OSError as exc:
                 raise ConfigError(f"train.output: {self.out}: cannot write there ({exc.strerror})") from None
             dump_config(self.cfg, os.path.join(self.out, "config.yaml"))
+            Preprocess.from_config(self.cfg).save(os.path.join(self.out, "preprocess.json"))
 
     def load_resume_point(self) -> Optional[checkpoint.Checkpoint]:
         """Rank 0 reads the newest valid checkpoint; every rank learns its meta."""
