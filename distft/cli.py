@@ -56,7 +56,20 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--head", help="for grid runs: the head to evaluate (train.output/heads/NAME/model.params)")
     e.add_argument("--json", dest="json_path", required=True,
                    help="write the results here; the confusion-matrix PNG goes beside it (same name, .png)")
+    pr = sub.add_parser("predict", help="top-k class names with probabilities for images or folders (JSON or CSV)")
+    _config_args(pr)
+    pr.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders of them")
+    pr.add_argument("--top-k", type=int, default=None, help="classes per image (default: min(5, model.classes))")
+    pr.add_argument("--output", required=True, help="OUT.json or OUT.csv (columns image,rank,class,prob)")
     return p
+
+
+def cmd_predict(args) -> int:
+    from . import predict
+    from .config import load_config
+
+    predict.run(load_config(args.config, args.overrides), args.images, args.output, args.top_k)
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -140,7 +153,8 @@ def main(argv=None) -> int:
         argv.insert(0, "train")  # `python -m distft --config X` trains
     args = parser().parse_args(argv)
     handler = {"train": cmd_train, "plan": cmd_plan, "demo-prepare": cmd_demo_prepare,
-               "bench": cmd_bench, "eval": cmd_eval}[args.command]
+               "bench": cmd_bench, "eval": cmd_eval,
+               "predict": cmd_predict}[args.command]
     try:
         code = handler(args)
     except DistftError as exc:

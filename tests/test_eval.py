@@ -12,7 +12,7 @@ from distft.dist import LocalWorld
 from distft.preprocess import Preprocess
 from distft.train import run
 
-from imagefiles import png
+from imagefiles import make_folder
 
 TRAIN = {"trainable": ["features.8", "output"]}  # a trainable stage: BN statistics move
 
@@ -82,17 +82,6 @@ def test_eval_on_two_ranks_equals_val_top1(trained_run, tmp_path):
     report = json.loads(out.read_text())
     assert report["world_size"] == 2 and report["samples"] == len(demo.dataset("demo", "val"))
     assert report["top1"] == summary["val_top1"]
-
-
-def make_folder(root, classes, per_class=4, size=40, seed=0):
-    rng = np.random.default_rng(seed)
-    for c, name in enumerate(classes):
-        os.makedirs(root / name)
-        for i in range(per_class):
-            img = rng.integers(0, 60, (size, size + 6, 3), dtype=np.uint8)
-            img[:, :, c % 3] += 150  # a class is a dominant colour: learnable
-            (root / name / f"{i}.png").write_bytes(png(img))
-    return str(root)
 
 
 def test_eval_on_a_folder_names_its_classes(tmp_path, pretrained):
