@@ -61,7 +61,21 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders of them")
     pr.add_argument("--top-k", type=int, default=None, help="classes per image (default: min(5, model.classes))")
     pr.add_argument("--output", required=True, help="OUT.json or OUT.csv (columns image,rank,class,prob)")
+    x = sub.add_parser("export", help="write the trained network for serving (MXNet symbol+params or ONNX), "
+                       "check it numerically and print the input spec")
+    _config_args(x)
+    x.add_argument("--format", choices=("mxnet", "onnx"), required=True)
+    x.add_argument("--output", required=True,
+                   help="mxnet: PATH-symbol.json and PATH-0000.params; onnx: the .onnx file")
     return p
+
+
+def cmd_export(args) -> int:
+    from . import export
+    from .config import load_config
+
+    export.run(load_config(args.config, args.overrides), args.format, args.output)
+    return 0
 
 
 def cmd_predict(args) -> int:
@@ -154,7 +168,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     handler = {"train": cmd_train, "plan": cmd_plan, "demo-prepare": cmd_demo_prepare,
                "bench": cmd_bench, "eval": cmd_eval,
-               "predict": cmd_predict}[args.command]
+               "predict": cmd_predict, "export": cmd_export}[args.command]
     try:
         code = handler(args)
     except DistftError as exc:

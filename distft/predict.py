@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from .data import IMAGE_EXTENSIONS, ImageFolder, decode
+from .data import IMAGE_EXTENSIONS, decode
 from .errors import ConfigError, DataError
 
 
@@ -70,16 +70,6 @@ def write(results: list[dict], path: str) -> None:
                 out.writerow([r["image"], rank, t["class"], f"{t['prob']:.6g}"])
 
 
-def _train_folder(cfg):
-    """data.train, when it is an ImageFolder: its folder names name the classes."""
-    if cfg.data.train and os.path.isdir(cfg.data.train):
-        try:
-            return ImageFolder(cfg.data.train)
-        except DataError:
-            return None
-    return None
-
-
 def run(cfg, images: list[str], output: str, k: Optional[int] = None) -> list[dict]:
     import mxnet as mx
 
@@ -95,7 +85,7 @@ def run(cfg, images: list[str], output: str, k: Optional[int] = None) -> list[di
     ctx = LocalWorld().context()
     net, _ = trained.load_network(cfg, ctx)
     runner = trained.runner(cfg, net, ctx)
-    names = trained.class_names(cfg, _train_folder(cfg))
+    names = trained.class_names(cfg)
     transform = trained.preprocessing(cfg).transform()
     batch = cfg.data.val_batch_size or cfg.data.batch_size
 

@@ -8,7 +8,8 @@ import os
 from typing import Optional
 
 from . import checkpoint, freeze, model, precision, preprocess
-from .errors import CheckpointError, ConfigError
+from .data import ImageFolder
+from .errors import CheckpointError, ConfigError, DataError
 
 CLASSES_FILE = "classes.json"
 
@@ -20,10 +21,12 @@ def params_file(cfg, head: Optional[str] = None) -> str:
     return os.path.join(cfg.train.output, "model.params")
 
 
-def load_network(cfg, ctx, checkpoint_dir: Optional[str] = None, head: Optional[str] = None):
+def load_network(cfg, ctx, checkpoint_dir: Optional[str] = None, head: Optional[str] = None,
+                 enable_precision: bool = True):
     """(network, where its weights came from). From `train.output/model.params` (or a grid
     head's), or from a checkpoint's trainable tensors on top of the pretrained model."""
-    precision.enable(cfg.train.precision, ctx)  # as training did, before the model is built
+    if enable_precision:
+        precision.enable(cfg.train.precision, ctx)  # as training did, before the model is built
     if checkpoint_dir:
         net = model.create(cfg.model, ctx, seed=cfg.train.seed)
         ckpt = checkpoint.load(checkpoint_dir)
@@ -62,8 +65,8 @@ def runner(cfg, net, ctx) -> model.SplitNet:
 
 
 def class_names(cfg, dataset=None) -> list[str]:
-    """`train.output/classes.json` (a list of names) if the run saved one, else the data set's
-    folder names when they number model.classes, else "0", "1", …"""
+    """`train.output/classes.json` (a list of names) if the run saved one, else the folder names
+    of `dataset` or of data.train when they number model.classes, else "0", "1", …"""
     classes = cfg.model.classes
     path = os.path.join(cfg.train.output, CLASSES_FILE)
     if os.path.isfile(path):
@@ -76,10 +79,21 @@ def class_names(cfg, dataset=None) -> list[str]:
         if not isinstance(names, list) or len(names) != classes or not all(isinstance(n, str) for n in names):
             raise ConfigError(f"{path}: expected a list of {classes} class names (model.classes)")
         return names
-    folders = getattr(dataset, "class_names", None)
-    if folders and len(folders) == classes:
-        return list(folders)
+    for source in (dataset, _train_folder(cfg)):
+        folders = getattr(source, "class_names", None)
+        if folders and len(folders) == classes:
+            return list(folders)
     return [str(i) for i in range(classes)]
+
+
+def _train_folder(cfg):
+    """data.train, when it is an ImageFolder: its folder names name the classes."""
+    if cfg.data.train and os.path.isdir(cfg.data.train):
+        try:
+            return ImageFolder(cfg.data.train)
+        except DataError:
+            return None
+    return None
 
 
 def preprocessing(cfg) -> preprocess.Preprocess:
