@@ -3,8 +3,8 @@
 - `mxnet`: `HybridBlock.export` (PATH-symbol.json, PATH-0000.params), for MXNet Model Server
   and the C++/Scala predict APIs.
 - `onnx`: PATH (.onnx) via MXNet's own exporter (`mx.onnx.export_model`), batch dimension
-  dynamic. Needs the `export` extra (onnx 1.14.1: MXNet 1.9.1's exporter imports
-  `onnx.mapping`, which later onnx releases removed; onnxruntime for the check).
+  dynamic. Needs the `export` extra (onnx < 1.19: MXNet 1.9.1's exporter imports
+  `onnx.mapping`, which onnx 1.19 removed; onnxruntime for the check).
 
 The graph takes the normalised NCHW float32 tensor the network itself takes; preprocessing stays
 outside it and is printed (and written beside the export as STEM-input.json, with the class
