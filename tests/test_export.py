@@ -1,19 +1,23 @@
 """`distft export`: MXNet symbol+params and ONNX, each reloaded and compared with the trained network."""
 import json
 import os
+import subprocess
+import sys
 
 import mxnet as mx
 import numpy as np
 import onnxruntime
 import pytest
 
-from conftest import small_config, write_config
+from conftest import ROOT, small_config, write_config
 from distft import cli, demo, export
 from distft.config import load_config
 from distft.dist import LocalWorld
 from distft.errors import ModelError
 from distft.preprocess import Preprocess
 from distft.train import run
+
+from imagefiles import make_folder
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +80,24 @@ def test_an_export_that_does_not_match_is_removed(trained_run, tmp_path, monkeyp
     with pytest.raises(ModelError, match=r"--format mxnet: the reloaded export's logits differ .* nothing written"):
         export.run(load_config(cfg), "mxnet", str(tmp_path / "net"))
     assert os.listdir(tmp_path) == []
+
+
+def test_served_onnx_model_answers_as_predict_does(trained_run, tmp_path):
+    """examples/serve_onnx.py (onnxruntime, Pillow, numpy; no MXNet) with the exported model and
+    its input spec gives what `distft predict` gives, on images that need resizing and cropping."""
+    cfg, _ = trained_run
+    folder = make_folder(tmp_path / "imgs", ["a", "b"], per_class=2, size=45)
+    images = sorted(str(p) for p in (tmp_path / "imgs").rglob("*.png"))
+    assert cli.main(["export", "--config", cfg, "--format", "onnx", "--output", str(tmp_path / "m.onnx")]) == 0
+    assert cli.main(["predict", "--config", cfg, "--images", folder, "--top-k", "5",
+                     "--output", str(tmp_path / "p.json")]) == 0
+    expected = {r["image"]: r["top"] for r in json.loads((tmp_path / "p.json").read_text())}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "serve_onnx.py"), str(tmp_path / "m.onnx"),
+                           *images], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    served = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["image"] for r in served] == images
+    for r in served:
+        want = expected[r["image"]]
+        assert [t["class"] for t in r["top"]] == [t["class"] for t in want]
+        assert max(abs(a["prob"] - b["prob"]) for a, b in zip(r["top"], want)) <= 1e-4
