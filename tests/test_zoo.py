@@ -24,7 +24,7 @@ class ZooServer:
     """Serves `root` at 127.0.0.1 as a model-zoo mirror; counts the zip requests."""
 
     def __init__(self, root, delay=0.0):
-        self.requests = []
+        self.requests, self.started = [], []
         server = self
 
         class Handler(http.server.SimpleHTTPRequestHandler):
@@ -33,6 +33,7 @@ class ZooServer:
 
             def do_GET(self):
                 server.requests.append(self.path)
+                server.started.append(time.time())
                 time.sleep(delay)
                 super().do_GET()
 
@@ -98,20 +99,24 @@ def test_download_fills_the_cache_and_the_model_loads_it(mirror, zoo_file, tmp_p
 
 
 def test_two_processes_of_one_node_download_once(zoo_file, tmp_path):
-    server = ZooServer(zoo_file.root, delay=1.0)  # slow: the second process arrives mid-download
-    script = ("import sys; from distft import zoo; zoo.expected_sha1 = lambda name: sys.argv[1]; "
-              f"print(zoo.fetch({NAME!r}))")
+    """Two processes sharing one MXNET_HOME (the ranks of a node) ask at the same time: one
+    downloads, the other waits on the lock and finds the file."""
+    server = ZooServer(zoo_file.root, delay=3.0)  # slow: the second process arrives mid-download
+    script = ("import sys, time; from distft import zoo; zoo.expected_sha1 = lambda name: sys.argv[1]; "
+              f"print(time.time()); print(zoo.fetch({NAME!r}))")
     env = {**os.environ, "MXNET_GLUON_REPO": server.repo, "MXNET_HOME": str(tmp_path / "mxhome"),
            "PYTHONPATH": ROOT}
     try:
-        procs = [subprocess.Popen([sys.executable, "-c", script, zoo_file.sha1], env={**env, "LOCAL_RANK": str(r)},
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+        procs = [subprocess.Popen([sys.executable, "-c", script, zoo_file.sha1], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
         outs = [p.communicate(timeout=120) for p in procs]
     finally:
         server.close()
     assert [p.returncode for p in procs] == [0, 0], outs
-    paths = {out.strip() for out, _ in outs}
-    assert paths == {str(tmp_path / "mxhome" / "models" / f"{NAME}-{zoo_file.sha1[:8]}.params")}
+    entered = [float(out.split()[0]) for out, _ in outs]
+    assert max(entered) < server.started[0] + 3.0  # both asked while the download was under way
+    assert {out.split()[1] for out, _ in outs} == {str(tmp_path / "mxhome" / "models" /
+                                                       f"{NAME}-{zoo_file.sha1[:8]}.params")}
     assert len(server.requests) == 1
     assert sum("downloading" in err for _, err in outs) == 1
 
