@@ -1,4 +1,5 @@
-"""Command line: `distft [train] --config X --set a.b=c`, `distft plan`, `distft demo-prepare`."""
+"""Command line: `distft [train] --config X --set a.b=c`, `distft plan`, `distft demo-prepare`,
+`distft bench`, and for a trained run `distft eval`, `distft predict`, `distft export`."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,7 @@ import traceback
 
 from .errors import DistftError
 
-COMMANDS = ("train", "plan", "demo-prepare", "bench")
+COMMANDS = ("train", "plan", "demo-prepare", "bench", "eval", "predict", "export")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -45,7 +46,53 @@ def parser() -> argparse.ArgumentParser:
                         "are compared with the baseline (default 3; 0 skips it)")
     b.add_argument("--json", dest="json_path", help="write the results as JSON here")
     b.add_argument("--markdown", dest="md_path", help="write the Markdown table here")
+    e = sub.add_parser("eval", help="evaluate the trained model (train.output/model.params or a checkpoint): "
+                       "top-1, top-5, per-class precision/recall, confusion matrix; runs under horovodrun too")
+    _config_args(e)
+    e.add_argument("--data", help="ImageFolder directory or .rec to evaluate on (default: data.val)")
+    e.add_argument("--checkpoint", metavar="DIR",
+                   help="a checkpoint directory (train.output/checkpoints/ckpt-N): its trainable tensors on "
+                        "top of the pretrained model, instead of model.params")
+    e.add_argument("--head", help="for grid runs: the head to evaluate (train.output/heads/NAME/model.params)")
+    e.add_argument("--json", dest="json_path", required=True,
+                   help="write the results here; the confusion-matrix PNG goes beside it (same name, .png)")
+    pr = sub.add_parser("predict", help="top-k class names with probabilities for images or folders (JSON or CSV)")
+    _config_args(pr)
+    pr.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders of them")
+    pr.add_argument("--top-k", type=int, default=None, help="classes per image (default: min(5, model.classes))")
+    pr.add_argument("--output", required=True, help="OUT.json or OUT.csv (columns image,rank,class,prob)")
+    x = sub.add_parser("export", help="write the trained network for serving (MXNet symbol+params or ONNX), "
+                       "check it numerically and print the input spec")
+    _config_args(x)
+    x.add_argument("--format", choices=("mxnet", "onnx"), required=True)
+    x.add_argument("--output", required=True,
+                   help="mxnet: PATH-symbol.json and PATH-0000.params; onnx: the .onnx file")
     return p
+
+
+def cmd_export(args) -> int:
+    from . import export
+    from .config import load_config
+
+    export.run(load_config(args.config, args.overrides), args.format, args.output)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from . import predict
+    from .config import load_config
+
+    predict.run(load_config(args.config, args.overrides), args.images, args.output, args.top_k)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import evaluate
+    from .config import load_config
+
+    evaluate.run(load_config(args.config, args.overrides), args.json_path, data=args.data,
+                 checkpoint_dir=args.checkpoint, head=args.head)
+    return 0
 
 
 def cmd_bench(args) -> int:
@@ -65,10 +112,16 @@ def cmd_bench(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from . import zoo
     from .config import load_config
     from .train import run
 
-    run(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.pretrained is True:
+        # every process of a node, before Horovod starts: one download per node (a file lock),
+        # and no collective waits on it
+        zoo.fetch(cfg.model.name)
+    run(cfg)
     return 0
 
 
@@ -114,7 +167,8 @@ def main(argv=None) -> int:
         argv.insert(0, "train")  # `python -m distft --config X` trains
     args = parser().parse_args(argv)
     handler = {"train": cmd_train, "plan": cmd_plan, "demo-prepare": cmd_demo_prepare,
-               "bench": cmd_bench}[args.command]
+               "bench": cmd_bench, "eval": cmd_eval,
+               "predict": cmd_predict, "export": cmd_export}[args.command]
     try:
         code = handler(args)
     except DistftError as exc:

@@ -1,12 +1,17 @@
-"""Evaluation: top-1/top-5 and loss over a data set, each rank its strided shard, summed over
-ranks. One code path for validation during training and for later evaluation."""
+"""Evaluation: the one code path behind a training run's `val_top1` and `distft eval`, so the
+two agree exactly. Each rank scores a strided shard; the sums are allreduced once."""
 from __future__ import annotations
+
+import json
+import os
+from typing import Optional
 
 import mxnet as mx
 import numpy as np
 
 from . import precision
 from .data import BatchLoader, eval_shard
+from .errors import DataError
 
 
 def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
@@ -15,9 +20,13 @@ def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
     return int((top == labels[:, None]).any(axis=1).sum())
 
 
-def evaluate(world, runner, loader: BatchLoader, batch_size: int, ctx, loss_fn, beat=lambda: None) -> dict:
+def evaluate(world, runner, loader: BatchLoader, batch_size: int, ctx, loss_fn, beat=lambda: None,
+             classes: Optional[int] = None) -> dict:
+    """Top-1/top-5/loss over `loader`'s data set. With `classes`, also the confusion matrix
+    (`confusion[true, predicted]`, counts), allreduced with the same sums."""
     idx = eval_shard(len(loader.dataset), world.size, world.rank)
     sums = np.zeros(4)  # top1, top5, loss, count
+    confusion = np.zeros((classes, classes)) if classes else None
     for start in range(0, len(idx), batch_size):
         beat()
         x, y = loader.batch(idx[start:start + batch_size], epoch=0)
@@ -25,7 +34,103 @@ def evaluate(world, runner, loader: BatchLoader, batch_size: int, ctx, loss_fn, 
         loss = loss_fn(out, mx.nd.array(y, ctx=ctx)).asnumpy()
         logits = out.asnumpy()
         sums += [topk_correct(logits, y, 1), topk_correct(logits, y, 5), loss.sum(), len(y)]
-    total = world.allreduce_numpy(sums, "distft.eval")
+        if confusion is not None:
+            np.add.at(confusion, (y, logits.argmax(axis=1)), 1)
+    if confusion is None:
+        total = world.allreduce_numpy(sums, "distft.eval")
+    else:
+        both = world.allreduce_numpy(np.concatenate([sums, confusion.ravel()]), "distft.eval")
+        total, confusion = both[:4], both[4:].reshape(classes, classes).astype(np.int64)
     n = max(total[3], 1)
-    return {"val_top1": total[0] / n, "val_top5": total[1] / n, "val_loss": total[2] / n,
-            "val_samples": int(total[3])}
+    result = {"val_top1": total[0] / n, "val_top5": total[1] / n, "val_loss": total[2] / n,
+              "val_samples": int(total[3])}
+    if confusion is not None:
+        result["confusion"] = confusion
+    return result
+
+
+def per_class(confusion: np.ndarray, names: list[str]) -> dict:
+    """name -> precision (of predictions of it, null when never predicted), recall (null when
+    it has no samples) and count (its samples)."""
+    out = {}
+    for i, name in enumerate(names):
+        count = int(confusion[i].sum())
+        predicted = int(confusion[:, i].sum())
+        hit = int(confusion[i, i])
+        out[name] = {"precision": hit / predicted if predicted else None,
+                     "recall": hit / count if count else None, "count": count}
+    return out
+
+
+def plot_confusion(confusion: np.ndarray, names: list[str], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(names)
+    side = min(max(4.0, 0.35 * k + 2.0), 30.0)
+    fig, ax = plt.subplots(figsize=(side, side))
+    ax.imshow(confusion, cmap="Blues")
+    if k <= 60:  # beyond that the tick labels would be unreadable anyway
+        ax.set_xticks(range(k), names, rotation=90)
+        ax.set_yticks(range(k), names)
+        if k <= 20:
+            high = confusion.max() / 2 if confusion.size else 0
+            for (i, j), v in np.ndenumerate(confusion):
+                ax.text(j, i, str(int(v)), ha="center", va="center", color="white" if v > high else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def run(cfg, json_path: str, data: Optional[str] = None, checkpoint_dir: Optional[str] = None,
+        head: Optional[str] = None, world=None) -> dict:
+    """`distft eval`: the trained network of `cfg`'s run on `data` (default data.val)."""
+    from mxnet import gluon
+
+    from . import dist, trained
+    from .data import open_dataset
+
+    spec = data or cfg.data.val
+    key = "--data" if data else "data.val"
+    if not spec:
+        raise DataError("data.val: not set; give --data PATH (an ImageFolder or .rec)")
+    world = world or dist.init_world(stall_timeout=cfg.train.stall_timeout)
+    ctx = world.context()
+    dataset = open_dataset(spec, "val", key)
+    classes = cfg.model.classes
+    if dataset.classes > classes:
+        raise DataError(f"{key}: {spec} has labels up to {dataset.classes - 1}, the model has {classes} classes")
+    net, source = trained.load_network(cfg, ctx, checkpoint_dir, head)
+    runner = trained.runner(cfg, net, ctx)
+    loader = BatchLoader(dataset, trained.preprocessing(cfg).transform(), workers=cfg.data.workers,
+                         max_bad_fraction=cfg.data.max_bad_fraction)
+    try:
+        result = evaluate(world, runner, loader, cfg.data.val_batch_size or cfg.data.batch_size, ctx,
+                          gluon.loss.SoftmaxCrossEntropyLoss(), classes=classes)
+    finally:
+        loader.close()
+    names = trained.class_names(cfg, dataset)
+    confusion = result.pop("confusion")
+    report = {
+        "model": source, "data": spec, "samples": result["val_samples"],
+        "top1": result["val_top1"], "top5": result["val_top5"] if classes > 5 else None,
+        "loss": result["val_loss"], "world_size": world.size,
+        "classes": names, "per_class": per_class(confusion, names),
+        "confusion": confusion.tolist(), "bad_samples": loader.bad,
+    }
+    if world.rank == 0:
+        directory = os.path.dirname(os.path.abspath(json_path))
+        os.makedirs(directory, exist_ok=True)
+        with open(json_path, "w") as fh:
+            json.dump(report, fh, indent=1)
+        png = os.path.splitext(json_path)[0] + ".png"
+        plot_confusion(confusion, names, png, f"{os.path.basename(spec.rstrip('/'))}: top-1 {report['top1']:.3f}")
+        top5 = "n/a" if report["top5"] is None else f"{report['top5']:.4f}"
+        print(f"eval: {report['samples']} samples of {spec}, top-1 {report['top1']:.4f}, top-5 {top5}; "
+              f"wrote {json_path} and {png}", flush=True)
+    return report

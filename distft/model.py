@@ -16,6 +16,7 @@ from mxnet import gluon
 from mxnet.gluon import nn
 from mxnet.gluon.model_zoo import vision
 
+from . import zoo
 from .errors import ModelError, mxnet_reason
 
 BN_TYPES = (nn.BatchNorm,)
@@ -125,34 +126,23 @@ def describe(net: gluon.Block, name: str, head: str) -> ModelSpec:
 # --- weights ---------------------------------------------------------------------------------
 
 
-def zoo_cache_file(name: str) -> str:
-    from mxnet.gluon.model_zoo import model_store
-
-    root = os.path.join(os.environ.get("MXNET_HOME", os.path.join("~", ".mxnet")), "models")
-    try:
-        digest = model_store.short_hash(name)
-    except ValueError:
-        raise ModelError(f"model.pretrained: true, but the model zoo has no pretrained weights for {name!r}; "
-                         "give a .params path instead") from None
-    return os.path.expanduser(os.path.join(root, f"{name}-{digest}.params"))
-
-
 def _summarise(names: list[str], limit: int = 5) -> str:
     more = f" … and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
 
 
-def load_pretrained(net: gluon.Block, path: str, head: str, ctx) -> int:
-    """Load a `save_parameters` file into every parameter outside `head`. Returns the count loaded."""
+def load_pretrained(net: gluon.Block, path: str, head: str, ctx, what: str = "model.pretrained") -> int:
+    """Load a `save_parameters` file into every parameter outside `head` (all of them when
+    `head` is ""). Returns the count loaded. Errors name `what` (a key) and the file."""
     if not os.path.isfile(path):
-        raise ModelError(f"model.pretrained: {path}: no such file")
+        raise ModelError(f"{what}: {path}: no such file")
     try:
         loaded = mx.nd.load(path)
     except mx.base.MXNetError as exc:
         first = mxnet_reason(exc)
-        raise ModelError(f"model.pretrained: {path}: not an MXNet .params file ({first})") from None
+        raise ModelError(f"{what}: {path}: not an MXNet .params file ({first})") from None
     if not isinstance(loaded, dict):
-        raise ModelError(f"model.pretrained: {path}: holds a list of arrays, not named parameters")
+        raise ModelError(f"{what}: {path}: holds a list of arrays, not named parameters")
     # files written by export() prefix names with arg:/aux:
     loaded = {k.split(":", 1)[1] if k.startswith(("arg:", "aux:")) else k: v for k, v in loaded.items()}
     params = structural_params(net)
@@ -163,7 +153,7 @@ def load_pretrained(net: gluon.Block, path: str, head: str, ctx) -> int:
             loaded = {by_prefixed.get(k, k): v for k, v in loaded.items()}
 
     def outside_head(key: str) -> bool:
-        return not (key == head or key.startswith(head + "."))
+        return not head or not (key == head or key.startswith(head + "."))
 
     missing = [k for k in params if outside_head(k) and k not in loaded]
     unexpected = [k for k in loaded if outside_head(k) and k not in params]
@@ -178,7 +168,7 @@ def load_pretrained(net: gluon.Block, path: str, head: str, ctx) -> int:
             parts.append(f"missing from the file: {_summarise(missing)}")
         if unexpected:
             parts.append(f"not in the model: {_summarise(unexpected)}")
-        raise ModelError(f"model.pretrained: {path} does not fit this model ({len(params)} parameters); "
+        raise ModelError(f"{what}: {path} does not fit this model ({len(params)} parameters); "
                          + "; ".join(parts))
     count = 0
     for key, param in params.items():
@@ -205,11 +195,7 @@ def create(cfg_model, ctx, seed: int) -> gluon.HybridBlock:
         raise ModelError(f"model.image_size: {size} does not fit {cfg_model.name}: {first}") from None
     pretrained = cfg_model.pretrained
     if pretrained is True:
-        path = zoo_cache_file(cfg_model.name)
-        if not os.path.isfile(path):
-            raise ModelError(f"model.pretrained: true looks for the model-zoo file {path}, which is not there "
-                             "(no download here): put it there ($MXNET_HOME/models) or give a .params path")
-        load_pretrained(net, path, cfg_model.head, ctx)
+        load_pretrained(net, zoo.fetch(cfg_model.name), cfg_model.head, ctx)
     elif pretrained:
         load_pretrained(net, os.path.expanduser(pretrained), cfg_model.head, ctx)
     return net

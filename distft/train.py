@@ -28,6 +28,7 @@ from .evaluate import evaluate
 from .freeze import lr_multipliers
 from .metrics import Metrics, forward_probe
 from .optim import OptimizerState, build_trainer
+from .preprocess import Preprocess
 from .resilience import Resilience
 from .schedule import LRSchedule
 from .state import TrainState, split_global_batch
@@ -116,6 +117,7 @@ class Job:
         cfg, world, b = self.cfg, self.world, self.batching
         if world.rank == 0:
             dump_config(cfg, os.path.join(self.out, "config.yaml"))
+            Preprocess.from_config(cfg).save(os.path.join(self.out, "preprocess.json"))
         self.metrics.start()
         self.metrics.event("start", step=self.state.step, world_size=world.size, global_batch=b.global_batch)
         self.forward_rate = forward_probe(self.network.runner, self.ctx, b.micro, cfg.model.image_size,

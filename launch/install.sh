@@ -6,6 +6,7 @@
 #   DISTFT_VENV   virtualenv to use (default: <repo>/.venv)
 #   DISTFT_EXTRA  cpu (default) or cu112
 #   DISTFT_DEV    1 (default) also installs the test tools and the test-only system services
+#   DISTFT_EXPORT 1 installs the `export` extra (onnx, onnxruntime) without the dev tools
 #   DISTFT_CACHE  where built wheels are kept (default: ~/.cache/distft)
 set -euo pipefail
 
@@ -52,7 +53,10 @@ VPY=$VENV/bin/python
 PIP=("$VPY" -m pip --disable-pip-version-check -q)
 
 # --- the package (re-run only when its metadata or the constraints change) ------------------
-extras=$EXTRA; [ "$DEV" = 1 ] && extras="$extras,dev"
+# the tests export to ONNX: a dev install has the export extra too (DISTFT_EXPORT=1 without dev)
+extras=$EXTRA
+if [ "$DEV" = 1 ]; then extras="$extras,dev,export"
+elif [ "${DISTFT_EXPORT:-0}" = 1 ]; then extras="$extras,export"; fi
 stamp_want=$(cat "$ROOT/pyproject.toml" "$CONSTRAINTS" | sha256sum | cut -c1-16)-$extras
 stamp_file=$VENV/.distft-installed
 if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp_want" ]; then

@@ -3,7 +3,6 @@ import json
 from types import SimpleNamespace
 
 import mxnet as mx
-import numpy as np
 import pytest
 
 from distft import cli, freeze, model
@@ -128,29 +127,6 @@ def test_plan_command_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == ["block", "type", "params", "trainable", "BN", "bytes"]
     assert "frozen prefix (no autograd): features.0" in out
-
-
-def test_zoo_cache_missing_names_the_file(tmp_path, monkeypatch):
-    from distft.errors import ModelError
-    monkeypatch.setenv("MXNET_HOME", str(tmp_path))
-    with pytest.raises(ModelError) as err:
-        model.create(SimpleNamespace(name="resnet18_v2", classes=5, pretrained=True, image_size=32,
-                                     head="output"), mx.cpu(), 0)
-    assert f"{tmp_path}/models/resnet18_v2-" in str(err.value) and ".params" in str(err.value)
-
-
-def test_zoo_cache_file_is_used_when_present(tmp_path, monkeypatch):
-    monkeypatch.setenv("MXNET_HOME", str(tmp_path))
-    src = model.create(SimpleNamespace(name="mobilenet0.25", classes=1000, pretrained=False, image_size=32,
-                                       head="output"), mx.cpu(), 3)
-    path = model.zoo_cache_file("mobilenet0.25")
-    (tmp_path / "models").mkdir()
-    src.save_parameters(path)
-    net = model.create(SimpleNamespace(name="mobilenet0.25", classes=4, pretrained=True, image_size=32,
-                                       head="output"), mx.cpu(), 0)
-    a, b = model.structural_params(src), model.structural_params(net)
-    assert np.array_equal(a["features.0.weight"].data().asnumpy(), b["features.0.weight"].data().asnumpy())
-    assert b["output.weight"].shape == (4, 256)
 
 
 def test_pretrained_of_another_architecture_names_mismatches(tmp_path, pretrained):

@@ -1,0 +1,122 @@
+"""`distft predict`: top-k class names with probabilities for images or folders of images.
+
+Images are decoded on `data.workers` threads and run in batches of data.val_batch_size (or
+data.batch_size), with the run's own preprocessing. An unreadable image does not stop the rest:
+it gets `{"image": path, "error": reason}` (JSON) or a row with empty rank/class/prob (CSV)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import numpy as np
+
+from .data import IMAGE_EXTENSIONS, decode
+from .errors import ConfigError, DataError
+
+
+def collect(paths: list[str]) -> list[str]:
+    """Files as given; folders walked (sorted) for image files."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        elif os.path.exists(path):
+            found.append(path)
+        else:
+            raise DataError(f"--images: {path}: no such file or directory")
+    if not found:
+        raise DataError(f"--images: no image files ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(paths)}")
+    return found
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def top_k(probs: np.ndarray, names: list[str], k: int) -> list[list[dict]]:
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [[{"class": names[j], "prob": float(p[j])} for j in row] for p, row in zip(probs, order)]
+
+
+def output_format(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".json", ".csv"):
+        raise ConfigError(f"--output: {path}: must end in .json or .csv")
+    return ext[1:]
+
+
+def write(results: list[dict], path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    if output_format(path) == "json":
+        with open(path, "w") as fh:
+            json.dump(results, fh, indent=1)
+        return
+    with open(path, "w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["image", "rank", "class", "prob"])
+        for r in results:
+            if "error" in r:
+                out.writerow([r["image"], "", "", ""])
+            for rank, t in enumerate(r.get("top", []), 1):
+                out.writerow([r["image"], rank, t["class"], f"{t['prob']:.6g}"])
+
+
+def run(cfg, images: list[str], output: str, k: Optional[int] = None) -> list[dict]:
+    import mxnet as mx
+
+    from . import precision, trained
+    from .dist import LocalWorld
+
+    output_format(output)  # refuse a bad --output before any work
+    classes = cfg.model.classes
+    k = min(5, classes) if k is None else k
+    if not 1 <= k <= classes:
+        raise ConfigError(f"--top-k: must be between 1 and model.classes ({classes}), got {k}")
+    files = collect(images)
+    ctx = LocalWorld().context()
+    net, _ = trained.load_network(cfg, ctx)
+    runner = trained.runner(cfg, net, ctx)
+    names = trained.class_names(cfg)
+    transform = trained.preprocessing(cfg).transform()
+    batch = cfg.data.val_batch_size or cfg.data.batch_size
+
+    def load(path):
+        try:
+            with open(path, "rb") as fh:
+                payload = fh.read()
+            return transform(decode(payload, path), 0, 0)
+        except OSError as exc:
+            return DataError(f"{path}: cannot read ({exc.strerror})")
+        except DataError as exc:
+            return exc
+
+    results = []
+    with ThreadPoolExecutor(max_workers=max(cfg.data.workers, 1)) as pool:
+        for start in range(0, len(files), batch):
+            chunk = files[start:start + batch]
+            xs = list(pool.map(load, chunk))
+            good = [i for i, x in enumerate(xs) if not isinstance(x, DataError)]
+            tops = []
+            if good:
+                logits = precision.to_float32(runner(mx.nd.array(np.stack([xs[i] for i in good]), ctx=ctx)))
+                tops = top_k(softmax(logits.asnumpy()), names, k)
+            by_index = dict(zip(good, tops))
+            for i, path in enumerate(chunk):
+                if i in by_index:
+                    results.append({"image": path, "top": by_index[i]})
+                else:
+                    print(f"distft: warning: {xs[i]}", file=sys.stderr, flush=True)
+                    results.append({"image": path, "error": str(xs[i])})
+    write(results, output)
+    bad = sum("error" in r for r in results)
+    print(f"predict: {len(results) - bad} images, {bad} unreadable; top-{k} written to {output}", flush=True)
+    return results

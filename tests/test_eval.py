@@ -1,0 +1,107 @@
+"""`distft eval`: the trained network on a data set, by the same code path as training's val_top1."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import horovodrun, read_summary, run_cli, small_config, write_config
+from distft import checkpoint, cli, demo
+from distft.config import load_config
+from distft.dist import LocalWorld
+from distft.preprocess import Preprocess
+from distft.train import run
+
+from imagefiles import make_folder
+
+TRAIN = {"trainable": ["features.8", "output"]}  # a trainable stage: BN statistics move
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, pretrained):
+    """A short run on the demo digits with validation: its config and summary."""
+    tmp = tmp_path_factory.mktemp("run")
+    path = write_config(tmp / "cfg.yaml", small_config(tmp, pretrained, freeze=TRAIN, data={"val": "demo"},
+                                                       optimizer={"lr": 0.01}, train={"max_steps": 12}))
+    run(load_config(path), LocalWorld())
+    return path, read_summary(tmp / "out"), tmp / "out"
+
+
+def eval_json(args):
+    assert cli.main(["eval"] + args) == 0
+    with open(args[args.index("--json") + 1]) as fh:
+        return json.load(fh)
+
+
+def test_eval_top1_equals_the_runs_val_top1(trained_run, tmp_path):
+    cfg, summary, _ = trained_run
+    report = eval_json(["--config", cfg, "--json", str(tmp_path / "eval.json")])
+    assert report["top1"] == summary["val_top1"]
+    assert report["loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
+    assert report["top5"] is None  # 5 classes: top-5 is always 1
+    assert report["samples"] == len(demo.dataset("demo", "val"))
+
+
+def test_per_class_figures_add_up_to_top1(trained_run, tmp_path):
+    cfg, summary, _ = trained_run
+    report = eval_json(["--config", cfg, "--json", str(tmp_path / "eval.json")])
+    per = report["per_class"]
+    assert list(per) == ["0", "1", "2", "3", "4"]  # demo digits: no folder names, no classes.json
+    assert sum(c["count"] for c in per.values()) == report["samples"]
+    correct = sum(c["recall"] * c["count"] for c in per.values() if c["count"])
+    assert correct / report["samples"] == pytest.approx(report["top1"])
+    confusion = np.array(report["confusion"])
+    for i, c in enumerate(per.values()):
+        predicted = confusion[:, i].sum()
+        assert c["precision"] == (confusion[i, i] / predicted if predicted else None)
+    with open(tmp_path / "eval.png", "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_saves_its_preprocessing(trained_run):
+    cfg, _, out = trained_run
+    saved = Preprocess.load(str(out / "preprocess.json"))
+    assert saved == Preprocess.from_config(load_config(cfg))
+    assert (saved.resize_short, saved.crop, saved.channel_order, saved.layout) == (32, 32, "RGB", "NCHW")
+
+
+def test_eval_of_the_last_checkpoint_equals_model_params(trained_run, tmp_path):
+    cfg, summary, out = trained_run
+    last = checkpoint.list_checkpoints(str(out))[-1]
+    assert checkpoint.load(last).meta["step"] == summary["steps"]
+    report = eval_json(["--config", cfg, "--checkpoint", last, "--json", str(tmp_path / "ck.json")])
+    assert report["top1"] == summary["val_top1"] and report["model"] == last
+
+
+@pytest.mark.horovod
+def test_eval_on_two_ranks_equals_val_top1(trained_run, tmp_path):
+    cfg, summary, _ = trained_run
+    out = tmp_path / "two.json"
+    proc = run_cli(["eval", "--config", cfg, "--json", str(out)], launcher=horovodrun(2, "gloo"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["world_size"] == 2 and report["samples"] == len(demo.dataset("demo", "val"))
+    assert report["top1"] == summary["val_top1"]
+
+
+def test_eval_on_a_folder_names_its_classes(tmp_path, pretrained):
+    folder = make_folder(tmp_path / "imgs", ["cat", "dog", "fox"])
+    doc = small_config(tmp_path, pretrained, model={"classes": 3}, data={"train": folder, "val": None})
+    cfg = write_config(tmp_path / "c.yaml", doc)
+    run(load_config(cfg), LocalWorld())
+    report = eval_json(["--config", cfg, "--data", folder, "--json", str(tmp_path / "e" / "r.json")])
+    assert report["classes"] == ["cat", "dog", "fox"] and set(report["per_class"]) == {"cat", "dog", "fox"}
+    assert [c["count"] for c in report["per_class"].values()] == [4, 4, 4]
+    assert os.path.getsize(tmp_path / "e" / "r.png") > 1000
+    # the run's own class names (classes.json) take precedence over folder names
+    (tmp_path / "out" / "classes.json").write_text(json.dumps(["kat", "hond", "vos"]))
+    report = eval_json(["--config", cfg, "--data", folder, "--json", str(tmp_path / "r2.json")])
+    assert list(report["per_class"]) == ["kat", "hond", "vos"]
+
+
+def test_eval_without_a_trained_model_is_one_line(tmp_path, pretrained, capsys):
+    cfg = write_config(tmp_path / "c.yaml", small_config(tmp_path, pretrained, data={"val": "demo"}))
+    assert cli.main(["eval", "--config", cfg, "--json", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"distft: error: train.output: {tmp_path}/out/model.params: no such file "
+                   "(train first, or give --checkpoint DIR)")

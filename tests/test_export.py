@@ -1,0 +1,103 @@
+"""`distft export`: MXNet symbol+params and ONNX, each reloaded and compared with the trained network."""
+import json
+import os
+import subprocess
+import sys
+
+import mxnet as mx
+import numpy as np
+import onnxruntime
+import pytest
+
+from conftest import ROOT, small_config, write_config
+from distft import cli, demo, export
+from distft.config import load_config
+from distft.dist import LocalWorld
+from distft.errors import ModelError
+from distft.preprocess import Preprocess
+from distft.train import run
+
+from imagefiles import make_folder
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, pretrained):
+    tmp = tmp_path_factory.mktemp("export")
+    cfg = write_config(tmp / "c.yaml", small_config(tmp, pretrained, freeze={"trainable": ["features.8", "output"]},
+                                                    train={"max_steps": 4}))
+    run(load_config(cfg), LocalWorld())
+    return cfg, tmp / "out"
+
+
+def real_batch(out_dir, n=6):
+    """Demo images through the run's saved preprocessing: what a server would send."""
+    prep = Preprocess.load(str(out_dir / "preprocess.json"))
+    transform, images = prep.transform(), demo.dataset("demo", "val")
+    return np.stack([transform(images.read(i), 0, i) for i in range(n)])
+
+
+def plain_network_logits(out_dir, x):
+    """The trained weights in a fresh, imperative model-zoo network (not distft's code path)."""
+    net = mx.gluon.model_zoo.vision.get_model("resnet18_v2", classes=5)
+    net.load_parameters(str(out_dir / "model.params"))
+    return net(mx.nd.array(x)).asnumpy()
+
+
+def test_mxnet_export_reloads_with_the_same_logits(trained_run, tmp_path, capsys):
+    cfg, out = trained_run
+    path = tmp_path / "served" / "net"
+    assert cli.main(["export", "--config", cfg, "--format", "mxnet", "--output", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "input: float32 NCHW (1, 3, 32, 32)" in printed and "channels RGB" in printed
+    assert "mean: [0.485, 0.456, 0.406]" in printed and "std: [0.229, 0.224, 0.225]" in printed
+    block = mx.gluon.SymbolBlock.imports(f"{path}-symbol.json", ["data"], f"{path}-0000.params")
+    x = real_batch(out)
+    diff = np.abs(block(mx.nd.array(x)).asnumpy() - plain_network_logits(out, x)).max()
+    assert diff <= 1e-4
+    side = json.loads((tmp_path / "served" / "net-input.json").read_text())
+    assert side["input"]["crop"] == 32 and side["classes"] == ["0", "1", "2", "3", "4"]
+
+
+def test_onnx_export_reloads_with_the_same_logits(trained_run, tmp_path):
+    cfg, out = trained_run
+    path = tmp_path / "net.onnx"
+    assert cli.main(["export", "--config", cfg, "--format", "onnx", "--output", str(path)]) == 0
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert inp.name == "data" and inp.shape[1:] == [3, 32, 32]
+    x = real_batch(out, n=3)  # not the batch size it was exported with: the batch axis is dynamic
+    got = session.run(None, {"data": x})[0]
+    diff = np.abs(got - plain_network_logits(out, x)).max()
+    assert diff <= 1e-4
+    assert os.path.isfile(tmp_path / "net-input.json")
+
+
+def test_an_export_that_does_not_match_is_removed(trained_run, tmp_path, monkeypatch):
+    cfg, _ = trained_run
+    monkeypatch.setattr(export, "run_mxnet", lambda files, x: np.zeros((x.shape[0], 5), np.float32))
+    with pytest.raises(ModelError, match=r"--format mxnet: the reloaded export's logits differ .* nothing written"):
+        export.run(load_config(cfg), "mxnet", str(tmp_path / "net"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_served_onnx_model_answers_as_predict_does(trained_run, tmp_path):
+    """launch/serve_onnx.py (onnxruntime, Pillow, numpy; no MXNet) with the exported model and
+    its input spec gives what `distft predict` gives, on images that need resizing and cropping."""
+    cfg, _ = trained_run
+    folder = make_folder(tmp_path / "imgs", ["a", "b"], per_class=2, size=45)
+    images = sorted(str(p) for p in (tmp_path / "imgs").rglob("*.png"))
+    assert cli.main(["export", "--config", cfg, "--format", "onnx", "--output", str(tmp_path / "m.onnx")]) == 0
+    assert cli.main(["predict", "--config", cfg, "--images", folder, "--top-k", "5",
+                     "--output", str(tmp_path / "p.json")]) == 0
+    expected = {r["image"]: r["top"] for r in json.loads((tmp_path / "p.json").read_text())}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "serve_onnx.py"), str(tmp_path / "m.onnx"),
+                           *images], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    served = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["image"] for r in served] == images
+    for r in served:
+        want = expected[r["image"]]
+        assert [t["class"] for t in r["top"]] == [t["class"] for t in want]
+        assert max(abs(a["prob"] - b["prob"]) for a, b in zip(r["top"], want)) <= 1e-4
