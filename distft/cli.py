@@ -77,8 +77,10 @@ def cmd_plan(args) -> int:
 
     from . import freeze, model
     from .config import load_config
+    from .data import resolve_model_classes
 
     cfg = load_config(args.config, args.overrides)
+    resolve_model_classes(cfg)
     net = model.create(cfg.model, mx.cpu(), seed=cfg.train.seed)
     spec = model.describe(net, cfg.model.name, cfg.model.head)
     plan = freeze.resolve(spec, cfg.freeze.trainable, cfg.freeze.batchnorm, cfg.freeze.schedule, 0)

@@ -32,7 +32,9 @@ def _at_least(low: float) -> dict:
 @dataclass
 class ModelConfig:
     name: str = "resnet18_v2"
-    classes: int = field(default=10, metadata=_at_least(1))
+    # classes of the new head; `auto`: the number of data.train's classes (an ImageFolder's
+    # class folders, or a RecordIO file's largest label + 1)
+    classes: Union[int, str] = field(default="auto", metadata=_at_least(1))
     # path to a .params file (saved with save_parameters), true (model-zoo cache) or false
     pretrained: Union[bool, str] = False
     image_size: int = field(default=224, metadata=_at_least(8))
@@ -53,7 +55,11 @@ class FreezeConfig:
 class DataConfig:
     # ImageFolder directory, RecordIO .rec (with .idx beside it), `demo` or `demo-pretrain`
     train: str = "demo"
-    val: Optional[str] = "demo"
+    # the validation set, same kinds; its classes are matched to data.train's by name (null: none)
+    val: Optional[str] = None
+    # instead of data.val: hold out this fraction of data.train (seeded by data.seed, the same on
+    # every rank) for validation; it is never trained on
+    val_split: float = field(default=0.0, metadata=_at_least(0.0))
     batch_size: int = field(default=32, metadata=_at_least(1))  # per rank
     val_batch_size: Optional[int] = field(default=None, metadata=_at_least(1))
     augment: bool = False
@@ -62,9 +68,10 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     # threads decoding images ahead of the training step
     workers: int = field(default=2, metadata=_at_least(0))
-    # unreadable images are skipped (replaced by another sample of the batch) up to this
-    # fraction of the samples read; past it the job stops naming the file
+    # unreadable images are skipped (replaced by another sample of the batch) while there are at
+    # most max(max_bad_fraction x files, max_bad_files) of them; past that the job stops naming one
     max_bad_fraction: float = field(default=0.001, metadata=_at_least(0.0))
+    max_bad_files: int = field(default=10, metadata=_at_least(0))
     # how samples go to ranks: `reshuffled` (every epoch's permutation split across ranks, so N
     # ranks take exactly the batches one process with an N-times batch takes) or `fixed` (each
     # rank keeps one shard for the whole run and reshuffles it; what a feature cache needs, and
@@ -270,7 +277,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
         if "choices" in meta and converted not in meta["choices"]:
             raise ConfigError(f"{key_path}: must be one of {', '.join(meta['choices'])}, "
                               f"got {converted!r}{_suggest(str(converted), list(meta['choices']))}")
-        if "min" in meta and converted is not None and converted < meta["min"]:
+        if "min" in meta and isinstance(converted, (int, float)) and converted < meta["min"]:
             raise ConfigError(f"{key_path}: must be >= {meta['min']}, got {converted!r}")
         kwargs[key] = converted
     return cls(**kwargs)
@@ -278,6 +285,15 @@ def _build(cls: type, data: Any, path: str) -> Any:
 
 def _check(cfg: Config) -> None:
     """Cross-field checks that a single key's type cannot express."""
+    if isinstance(cfg.model.classes, str) and cfg.model.classes != "auto":
+        raise ConfigError(f"model.classes: expected an integer or auto, got {cfg.model.classes!r}")
+    if not cfg.freeze.trainable:
+        raise ConfigError("freeze.trainable: empty, so nothing would train; name at least one block "
+                          "(e.g. [output]) or /.*/ for everything")
+    if cfg.data.val_split >= 1.0:
+        raise ConfigError(f"data.val_split: a fraction of data.train below 1, got {cfg.data.val_split!r}")
+    if cfg.data.val_split and cfg.data.val:
+        raise ConfigError("data.val_split: set either data.val or data.val_split, not both")
     for i, entry in enumerate(cfg.freeze.trainable):
         if entry.startswith("/"):
             if len(entry) < 2 or not entry.endswith("/"):

@@ -22,13 +22,14 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
 
-from . import checkpoint, dist, freeze, model, precision, syncbn
+from . import advice, checkpoint, dist, freeze, model, precision, syncbn
 from .cache import FeatureCache
 from .metrics import Metrics, forward_probe
-from .config import Config, dump_config
-from .data import BatchLoader, ShardSampler, Transform, eval_shard, open_dataset
+from .config import Config
+from .data import BatchLoader, ShardSampler, Transform, eval_shard, open_training_sets
 from .errors import CheckpointError, ConfigError, DistributedError, NumericalError, Preempted, \
     mxnet_reason
+from .runfiles import write_run_files
 from .schedule import LRSchedule
 
 
@@ -221,7 +222,7 @@ class Job:
                 os.remove(probe)
             except OSError as exc:
                 raise ConfigError(f"train.output: {self.out}: cannot write there ({exc.strerror})") from None
-            dump_config(self.cfg, os.path.join(self.out, "config.yaml"))
+        # config.yaml and classes.json: written by write_run_files once every check has passed
 
     def load_resume_point(self) -> Optional[checkpoint.Checkpoint]:
         """Rank 0 reads the newest valid checkpoint; every rank learns its meta."""
@@ -236,10 +237,7 @@ class Job:
 
     def build_data(self) -> None:
         cfg = self.cfg
-        self.train_set = open_dataset(cfg.data.train, "train", "data.train")
-        if self.train_set.classes > cfg.model.classes:
-            raise ConfigError(f"model.classes: {cfg.model.classes}, but data.train has labels up to "
-                              f"{self.train_set.classes - 1}")
+        self.train_set, val_set, self.class_names, cfg.model.classes = open_training_sets(cfg.data, cfg.model.classes)
         self.sampler = ShardSampler(len(self.train_set), cfg.data.batch_size, self.world.size,
                                     self.world.rank, cfg.data.seed, fixed=cfg.fixed_shards)
         if self.sampler.steps_per_epoch == 0:
@@ -247,13 +245,14 @@ class Job:
                               f"ranks) is larger than data.train ({len(self.train_set)} samples)")
         self.train_loader = BatchLoader(self.train_set, Transform(cfg.model.image_size, cfg.data.mean, cfg.data.std,
                                                                   cfg.data.augment, cfg.data.seed),
-                                        workers=cfg.data.workers, max_bad_fraction=cfg.data.max_bad_fraction)
+                                        workers=cfg.data.workers, max_bad_fraction=cfg.data.max_bad_fraction,
+                                        max_bad_files=cfg.data.max_bad_files)
         self.val_loader = None
-        if cfg.data.val:
-            val_set = open_dataset(cfg.data.val, "val", "data.val")
+        if val_set is not None:
             self.val_loader = BatchLoader(val_set, Transform(cfg.model.image_size, cfg.data.mean, cfg.data.std,
                                                              False, cfg.data.seed), workers=cfg.data.workers,
-                                            max_bad_fraction=cfg.data.max_bad_fraction)
+                                          max_bad_fraction=cfg.data.max_bad_fraction,
+                                          max_bad_files=cfg.data.max_bad_files)
         spe = self.sampler.steps_per_epoch
         self.total_steps = spe * cfg.train.epochs
         if cfg.train.max_steps:
@@ -297,6 +296,7 @@ class Job:
 
     def setup(self) -> None:
         cfg, world = self.cfg, self.world
+        self.build_data()  # first: it resolves model.classes (auto) for the model
         self.prepare_output()
         self.metrics = Metrics(cfg.metrics, world, self.out, cfg.train.log_every)
         self.metrics.start()
@@ -307,7 +307,6 @@ class Job:
         self.spec = model.describe(self.net, cfg.model.name, cfg.model.head)
         self.params = model.structural_params(self.net)
         self.names = {p: n for n, p in self.params.items()}
-        self.build_data()
         ckpt = self.load_resume_point()
         meta = self.resume_meta or {}
         self.epoch = int(meta.get("epoch", 0))
@@ -334,6 +333,10 @@ class Job:
         self.forward_rate = forward_probe(self.runner, self.ctx, cfg.data.batch_size, cfg.model.image_size,
                                           cfg.metrics.probe_batches)
         t = self.plan.totals()
+        if world.rank == 0:  # every check has passed: now the run folder may change
+            write_run_files(self.out, cfg, self.class_names, cfg.model.classes)
+        for warning in advice.warnings(cfg, t["frozen_params"], self.sampler.steps_per_epoch, len(self.train_set)):
+            log(world, f"warning: {warning}")
         self.metrics.startup(t, self.bytes_broadcast + self.bytes_control, self.forward_rate)
         log(world, f"{cfg.model.name}: {t['trainable_params']:,} trainable / {t['frozen_params']:,} frozen params; "
                    f"frozen prefix {len(self.plan.prefix)} stages; {world.size} rank(s) [{world.backend}], "
@@ -666,7 +669,8 @@ class Job:
         rate = stats.steady_samples / stats.steady_seconds if stats.steady_seconds else (
             stats.samples / wall if wall else 0.0)
         summary = {
-            "model": self.cfg.model.name, "epochs": round(self.global_step / self.sampler.steps_per_epoch, 3),
+            "model": self.cfg.model.name, "classes": self.class_names or [str(i) for i in range(self.cfg.model.classes)],
+            "epochs": round(self.global_step / self.sampler.steps_per_epoch, 3),
             "steps": self.global_step, "steps_this_run": stats.steps, "samples_per_sec": rate,
             "samples_per_sec_per_rank": rate / world.size, "wall_seconds": wall,
             "data_wait_seconds": stats.data_seconds, "compute_seconds": stats.compute_seconds,

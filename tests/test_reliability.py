@@ -237,7 +237,8 @@ def corrupt_image_folder(root, n_good=30, bad=("cat/bad1.png", "dog/bad2.png")):
 def test_corrupt_images_are_skipped_and_counted(tmp_path, pretrained):
     corrupt_image_folder(tmp_path / "imgs")
     doc = small_config(tmp_path, pretrained, data={"train": str(tmp_path / "imgs"), "batch_size": 8,
-                                                   "max_bad_fraction": 0.2}, train={"max_steps": 8, "epochs": 3})
+                                                   "max_bad_fraction": 0.2}, train={"max_steps": 8, "epochs": 3},
+                       model={"classes": "auto"})
     proc = run_cli(["--config", write_config(tmp_path / "c.yaml", doc)])
     assert proc.returncode == 0, proc.stderr
     assert read_summary(tmp_path / "out")["bad_samples"] >= 2
@@ -246,11 +247,13 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, pretrained):
 def test_too_many_corrupt_images_stop_with_the_file_named(tmp_path, pretrained):
     corrupt_image_folder(tmp_path / "imgs")
     doc = small_config(tmp_path, pretrained, data={"train": str(tmp_path / "imgs"), "batch_size": 8,
-                                                   "max_bad_fraction": 0.0}, train={"max_steps": 8, "epochs": 3})
+                                                   "max_bad_fraction": 0.0, "max_bad_files": 1},
+                       train={"max_steps": 8, "epochs": 3}, model={"classes": "auto"})
     proc = run_cli(["--config", write_config(tmp_path / "c.yaml", doc)])
     assert proc.returncode == 2
     line = proc.stderr.strip().splitlines()[-1]
-    assert "data.max_bad_fraction" in line and "/imgs/" in line and "bad" in line and "cannot decode image" in line
+    assert "data.max_bad_fraction: 2 unreadable files, more than the 1 allowed of 32" in line, line
+    assert "/imgs/" in line and "/bad" in line and "not an image (unknown format" in line and "BytesIO" not in line
 
 
 def test_output_directory_that_cannot_be_created(tmp_path, pretrained):
