@@ -335,7 +335,7 @@ class Job:
         t = self.plan.totals()
         if world.rank == 0:  # every check has passed: now the run folder may change
             write_run_files(self.out, cfg, self.class_names, cfg.model.classes)
-        for warning in advice.warnings(cfg, t["frozen_params"], self.sampler.steps_per_epoch, len(self.train_set)):
+        for warning in advice.warnings(cfg, self.plan, self.sampler.steps_per_epoch, len(self.train_set)):
             log(world, f"warning: {warning}")
         self.metrics.startup(t, self.bytes_broadcast + self.bytes_control, self.forward_rate)
         log(world, f"{cfg.model.name}: {t['trainable_params']:,} trainable / {t['frozen_params']:,} frozen params; "
