@@ -73,12 +73,14 @@ def small_config(tmp_path, pretrained, **sections):
     return doc
 
 
-def run_cli(args, timeout=300, env=None, launcher=None):
+def run_cli(args, timeout=300, env=None, launcher=None, cwd=ROOT):
     """Run `python -m distft ARGS`, optionally under a launcher prefix (horovodrun ...)."""
     cmd = (launcher or []) + [sys.executable, "-m", "distft"] + list(args)
     full_env = {**os.environ, **MPI_ENV, **(env or {})}
+    if cwd != ROOT:  # distft itself must still be importable from elsewhere
+        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, full_env.get("PYTHONPATH")) if p)
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     proc.elapsed = time.monotonic() - start
     return proc
 
