@@ -10,6 +10,7 @@ import sys
 import traceback
 
 from .errors import DistftError
+from .metrics import end_progress_line
 
 COMMANDS = ("train", "plan", "check", "make-rec", "demo-prepare", "bench")
 DEFAULT_CONFIG = "distft.yaml"
@@ -207,6 +208,7 @@ def main(argv=None) -> int:
     try:
         code = handler(args)
     except DistftError as exc:
+        end_progress_line()
         rank = _rank()
         where = f" (rank {rank})" if rank else ""
         print(f"distft: error{where}: {exc}", file=sys.stderr, flush=True)
@@ -214,6 +216,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         code = 130
     except Exception as exc:  # noqa: BLE001
+        end_progress_line()
         text = str(exc)
         if "Horovod has been shut down" in text or "HorovodInternalError" in type(exc).__name__:
             # a peer rank died or stalled; the launcher and Horovod's stall report name it

@@ -24,7 +24,7 @@ from mxnet import autograd, gluon
 
 from . import advice, checkpoint, dist, freeze, model, precision, syncbn
 from .cache import FeatureCache
-from .metrics import Metrics, forward_probe
+from .metrics import Metrics, end_progress_line, forward_probe
 from .config import Config
 from .data import BatchLoader, ShardSampler, Transform, eval_shard, open_training_sets
 from .errors import CheckpointError, ConfigError, DistributedError, NumericalError, Preempted, \
@@ -35,6 +35,7 @@ from .schedule import LRSchedule
 
 def log(world, msg: str) -> None:
     if world.rank == 0:
+        end_progress_line()
         print(f"[distft] {msg}", flush=True)
 
 
