@@ -1,10 +1,12 @@
 """`distft check`: read every image of data.train and data.val once, on all cores, and report
 unreadable files, images per class and image sizes.
 
-The bad-file rule (the one training applies): a data set of n files may hold up to
-max(data.max_bad_fraction x n, data.max_bad_files) unreadable files (defaults 0.001 and 10: a few
-bad files in a small set are reported and skipped, one in a thousand in a large one). Past that,
-check exits 2 naming the first bad file, and training stops when it meets one file too many.
+The bad-file rule: a data set of n files may hold up to max(data.max_bad_fraction x n,
+data.max_bad_files) unreadable files (defaults 0.001 and 10: a few bad files in a small set are
+reported and left out, one in a thousand in a large one). Past that, check exits 2 naming the
+first bad file. Training runs the same pass before its first step (`without_unreadable`), each
+rank reading a strided share: past the limit every rank stops with the same line; below it the
+bad files are left out of the data set on every rank.
 
 Verdicts are cached in a JSON file keyed by (path, size, mtime), so a second check, or one after
 a few files changed, reads only what is new.
@@ -18,6 +20,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
+
+import numpy as np
 
 from .data import ImageFolder, RecordFile, bad_file_limit, decode, open_dataset, open_training_sets
 from .errors import DataError
@@ -75,19 +79,26 @@ def inspect_task(task: tuple) -> list[tuple[str, int, int, Optional[str]]]:
 
 class VerdictCache:
     """{id: [size, mtime_ns, width, height, error]}; an entry counts only while the file's size
-    and mtime are unchanged."""
+    and mtime are unchanged. Training ranks write `check-rank<r>.json` beside the file (no two
+    writers share a file) and every reader merges them all."""
 
     def __init__(self, path: Optional[str]):
         self.path = path
         self.entries: dict = {}
-        if path and os.path.isfile(path):
+        if not path:
+            return
+        stem = os.path.splitext(os.path.basename(self.path))[0]
+        folder = os.path.dirname(os.path.abspath(path))
+        siblings = sorted(f for f in os.listdir(folder) if f.startswith(stem) and f.endswith(".json")) \
+            if os.path.isdir(folder) else []
+        for name in siblings:
             try:
-                with open(path) as fh:
+                with open(os.path.join(folder, name)) as fh:
                     doc = json.load(fh)
                 if doc.get("version") == CACHE_VERSION:
-                    self.entries = doc.get("entries", {})
+                    self.entries.update(doc.get("entries", {}))
             except (OSError, ValueError, AttributeError):
-                self.entries = {}  # a damaged cache is rebuilt, not fatal
+                continue  # a damaged cache is rebuilt, not fatal
 
     def get(self, key: str, stamp: tuple[int, int]):
         entry = self.entries.get(key)
@@ -98,14 +109,18 @@ class VerdictCache:
     def put(self, key: str, stamp: tuple[int, int], width: int, height: int, error: Optional[str]) -> None:
         self.entries[key] = [stamp[0], stamp[1], width, height, error]
 
-    def save(self) -> None:
-        if not self.path:
+    def save(self, path: Optional[str] = None) -> None:
+        path = path or self.path
+        if not path:
             return
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as fh:
-            json.dump({"version": CACHE_VERSION, "entries": self.entries}, fh)
-        os.replace(tmp, self.path)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "w") as fh:
+                json.dump({"version": CACHE_VERSION, "entries": self.entries}, fh)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a cache that cannot be written costs a re-read next time, nothing more
 
 
 def _stamp(path: str) -> tuple[int, int]:
@@ -175,15 +190,11 @@ def _tasks(dataset) -> list[tuple[str, tuple[int, int], tuple]]:
     return [(f"{dataset.path}#{key}", stamp, ("record", key, off)) for key, off in recordio.read_index(idx)]
 
 
-def scan(dataset, key: str, spec: str, cache: VerdictCache, pool, max_bad_fraction: float,
-         max_bad_files: int) -> SetReport:
-    kind = {ImageFolder: "ImageFolder", RecordFile: "RecordIO"}.get(type(dataset), "in memory")
-    report = SetReport(key, spec, kind, len(dataset), _class_counts(dataset),
-                       limit=bad_file_limit(len(dataset), max_bad_fraction, max_bad_files))
-    if kind == "in memory":
-        return report
+def _verdicts(dataset, items, cache: VerdictCache, pool) -> tuple[dict, int]:
+    """{id: (width, height, error)} for `items` of `dataset`, reading what the cache lacks;
+    and how many were read."""
+    kind = "ImageFolder" if isinstance(dataset, ImageFolder) else "RecordIO"
     todo, verdicts = [], {}
-    items = _tasks(dataset)
     for ident, stamp, what in items:
         hit = cache.get(ident, stamp)
         if hit is None:
@@ -199,7 +210,18 @@ def scan(dataset, key: str, spec: str, cache: VerdictCache, pool, max_bad_fracti
         for ident, width, height, error in chunk:
             verdicts[ident] = (width, height, error)
             cache.put(ident, stamps[ident], width, height, error)
-    report.read = len(todo)
+    return verdicts, len(todo)
+
+
+def scan(dataset, key: str, spec: str, cache: VerdictCache, pool, max_bad_fraction: float,
+         max_bad_files: int) -> SetReport:
+    kind = {ImageFolder: "ImageFolder", RecordFile: "RecordIO"}.get(type(dataset), "in memory")
+    report = SetReport(key, spec, kind, len(dataset), _class_counts(dataset),
+                       limit=bad_file_limit(len(dataset), max_bad_fraction, max_bad_files))
+    if kind == "in memory":
+        return report
+    items = _tasks(dataset)
+    verdicts, report.read = _verdicts(dataset, items, cache, pool)
     for ident, _, _ in items:
         width, height, error = verdicts[ident]
         if error:
@@ -246,3 +268,46 @@ def main(cfg, jobs: int = 0, cache_path: Optional[str] = None, as_json: bool = F
         print(f"checked in {time.perf_counter() - start:.1f} s")
     verdict(reports)
     return 0
+
+
+# --- before training ---------------------------------------------------------------------------
+
+
+def without_unreadable(dataset, key: str, world, data_cfg, cache_path: Optional[str] = None, log=print):
+    """The pass training runs before any GPU time is spent: each rank reads its strided share of
+    the files (verdicts cached), the ranks exchange what they found, and every rank either
+    stops with the same one-line error (more bad files than the limit) or continues with a view
+    of `dataset` that leaves the bad files out. In-memory sets are returned as they are."""
+    from .data import Subset
+
+    base, view = (dataset.base, dataset.indices) if isinstance(dataset, Subset) else (dataset, None)
+    if not isinstance(base, (ImageFolder, RecordFile)):
+        return dataset
+    items = _tasks(base)
+    mine = items[world.rank::world.size]
+    cache = VerdictCache(cache_path or default_cache_path())
+    workers = max(1, data_cfg.workers)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        verdicts, read = _verdicts(base, mine, cache, pool if workers > 1 else None)
+    if read:
+        stem, ext = os.path.splitext(cache.path)
+        cache.save(f"{stem}-rank{world.rank}{ext}")
+    position = {ident: i for i, (ident, _, _) in enumerate(items)}
+    found = {position[ident]: v[2] for ident, v in verdicts.items() if v[2]}
+    gathered = world.allgather_bytes(json.dumps(sorted(found.items())).encode(), f"distft.check.{key}")
+    bad = {int(i): message for blob in gathered for i, message in json.loads(blob)}
+    in_use = set(range(len(items))) if view is None else {int(i) for i in view}
+    bad = {i: m for i, m in bad.items() if i in in_use}
+    limit = bad_file_limit(len(in_use), data_cfg.max_bad_fraction, data_cfg.max_bad_files)
+    if len(bad) > limit:
+        first = bad[min(bad)]
+        raise DataError(f"{key}: {len(bad)} unreadable files of {len(in_use)}, more than the {limit} allowed "
+                        f"(max(data.max_bad_fraction x files, data.max_bad_files)); first: {first}")
+    if not bad:
+        return dataset
+    log(f"warning: {key}: {len(bad)} unreadable file(s) of {len(in_use)} left out (limit {limit}): "
+        + "; ".join(bad[i] for i in sorted(bad)[:3]) + (" …" if len(bad) > 3 else ""))
+    keep = np.array([i for i in range(len(dataset)) if (i if view is None else int(view[i])) not in bad])
+    return Subset(dataset, keep, getattr(dataset, "name", key))

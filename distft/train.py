@@ -27,6 +27,7 @@ from .cache import FeatureCache
 from .metrics import Metrics, end_progress_line, forward_probe
 from .config import Config
 from .data import BatchLoader, ShardSampler, Transform, eval_shard, open_training_sets
+from .datacheck import without_unreadable
 from .errors import CheckpointError, ConfigError, DistributedError, NumericalError, Preempted, \
     mxnet_reason
 from .runfiles import write_run_files
@@ -239,6 +240,12 @@ class Job:
     def build_data(self) -> None:
         cfg = self.cfg
         self.train_set, val_set, self.class_names, cfg.model.classes = open_training_sets(cfg.data, cfg.model.classes)
+        # every file read once before training (verdicts cached): too many bad ones stop every
+        # rank here; a few are left out of the data sets
+        warn = lambda message: log(self.world, message)  # noqa: E731
+        self.train_set = without_unreadable(self.train_set, "data.train", self.world, cfg.data, log=warn)
+        if val_set is not None:
+            val_set = without_unreadable(val_set, "data.val", self.world, cfg.data, log=warn)
         self.sampler = ShardSampler(len(self.train_set), cfg.data.batch_size, self.world.size,
                                     self.world.rank, cfg.data.seed, fixed=cfg.fixed_shards)
         if self.sampler.steps_per_epoch == 0:

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import mxnet as mx
@@ -10,6 +11,9 @@ import pytest
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# verdicts of the data check (distft check, and training's pass before the first step) go to a
+# scratch folder, not the user's ~/.cache/distft
+os.environ.setdefault("DISTFT_CACHE_DIR", tempfile.mkdtemp(prefix="distft-test-cache-"))
 # Open MPI refuses to run as root without these (CI runs as root)
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMPI_MCA_rmaps_base_oversubscribe": "1", "PYTHONUNBUFFERED": "1"}

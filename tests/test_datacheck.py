@@ -81,3 +81,52 @@ def test_make_rec_resize_reencodes_with_the_short_side_given(tmp_path):
     rec = str(tmp_path / "r.rec")
     make_rec(train, rec, resize=16, jobs=1)
     assert open_dataset(rec, "train", "data.train").read(3).shape == (16, 16, 3)
+
+
+def test_training_loader_counts_unreadable_files_not_reads(tmp_path):
+    from distft.data import BatchLoader, Transform
+    from distft.errors import DataError
+    import pytest
+
+    train = folder(tmp_path / "train", {"ant": 3, "bee": 3})
+    ds = open_dataset(train, "train", "data.train")
+    with open(ds.files[0], "wb") as fh:  # turns bad after any check ran
+        fh.write(BROKEN)
+    t = Transform(8, [0.5] * 3, [0.25] * 3, False, 0)
+    tolerant = BatchLoader(ds, t, workers=0, max_bad_fraction=0.0, max_bad_files=1)
+    for epoch in range(3):  # the same bad file, read every epoch, is still one file
+        tolerant.batch(np.array([0, 1, 2]), epoch)
+    assert tolerant.bad == 3 and tolerant.bad_files == {0}
+    strict = BatchLoader(ds, t, workers=0, max_bad_fraction=0.0, max_bad_files=0)
+    with pytest.raises(DataError) as err:
+        strict.batch(np.array([0, 1, 2]), 0)
+    assert str(err.value) == (f"data.max_bad_fraction: 1 unreadable files, more than the 0 allowed of 6; latest: "
+                              f"{ds.files[0]}: not an image (unknown format, {len(BROKEN)} bytes)")
+
+
+class Rank:
+    """One of two ranks whose allgather sees what the other has already sent."""
+
+    def __init__(self, rank, sent):
+        self.rank, self.size, self.sent = rank, 2, sent
+
+    def allgather_bytes(self, payload, name):
+        self.sent[self.rank] = payload
+        return [self.sent.get(r, b"[]") for r in range(self.size)]
+
+
+def test_pass_before_training_splits_files_across_ranks_and_leaves_bad_ones_out_on_every_rank(tmp_path):
+    from distft.datacheck import without_unreadable
+
+    train = folder(tmp_path / "train", {"ant": 3, "bee": 3})
+    ds = open_dataset(train, "train", "data.train")
+    with open(ds.files[1], "wb") as fh:  # position 1: rank 1's share
+        fh.write(BROKEN)
+    cfg = load_config(None, [f"data.train={train}"])
+    sent, logged = {}, []
+    views = [without_unreadable(ds, "data.train", Rank(r, sent), cfg.data, str(tmp_path / "c.json"), logged.append)
+             for r in (1, 0)]
+    for view in views:
+        assert len(view) == 5 and list(view.indices) == [0, 2, 3, 4, 5]
+    assert sorted(os.listdir(tmp_path)) == ["c-rank0.json", "c-rank1.json", "train"]
+    assert logged[-1].startswith("warning: data.train: 1 unreadable file(s) of 6 left out (limit 10): ")
