@@ -298,13 +298,14 @@ def without_unreadable(dataset, key: str, world, data_cfg, cache_path: Optional[
     found = {position[ident]: v[2] for ident, v in verdicts.items() if v[2]}
     gathered = world.allgather_bytes(json.dumps(sorted(found.items())).encode(), f"distft.check.{key}")
     bad = {int(i): message for blob in gathered for i, message in json.loads(blob)}
+    # the rule holds for the whole set of files: all of data.train when data.val_split took a view
+    limit = bad_file_limit(len(items), data_cfg.max_bad_fraction, data_cfg.max_bad_files)
+    if len(bad) > limit:
+        where = key if view is None else "data.train"
+        raise DataError(f"{where}: {len(bad)} unreadable files of {len(items)}, more than the {limit} allowed "
+                        f"(max(data.max_bad_fraction x files, data.max_bad_files)); first: {bad[min(bad)]}")
     in_use = set(range(len(items))) if view is None else {int(i) for i in view}
     bad = {i: m for i, m in bad.items() if i in in_use}
-    limit = bad_file_limit(len(in_use), data_cfg.max_bad_fraction, data_cfg.max_bad_files)
-    if len(bad) > limit:
-        first = bad[min(bad)]
-        raise DataError(f"{key}: {len(bad)} unreadable files of {len(in_use)}, more than the {limit} allowed "
-                        f"(max(data.max_bad_fraction x files, data.max_bad_files)); first: {first}")
     if not bad:
         return dataset
     log(f"warning: {key}: {len(bad)} unreadable file(s) of {len(in_use)} left out (limit {limit}): "
