@@ -11,6 +11,7 @@ from typing import Optional
 LARGEST_TRIED = 1024
 
 
+@functools.lru_cache(maxsize=None)
 def fits(name: str, size: int) -> bool:
     import mxnet as mx
     from mxnet.gluon.model_zoo import vision
@@ -43,3 +44,23 @@ def smallest_size(name: str, failing: int = 8) -> Optional[int]:
         else:
             low = mid
     return high
+
+
+def too_small(name: str, size: int) -> Optional[str]:
+    """The error for a size below the network's smallest (None if that is not the problem)."""
+    smallest = smallest_size(name, size)
+    if smallest is not None and smallest > size:
+        return f"model.image_size: {size} is too small for {name}; the smallest size it takes is {smallest}"
+    return None
+
+
+def require_fits(name: str, size: int) -> None:
+    """Up front, before any data is read: a size the network cannot take is a one-line error
+    naming the smallest that works. Unknown names are left to the model's own check."""
+    from .errors import ModelError
+    from .model import model_names
+
+    if name in model_names() and not fits(name, size):
+        message = too_small(name, size)
+        if message:
+            raise ModelError(message)

@@ -206,10 +206,9 @@ def create(cfg_model, ctx, seed: int) -> gluon.HybridBlock:
         with contextlib.redirect_stdout(io.StringIO()):
             net(mx.nd.zeros((1, 3, size, size), ctx=ctx)).wait_to_read()
     except (mx.base.MXNetError, ValueError) as exc:
-        smallest = inputsize.smallest_size(cfg_model.name, size)
-        if smallest is not None and smallest > size:
-            raise ModelError(f"model.image_size: {size} is too small for {cfg_model.name}; the smallest size "
-                             f"it takes is {smallest}") from None
+        message = inputsize.too_small(cfg_model.name, size)
+        if message:
+            raise ModelError(message) from None
         first = mxnet_reason(exc)
         raise ModelError(f"model.image_size: {size} does not fit {cfg_model.name}: {first}") from None
     pretrained = cfg_model.pretrained

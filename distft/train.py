@@ -28,6 +28,7 @@ from .metrics import Metrics, end_progress_line, forward_probe
 from .config import Config
 from .data import BatchLoader, ShardSampler, Transform, eval_shard, open_training_sets
 from .datacheck import without_unreadable
+from .inputsize import require_fits
 from .errors import CheckpointError, ConfigError, DistributedError, NumericalError, Preempted, \
     mxnet_reason
 from .runfiles import write_run_files
@@ -239,6 +240,7 @@ class Job:
 
     def build_data(self) -> None:
         cfg = self.cfg
+        require_fits(cfg.model.name, cfg.model.image_size)  # before reading any data
         self.train_set, val_set, self.class_names, cfg.model.classes = open_training_sets(cfg.data, cfg.model.classes)
         # every file read once before training (verdicts cached): too many bad ones stop every
         # rank here; a few are left out of the data sets

@@ -40,8 +40,11 @@ def test_image_size_too_small_names_the_smallest_that_works(tmp_path, name, size
     assert proc.stdout == ""  # MXNet's shape-inference dump is not shown
 
 
-def test_too_small_image_size_stops_training_before_anything_is_written(tmp_path):
-    proc = run_cli(["--config", job(tmp_path, model={"name": "densenet121", "image_size": 32})], timeout=300)
+def test_too_small_image_size_stops_training_before_any_data_is_read_or_anything_written(tmp_path):
+    train = folder(tmp_path / "train", {"ant": 2, "bee": 2})
+    (tmp_path / "train" / "ant" / "bad.png").write_bytes(b"not an image")  # would be fatal, if it were read
+    proc = run_cli(["--config", job(tmp_path, model={"name": "densenet121", "image_size": 32},
+                                    data={"train": train, "max_bad_files": 0})], timeout=300)
     assert one_line_error(proc) == ("distft: error: model.image_size: 32 is too small for densenet121; "
                                     "the smallest size it takes is 221")
     assert not (tmp_path / "out" / "config.yaml").exists()
