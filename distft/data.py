@@ -116,6 +116,9 @@ class ImageFolder:
         if not self.class_names:
             raise DataError(f"{root}: an ImageFolder needs one sub-folder per class; found none")
         self.files: list[str] = []
+        # files that are not read: no image extension, or outside the class folders
+        self.ignored = sorted(os.path.join(root, f) for f in os.listdir(root)
+                              if not os.path.isdir(os.path.join(root, f)))
         labels = []
         for label, cls in enumerate(self.class_names):
             folder = os.path.join(root, cls)
@@ -123,6 +126,8 @@ class ImageFolder:
                 if fname.lower().endswith(IMAGE_EXTENSIONS):
                     self.files.append(os.path.join(folder, fname))
                     labels.append(label)
+                else:
+                    self.ignored.append(os.path.join(folder, fname))
         if not self.files:
             raise DataError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
         self.labels = np.array(labels, dtype=np.int64)

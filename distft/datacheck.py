@@ -139,6 +139,7 @@ class SetReport:
     files: int
     class_counts: dict
     unreadable: list = field(default_factory=list)  # [message]
+    ignored: list = field(default_factory=list)  # paths not read (no image extension, outside class folders)
     widths: list = field(default_factory=list)
     heights: list = field(default_factory=list)
     read: int = 0  # files read now (the rest came from the cache)
@@ -152,7 +153,7 @@ class SetReport:
 
     def to_json(self) -> dict:
         return {"key": self.key, "data": self.spec, "kind": self.kind, "files": self.files,
-                "unreadable": self.unreadable, "bad_file_limit": self.limit, "classes": self.class_counts,
+                "unreadable": self.unreadable, "ignored": self.ignored, "bad_file_limit": self.limit, "classes": self.class_counts,
                 "image_sizes_min_median_max": self.sizes(), "read": self.read,
                 "from_cache": self.files - self.read if self.kind != "in memory" else 0}
 
@@ -166,6 +167,10 @@ class SetReport:
                          f"height {' / '.join(map(str, s['height']))}")
         for message in self.unreadable:
             lines.append(f"  unreadable: {message}")
+        if self.ignored:
+            more = f" … and {len(self.ignored) - 3} more" if len(self.ignored) > 3 else ""
+            lines.append(f"  ignored ({len(self.ignored)}, not an image file name or outside the class folders): "
+                         + ", ".join(self.ignored[:3]) + more)
         if self.kind != "in memory":
             lines.append(f"  read {self.read} files, {self.files - self.read} verdicts from the cache")
         return "\n".join(lines)
@@ -218,6 +223,7 @@ def scan(dataset, key: str, spec: str, cache: VerdictCache, pool, max_bad_fracti
     kind = {ImageFolder: "ImageFolder", RecordFile: "RecordIO"}.get(type(dataset), "in memory")
     report = SetReport(key, spec, kind, len(dataset), _class_counts(dataset),
                        limit=bad_file_limit(len(dataset), max_bad_fraction, max_bad_files))
+    report.ignored = list(getattr(dataset, "ignored", []))
     if kind == "in memory":
         return report
     items = _tasks(dataset)

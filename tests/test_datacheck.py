@@ -20,9 +20,11 @@ def test_check_reports_unreadable_files_classes_and_sizes(tmp_path):
     train = folder(tmp_path / "train", {"ant": 3, "bee": 2}, size=12)
     (tmp_path / "train" / "bee" / "big.png").write_bytes(open(os.path.join(train, "ant", "0.png"), "rb").read())
     (tmp_path / "train" / "ant" / "bad.png").write_bytes(BROKEN)
+    (tmp_path / "train" / "ant" / "notes.txt").write_text("not read")
     cfg = load_config(None, [f"data.train={train}"])
     [report] = check(cfg, jobs=2, cache_path=str(tmp_path / "cache.json"))
     assert report.files == 7 and report.read == 7
+    assert report.ignored == [f"{train}/ant/notes.txt"]
     assert report.class_counts == {"ant": 4, "bee": 3}
     assert report.unreadable == [f"{train}/ant/bad.png: not an image (unknown format, {len(BROKEN)} bytes)"]
     assert report.sizes() == {"width": [12, 12, 12], "height": [12, 12, 12]}
