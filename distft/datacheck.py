@@ -89,8 +89,8 @@ class VerdictCache:
             return
         stem = os.path.splitext(os.path.basename(self.path))[0]
         folder = os.path.dirname(os.path.abspath(path))
-        siblings = sorted(f for f in os.listdir(folder) if f.startswith(stem) and f.endswith(".json")) \
-            if os.path.isdir(folder) else []
+        siblings = sorted(f for f in os.listdir(folder) if f == f"{stem}.json"
+                          or (f.startswith(f"{stem}-rank") and f.endswith(".json"))) if os.path.isdir(folder) else []
         for name in siblings:
             try:
                 with open(os.path.join(folder, name)) as fh:

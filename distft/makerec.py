@@ -75,10 +75,16 @@ def make_rec(folder: str, out: str, resize: int = 0, quality: int = 95, jobs: in
                 header = mx.recordio.IRHeader(0, float(dataset.labels[pos]), pos, 0)
                 writer.write_idx(pos, mx.recordio.pack(header, payload))
                 written += 1
-    finally:
+    except BaseException:
         writer.close()
+        for path in (tmp_rec, tmp_idx):  # no half-written data set left behind
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    finally:
         if pool is not None:
             pool.shutdown()
+    writer.close()
     os.replace(tmp_rec, out)
     os.replace(tmp_idx, idx)
     names_path = class_names_path(out)
