@@ -34,11 +34,12 @@ def main(argv=None) -> int:
     import psutil
 
     from .config import load_config
-    from .data import BatchLoader, ShardSampler, Transform, open_dataset
+    from .data import BatchLoader, ShardSampler, Transform, open_dataset, resolve_model_classes
     from .freeze import _under
 
     started = psutil.Process().create_time()
     cfg = load_config(args.config, args.overrides)
+    resolve_model_classes(cfg)
     hvd.init()
     ctx = mx.gpu(hvd.local_rank()) if mx.context.num_gpus() else mx.cpu()
     net = gluon.model_zoo.vision.get_model(cfg.model.name, classes=cfg.model.classes)

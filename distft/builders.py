@@ -10,9 +10,30 @@ from typing import Optional
 
 from . import freeze, model, syncbn
 from .cache import FeatureCache
-from .data import BatchLoader, ShardSampler, Transform, open_dataset
+from .data import BatchLoader, ShardSampler, Transform, open_training_sets
+from .datacheck import without_unreadable
 from .errors import ConfigError
+from .inputsize import require_fits
 from .state import Batching
+
+
+@dataclass
+class DataSets:
+    train: object
+    val: Optional[object]
+    class_names: Optional[list]
+
+
+def open_data(cfg, world, warn) -> DataSets:
+    """The data sets, read once and checked before any step: the image size against the
+    network (before any data is read), classes by name (model.classes: auto is resolved here),
+    every file's verdict (unreadable ones left out, or every rank stops past the limit)."""
+    require_fits(cfg.model.name, cfg.model.image_size)
+    train, val, names, cfg.model.classes = open_training_sets(cfg.data, cfg.model.classes)
+    train = without_unreadable(train, "data.train", world, cfg.data, log=warn)
+    if val is not None:
+        val = without_unreadable(val, "data.val", world, cfg.data, log=warn)
+    return DataSets(train, val, names)
 
 
 @dataclass
@@ -33,25 +54,20 @@ class Data:
                 loader.close()
 
 
-def build_data(cfg, world, batching: Batching) -> Data:
-    train_set = open_dataset(cfg.data.train, "train", "data.train")
-    if train_set.classes > cfg.model.classes:
-        raise ConfigError(f"model.classes: {cfg.model.classes}, but data.train has labels up to "
-                          f"{train_set.classes - 1}")
+def build_data(cfg, world, batching: Batching, sets: DataSets) -> Data:
+    train_set = sets.train
     sampler = ShardSampler(len(train_set), batching.per_rank, world.size, world.rank, cfg.data.seed,
                            fixed=cfg.fixed_shards)
     if sampler.steps_per_epoch == 0:
         raise ConfigError(f"data.batch_size: the global batch ({batching.global_batch} samples) is larger than "
                           f"data.train ({len(train_set)} samples)")
     transform = Transform(cfg.model.image_size, cfg.data.mean, cfg.data.std, cfg.data.augment, cfg.data.seed)
-    train_loader = BatchLoader(train_set, transform, workers=cfg.data.workers,
-                               max_bad_fraction=cfg.data.max_bad_fraction)
+    bad = {"max_bad_fraction": cfg.data.max_bad_fraction, "max_bad_files": cfg.data.max_bad_files}
+    train_loader = BatchLoader(train_set, transform, workers=cfg.data.workers, **bad)
     val_loader = None
-    if cfg.data.val:
-        val_set = open_dataset(cfg.data.val, "val", "data.val")
-        val_loader = BatchLoader(val_set, Transform(cfg.model.image_size, cfg.data.mean, cfg.data.std, False,
-                                                    cfg.data.seed),
-                                 workers=cfg.data.workers, max_bad_fraction=cfg.data.max_bad_fraction)
+    if sets.val is not None:
+        val_loader = BatchLoader(sets.val, Transform(cfg.model.image_size, cfg.data.mean, cfg.data.std, False,
+                                                     cfg.data.seed), workers=cfg.data.workers, **bad)
     total = sampler.steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)

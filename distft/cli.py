@@ -1,5 +1,7 @@
-"""Command line: `distft [train] --config X --set a.b=c`, `distft plan`, `distft demo-prepare`,
-`distft bench`, and for a trained run `distft eval`, `distft predict`, `distft export`."""
+"""Command line: `distft [train] --config X --set a.b=c`, `plan`, `check`, `make-rec`, `bench`,
+`demo-prepare`, and for a trained run `eval`, `predict`, `export`. With no arguments, distft
+trains $DISTFT_CONFIG or ./distft.yaml when one exists, else prints its help and exits 2 (a
+misconfigured pod fails; it never trains the demo)."""
 from __future__ import annotations
 
 import argparse
@@ -9,31 +11,93 @@ import sys
 import traceback
 
 from .errors import DistftError
+from .metrics import end_progress_line
 
-COMMANDS = ("train", "plan", "demo-prepare", "bench", "eval", "predict", "export")
+COMMANDS = ("train", "plan", "check", "make-rec", "demo-prepare", "bench", "eval", "predict", "export")
+DEFAULT_CONFIG = "distft.yaml"
+
+EXAMPLES = """examples:
+  distft --config job.yaml                      train (`--config X` alone means `train --config X`)
+  horovodrun -np 8 python -m distft -c job.yaml train on 8 ranks
+  distft                                        train $DISTFT_CONFIG, else ./distft.yaml
+  distft plan -c job.yaml                       which blocks train, BatchNorm modes, bytes
+  distft check -c job.yaml                      read every image once: unreadable files, classes, sizes
+  distft make-rec photos/ photos.rec            an ImageFolder as RecordIO (.rec + .idx + .classes.json)
+  distft eval -c job.yaml --json eval.json      the trained model on data.val: top-1/5, per class
+  distft export -c job.yaml --format onnx --output model.onnx
+  distft -c job.yaml --set optimizer.lr=0.01 --set 'freeze.trainable=[features.8, output]'
+"""
+
+
+def default_config() -> str | None:
+    """The job a bare `distft` runs: $DISTFT_CONFIG, else ./distft.yaml if it exists."""
+    if os.environ.get("DISTFT_CONFIG"):
+        return os.environ["DISTFT_CONFIG"]
+    return DEFAULT_CONFIG if os.path.isfile(DEFAULT_CONFIG) else None
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="YAML job config")
+    p.add_argument("--config", "-c", help="YAML job config (default: $DISTFT_CONFIG, else ./distft.yaml "
+                   "if present, else built-in defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optimizer.lr=0.01 (repeatable)")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="distft", description="Distributed fine-tuning of frozen-backbone "
-                                "MXNet Gluon models on Horovod.")
-    sub = p.add_subparsers(dest="command")
-    t = sub.add_parser("train", help="fine-tune (the default command); launch with horovodrun for N ranks")
+    from . import __version__
+
+    raw = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="distft", formatter_class=raw, epilog=EXAMPLES, description=(
+        "Distributed fine-tuning of frozen-backbone MXNet Gluon models on Horovod.\n\n"
+        "`distft --config X` alone means `distft train --config X`. With no arguments at all, distft\n"
+        "trains $DISTFT_CONFIG or ./distft.yaml when one exists, else prints this help and exits 2.\n"
+        "Errors are one line, `distft: error: ...`, naming the config key or file; exit code 2."))
+    p.add_argument("--version", action="version", version=f"distft {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    t = sub.add_parser("train", formatter_class=raw, help="fine-tune (the default command)", description=(
+        "Fine-tune: one process, or N ranks under horovodrun/mpirun/srun. Writes checkpoints,\n"
+        "model.params, classes.json, summary.json and config.yaml into train.output; a job started\n"
+        "again with the same train.output resumes."))
     _config_args(t)
-    pl = sub.add_parser("plan", help="show which blocks train, BN modes and bytes")
+    pl = sub.add_parser("plan", formatter_class=raw, help="show which blocks train, BN modes and bytes",
+                        description=("Build the model on the CPU and show, per block, what trains and what is\n"
+                                     "frozen, the BatchNorm modes, the bytes allreduced per step and the\n"
+                                     "freeze schedule's stages. Trains nothing."))
     _config_args(pl)
     pl.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pl.add_argument("--depth", type=int, default=2, help="block depth of the table rows (default 2)")
+    ch = sub.add_parser("check", formatter_class=raw, help="read every image of data.train and data.val once",
+                        description=("Read every file of data.train and data.val once, on all cores: unreadable\n"
+                                     "files, images per class, image sizes (min/median/max). Verdicts are\n"
+                                     "cached by (path, size, mtime), so a second check reads only what changed.\n"
+                                     "Exit 2 when unreadable files exceed the limit training applies:\n"
+                                     "max(data.max_bad_fraction x files, data.max_bad_files)."))
+    _config_args(ch)
+    ch.add_argument("--jobs", "-j", type=int, default=0, help="processes (default: all cores)")
+    ch.add_argument("--cache", default=None,
+                    help="verdict cache file (default: ~/.cache/distft/check.json)")
+    ch.add_argument("--json", action="store_true", help="print JSON instead of text")
+    mr = sub.add_parser("make-rec", formatter_class=raw, help="write an ImageFolder as RecordIO (.rec + .idx)",
+                        description=("Write an ImageFolder (one sub-folder per class) as an indexed RecordIO file\n"
+                                     "that data.train/data.val accept: OUT.rec, OUT.idx and OUT.classes.json\n"
+                                     "(the class names, index = label). Images are read with Pillow, in\n"
+                                     "parallel, and stored as they are (--resize re-encodes them as JPEG)."))
+    mr.add_argument("folder", help="ImageFolder root")
+    mr.add_argument("out", help="output .rec path (the .idx and .classes.json go beside it)")
+    mr.add_argument("--resize", type=int, default=0,
+                    help="re-encode with the shorter side at this many pixels (default 0: store files as they are)")
+    mr.add_argument("--quality", type=int, default=95, help="JPEG quality with --resize (default 95)")
+    mr.add_argument("--jobs", "-j", type=int, default=0, help="processes (default: all cores)")
     d = sub.add_parser("demo-prepare", help="make the demo's pretrained backbone if it is missing")
     _config_args(d)
     d.add_argument("--pretrain-config", default=None,
                    help="config of the pretraining run (default: configs/demo-pretrain.yaml beside --config)")
-    b = sub.add_parser("bench", help="distft vs a plain Horovod loop vs forward-only, on this machine")
+    b = sub.add_parser("bench", formatter_class=raw,
+                       help="distft vs a plain Horovod loop vs forward-only, on this machine",
+                       description=("Run, on this machine and with the same model, freeze plan, batch and data:\n"
+                                    "distft under horovodrun -np N; a plain Horovod-MXNet loop (the baseline);\n"
+                                    "forward-only inference (the limit); and distft with the feature cache.\n"
+                                    "Prints a Markdown table of samples/s, memory and bytes moved."))
     _config_args(b)
     b.add_argument("--np", type=int, default=2, help="ranks (default 2)")
     b.add_argument("--steps", type=int, default=30, help="timed steps per run (default 30)")
@@ -116,7 +180,7 @@ def cmd_train(args) -> int:
     from .config import load_config
     from .train import run
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config or default_config(), args.overrides)
     if cfg.model.pretrained is True:
         # every process of a node, before Horovod starts: one download per node (a file lock),
         # and no collective waits on it
@@ -125,13 +189,34 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from . import datacheck
+    from .config import load_config
+
+    cfg = load_config(args.config or default_config(), args.overrides)
+    return datacheck.main(cfg, jobs=args.jobs, cache_path=args.cache, as_json=args.json)
+
+
+def cmd_make_rec(args) -> int:
+    from . import makerec
+
+    result = makerec.make_rec(args.folder, args.out, resize=args.resize, quality=args.quality, jobs=args.jobs)
+    for message in result["skipped"]:
+        print(f"skipped (unreadable): {message}")
+    print(f"wrote {result['rec']} ({result['records']} images, {len(result['classes'])} classes), "
+          f"{result['idx']}, {result['classes_file']}")
+    return 0
+
+
 def cmd_plan(args) -> int:
     import mxnet as mx
 
     from . import freeze, model
     from .config import load_config
+    from .data import resolve_model_classes
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config or default_config(), args.overrides)
+    resolve_model_classes(cfg)
     net = model.create(cfg.model, mx.cpu(), seed=cfg.train.seed)
     spec = model.describe(net, cfg.model.name, cfg.model.head)
     plan = freeze.resolve(spec, cfg.freeze.trainable, cfg.freeze.batchnorm, cfg.freeze.schedule, 0)
@@ -163,15 +248,23 @@ def _rank() -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
+    if not argv:
+        if default_config() is None:  # never a demo run: a pod without its config must fail
+            parser().print_help(sys.stderr)
+            print(f"\ndistft: error: no command and no job: give --config, set DISTFT_CONFIG or put "
+                  f"{DEFAULT_CONFIG} in {os.getcwd()}", file=sys.stderr, flush=True)
+            return 2
+        argv = ["train"]
+    elif argv[0] not in COMMANDS + ("-h", "--help", "--version"):
         argv.insert(0, "train")  # `python -m distft --config X` trains
     args = parser().parse_args(argv)
-    handler = {"train": cmd_train, "plan": cmd_plan, "demo-prepare": cmd_demo_prepare,
-               "bench": cmd_bench, "eval": cmd_eval,
+    handler = {"train": cmd_train, "plan": cmd_plan, "check": cmd_check, "make-rec": cmd_make_rec,
+               "demo-prepare": cmd_demo_prepare, "bench": cmd_bench, "eval": cmd_eval,
                "predict": cmd_predict, "export": cmd_export}[args.command]
     try:
         code = handler(args)
     except DistftError as exc:
+        end_progress_line()
         rank = _rank()
         where = f" (rank {rank})" if rank else ""
         print(f"distft: error{where}: {exc}", file=sys.stderr, flush=True)
@@ -179,6 +272,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         code = 130
     except Exception as exc:  # noqa: BLE001
+        end_progress_line()
         text = str(exc)
         if "Horovod has been shut down" in text or "HorovodInternalError" in type(exc).__name__:
             # a peer rank died or stalled; the launcher and Horovod's stall report name it

@@ -31,12 +31,15 @@ def _at_least(low: float) -> dict:
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet18_v2"
-    classes: int = field(default=10, metadata=_at_least(1))
+    name: str = "resnet18_v2"  # any mxnet.gluon.model_zoo.vision network
+    # classes of the new head; `auto`: the number of data.train's classes (an ImageFolder's
+    # class folders, or a RecordIO file's largest label + 1)
+    classes: Union[int, str] = field(default="auto", metadata=_at_least(1))
     # path to a .params file (saved with save_parameters), true (model-zoo cache) or false
     pretrained: Union[bool, str] = False
+    # input size in pixels (square); too small for the network is an error naming the smallest that works
     image_size: int = field(default=224, metadata=_at_least(8))
-    head: str = "output"
+    head: str = "output"  # the classifier block, initialised afresh (everything else is loaded)
 
 
 @dataclass
@@ -53,22 +56,27 @@ class FreezeConfig:
 class DataConfig:
     # ImageFolder directory, RecordIO .rec (with .idx beside it), `demo` or `demo-pretrain`
     train: str = "demo"
-    val: Optional[str] = "demo"
-    batch_size: int = field(default=32, metadata=_at_least(1))  # per rank (the largest micro-batch)
+    # the validation set, same kinds; its classes are matched to data.train's by name (null: none)
+    val: Optional[str] = None
+    # instead of data.val: hold out this fraction of data.train (seeded by data.seed, the same on
+    # every rank) for validation; it is never trained on
+    val_split: float = field(default=0.0, metadata=_at_least(0.0))
+    batch_size: int = field(default=32, metadata=_at_least(1))  # per rank: the largest micro-batch
     # samples per optimizer step, all ranks together. The job's, not the launch's: default
     # batch_size x world size at the first launch, kept on any later world size by accumulating
     # gradients over micro-batches of at most batch_size
     global_batch: Optional[int] = field(default=None, metadata=_at_least(1))
-    val_batch_size: Optional[int] = field(default=None, metadata=_at_least(1))
-    augment: bool = False
-    seed: int = 0
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    val_batch_size: Optional[int] = field(default=None, metadata=_at_least(1))  # per rank (null: batch_size)
+    augment: bool = False  # random resized crop and horizontal flip, seeded per (seed, epoch, sample)
+    seed: int = 0  # shuffling, sharding, augmentation and data.val_split
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # per channel (R, G, B), of 0..1
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))  # per channel (R, G, B), of 0..1
     # threads decoding images ahead of the training step
     workers: int = field(default=2, metadata=_at_least(0))
-    # unreadable images are skipped (replaced by another sample of the batch) up to this
-    # fraction of the samples read; past it the job stops naming the file
+    # unreadable images are skipped (replaced by another sample of the batch) while there are at
+    # most max(max_bad_fraction x files, max_bad_files) of them; past that the job stops naming one
     max_bad_fraction: float = field(default=0.001, metadata=_at_least(0.0))
+    max_bad_files: int = field(default=10, metadata=_at_least(0))  # see max_bad_fraction
     # how samples go to ranks: `reshuffled` (every epoch's permutation split across ranks, so N
     # ranks take exactly the batches one process with an N-times batch takes) or `fixed` (each
     # rank keeps one shard for the whole run and reshuffles it; what a feature cache needs, and
@@ -79,16 +87,18 @@ class DataConfig:
 @dataclass
 class OptimizerConfig:
     name: str = field(default="sgd", metadata=_choices("sgd", "nag", "adam"))
-    lr: float = field(default=0.01, metadata=_at_least(0.0))
-    momentum: float = field(default=0.9, metadata=_at_least(0.0))
+    lr: float = field(default=0.01, metadata=_at_least(0.0))  # learning rate (before lr_scaling)
+    momentum: float = field(default=0.9, metadata=_at_least(0.0))  # sgd/nag momentum; adam's beta1
+    # applied to trainable weights only (biases and BatchNorm too with decay_bias_and_bn)
     weight_decay: float = field(default=1e-4, metadata=_at_least(0.0))
     # no weight decay on biases and BatchNorm gamma/beta (the usual fine-tuning recipe)
     decay_bias_and_bn: bool = False
+    # learning-rate schedule: `constant`, `step` (step_epochs, step_factor) or `cosine` (to min_lr)
     schedule: str = field(default="constant", metadata=_choices("constant", "step", "cosine"))
-    warmup_steps: int = field(default=0, metadata=_at_least(0))
-    step_epochs: list[int] = field(default_factory=list)
-    step_factor: float = field(default=0.1, metadata=_at_least(0.0))
-    min_lr: float = field(default=0.0, metadata=_at_least(0.0))
+    warmup_steps: int = field(default=0, metadata=_at_least(0))  # linear warm-up from 0 over this many steps
+    step_epochs: list[int] = field(default_factory=list)  # `step`: epochs at which lr is multiplied by step_factor
+    step_factor: float = field(default=0.1, metadata=_at_least(0.0))  # see step_epochs
+    min_lr: float = field(default=0.0, metadata=_at_least(0.0))  # `cosine`: the final learning rate
     # `linear`: lr x global batch / data.batch_size (the job's global batch, whatever the
     # world size of this launch)
     lr_scaling: str = field(default="none", metadata=_choices("none", "linear"))
@@ -98,15 +108,16 @@ class OptimizerConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = field(default=1, metadata=_at_least(1))
-    max_steps: Optional[int] = field(default=None, metadata=_at_least(1))
+    epochs: int = field(default=1, metadata=_at_least(1))  # passes over data.train
+    max_steps: Optional[int] = field(default=None, metadata=_at_least(1))  # stop after this many steps (null: no limit)
+    # run folder: checkpoints, model.params, classes.json, summary.json, config.yaml (resolved), log.jsonl
     output: str = "runs/distft"
-    hybridize: bool = True
-    log_every: int = field(default=10, metadata=_at_least(1))
-    checkpoint_every_epochs: int = field(default=1, metadata=_at_least(0))
-    checkpoint_every_steps: Optional[int] = field(default=None, metadata=_at_least(1))
-    keep_checkpoints: int = field(default=3, metadata=_at_least(1))
-    resume: bool = True
+    hybridize: bool = True  # static-memory cached graphs
+    log_every: int = field(default=10, metadata=_at_least(1))  # steps per log line (or progress update)
+    checkpoint_every_epochs: int = field(default=1, metadata=_at_least(0))  # 0: only at the end
+    checkpoint_every_steps: Optional[int] = field(default=None, metadata=_at_least(1))  # also every N steps
+    keep_checkpoints: int = field(default=3, metadata=_at_least(1))  # the newest N are kept
+    resume: bool = True  # continue from the newest valid checkpoint in train.output
     seed: int = 0  # weight initialisation of the new head
     # `amp`: mixed precision (float16 on GPU with dynamic loss scaling, bfloat16 on CPU); weights,
     # optimizer state and checkpoints stay float32
@@ -114,7 +125,8 @@ class TrainConfig:
     # keep the frozen prefix's output per sample (needs data.augment: false): later epochs
     # train the suffix from the cache. In memory up to cache_memory_bytes, else a file.
     cache_features: bool = False
-    cache_dtype: str = field(default="float32", metadata=_choices("float32", "float16"))
+    cache_dtype: str = field(default="float32", metadata=_choices("float32", "float16"))  # of the cached features
+    # past this many bytes per rank the cache is a memory-mapped file under train.output/cache
     cache_memory_bytes: int = field(default=4 * 1024 ** 3, metadata=_at_least(0))
     # a step (or collective) not finishing in this many seconds aborts every rank (0: never)
     stall_timeout: float = field(default=300.0, metadata=_at_least(0.0))
@@ -132,7 +144,8 @@ class DistConfig:
     # gradients are allreduced in buckets of about this many bytes (0: one call per tensor);
     # several buckets let the first ones travel while backward still computes the rest
     bucket_bytes: int = field(default=8 * 1024 * 1024, metadata=_at_least(0))
-    compression: str = field(default="none", metadata=_choices("none", "fp16"))
+    compression: str = field(default="none", metadata=_choices("none", "fp16"))  # gradients on the wire
+    # Horovod's: divide gradients by this before the allreduce and by world size / this after
     gradient_predivide_factor: float = field(default=1.0, metadata=_at_least(1e-6))
     # frozen weights that differ between ranks: `error` stops the job, `broadcast` fixes them
     on_frozen_mismatch: str = field(default="error", metadata=_choices("error", "broadcast"))
@@ -146,7 +159,7 @@ class DistConfig:
 class MetricsConfig:
     # each rank serves /metrics on port + local_rank (0: no exporter)
     port: int = field(default=9400, metadata=_at_least(0))
-    bind: str = "0.0.0.0"
+    bind: str = "0.0.0.0"  # address the exporter listens on
     # a port already taken: `error`, or `next` (the next free port of this rank's stride)
     on_port_in_use: str = field(default="error", metadata=_choices("error", "next"))
     job: str = ""  # the `job` label (default: the name of train.output)
@@ -155,6 +168,8 @@ class MetricsConfig:
     linger_seconds: float = field(default=0.0, metadata=_at_least(0.0))  # keep serving after the end
     # forward-only batches timed at start-up (the throughput limit); 0 skips the probe
     probe_batches: int = field(default=5, metadata=_at_least(0))
+    # rank 0's progress line: `auto` draws it on a terminal, but not under a launcher (mpirun,
+    # horovodrun, srun), where ranks log plain lines; `on`, `off`
     progress: str = field(default="auto", metadata=_choices("auto", "on", "off"))
     report: bool = True  # report.png beside summary.json
 
@@ -275,7 +290,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
         if "choices" in meta and converted not in meta["choices"]:
             raise ConfigError(f"{key_path}: must be one of {', '.join(meta['choices'])}, "
                               f"got {converted!r}{_suggest(str(converted), list(meta['choices']))}")
-        if "min" in meta and converted is not None and converted < meta["min"]:
+        if "min" in meta and isinstance(converted, (int, float)) and converted < meta["min"]:
             raise ConfigError(f"{key_path}: must be >= {meta['min']}, got {converted!r}")
         kwargs[key] = converted
     return cls(**kwargs)
@@ -283,6 +298,15 @@ def _build(cls: type, data: Any, path: str) -> Any:
 
 def _check(cfg: Config) -> None:
     """Cross-field checks that a single key's type cannot express."""
+    if isinstance(cfg.model.classes, str) and cfg.model.classes != "auto":
+        raise ConfigError(f"model.classes: expected an integer or auto, got {cfg.model.classes!r}")
+    if not cfg.freeze.trainable:
+        raise ConfigError("freeze.trainable: empty, so nothing would train; name at least one block "
+                          "(e.g. [output]) or /.*/ for everything")
+    if cfg.data.val_split >= 1.0:
+        raise ConfigError(f"data.val_split: a fraction of data.train below 1, got {cfg.data.val_split!r}")
+    if cfg.data.val_split and cfg.data.val:
+        raise ConfigError("data.val_split: set either data.val or data.val_split, not both")
     for i, entry in enumerate(cfg.freeze.trainable):
         if entry.startswith("/"):
             if len(entry) < 2 or not entry.endswith("/"):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 def log(world, msg: str) -> None:
     if world.rank == 0:
+        from .metrics import end_progress_line
+
+        end_progress_line()
         print(f"[distft] {msg}", flush=True)
 
 

@@ -88,9 +88,12 @@ def eval_shard(size: int, world_size: int, rank: int) -> np.ndarray:
 
 
 class ArrayImages:
-    def __init__(self, images: np.ndarray, labels: np.ndarray, name: str):
+    in_memory = True  # decoded once; the loader may keep transformed samples
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, name: str, class_names: Optional[list] = None):
         self.images, self.labels, self.name = images, labels.astype(np.int64), name
         self.classes = int(labels.max()) + 1 if len(labels) else 0
+        self.class_names = class_names
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -101,7 +104,9 @@ class ArrayImages:
 
 
 class ImageFolder:
-    """One sub-folder per class, sorted by name; images decoded by MXNet's OpenCV."""
+    """One sub-folder per class, sorted by name (label = position); images decoded by Pillow.
+    Class folders without images keep their position here; data.train refuses them (see
+    classes.py), data.val ignores them."""
 
     def __init__(self, root: str):
         if not os.path.isdir(root):
@@ -111,6 +116,9 @@ class ImageFolder:
         if not self.class_names:
             raise DataError(f"{root}: an ImageFolder needs one sub-folder per class; found none")
         self.files: list[str] = []
+        # files that are not read: no image extension, or outside the class folders
+        self.ignored = sorted(os.path.join(root, f) for f in os.listdir(root)
+                              if not os.path.isdir(os.path.join(root, f)))
         labels = []
         for label, cls in enumerate(self.class_names):
             folder = os.path.join(root, cls)
@@ -118,6 +126,8 @@ class ImageFolder:
                 if fname.lower().endswith(IMAGE_EXTENSIONS):
                     self.files.append(os.path.join(folder, fname))
                     labels.append(label)
+                else:
+                    self.ignored.append(os.path.join(folder, fname))
         if not self.files:
             raise DataError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
         self.labels = np.array(labels, dtype=np.int64)
@@ -147,6 +157,7 @@ class RecordFile:
             if not os.path.isfile(path):
                 raise DataError(f"{path}: no such file (a RecordIO data set needs the .rec and its .idx)")
         self.path = rec_path
+        self.class_names = read_class_names(rec_path)
         self._local = threading.local()
         self._idx_path = idx_path
         try:
@@ -185,6 +196,60 @@ class RecordFile:
 
 
 
+def class_names_path(rec_path: str) -> str:
+    """Where the class names of a RecordIO file live: `<name>.classes.json` beside it."""
+    return os.path.splitext(rec_path)[0] + ".classes.json"
+
+
+def read_class_names(rec_path: str) -> Optional[list]:
+    import json
+
+    path = class_names_path(rec_path)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as fh:
+            names = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read class names ({exc})") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{path}: expected a JSON list of class names (index = label)")
+    return names
+
+
+class Subset:
+    """A view of some samples of a data set (e.g. data.train without its data.val_split share).
+    Sample i of the view is sample indices[i] of the base, so samplers see only the view."""
+
+    def __init__(self, base, indices: np.ndarray, name: str):
+        self.base, self.indices, self.name = base, np.asarray(indices, dtype=np.int64), name
+        self.labels = base.labels[self.indices]
+        self.classes = base.classes
+        self.class_names = getattr(base, "class_names", None)
+        self.in_memory = getattr(base, "in_memory", False)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def read(self, i: int) -> np.ndarray:
+        return self.base.read(int(self.indices[i]))
+
+
+_HOLDOUT = 0x7A1  # a seed stream of its own for data.val_split
+
+
+def split_holdout(dataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
+    """(training part, held-out part) of `dataset`: a seeded share, the same on every rank and
+    launch, at least one sample in each part."""
+    n = len(dataset)
+    n_val = min(max(1, int(round(n * fraction))), n - 1)
+    if n < 2:
+        raise DataError(f"data.val_split: data.train has {n} sample(s); nothing to hold out")
+    order = np.random.default_rng([seed, _HOLDOUT]).permutation(n)
+    return (Subset(dataset, np.sort(order[n_val:]), "train"),
+            Subset(dataset, np.sort(order[:n_val]), "val_split"))
+
+
 def open_dataset(spec: str, role: str, key: str):
     """`spec` is a directory (ImageFolder), a .rec file, `demo` or `demo-pretrain`."""
     from . import demo
@@ -200,6 +265,33 @@ def open_dataset(spec: str, role: str, key: str):
     raise DataError(f"{key}: {spec}: expected an ImageFolder directory, a .rec file or 'demo'")
 
 
+def open_training_sets(data_cfg, model_classes):
+    """(train set, val set or None, class names or None, number of classes) for a job: the
+    training set defines the classes, data.val is mapped onto them by name, data.val_split
+    holds a seeded share of data.train out of training."""
+    from . import classes
+
+    train = open_dataset(data_cfg.train, "train", "data.train")
+    names, num_classes = classes.training_classes(train, model_classes)
+    val = None
+    if data_cfg.val_split:
+        train, val = split_holdout(train, data_cfg.val_split, data_cfg.seed)
+    elif data_cfg.val:
+        val = open_dataset(data_cfg.val, "val", "data.val")
+        classes.map_validation(val, names, num_classes)
+    return train, val, names, num_classes
+
+
+def resolve_model_classes(cfg) -> int:
+    """Set `model.classes: auto` to data.train's number of classes (and check an explicit one),
+    for commands that build the model without training (plan, the benchmark's baseline)."""
+    from . import classes
+
+    _, cfg.model.classes = classes.training_classes(open_dataset(cfg.data.train, "train", "data.train"),
+                                                    cfg.model.classes)
+    return cfg.model.classes
+
+
 # --- transforms ------------------------------------------------------------------------------
 
 
@@ -211,7 +303,9 @@ def decode(payload: bytes, where: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(payload)) as im:
             return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:  # its text names the BytesIO object, not the file
+        raise DataError(f"{where}: not an image (unknown format, {len(payload)} bytes)") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"{where}: cannot decode image ({exc})") from None
 
 
@@ -269,21 +363,29 @@ class Transform:
 # --- batches ---------------------------------------------------------------------------------
 
 
+def bad_file_limit(files: int, max_bad_fraction: float, max_bad_files: int) -> int:
+    """How many unreadable files a data set of `files` may hold and still train: a few in a
+    small set (max_bad_files), a fraction of a large one."""
+    return max(int(max_bad_fraction * files), max_bad_files)
+
+
+
 class BatchLoader:
     """Assembles batches on background threads, `depth` batches ahead of the training step.
 
     An unreadable sample is replaced by another sample of the same batch (the batch keeps its
-    size, so ranks stay in step) and counted; past `max_bad_fraction` of the samples read, the
-    job stops with the file named."""
+    size, so ranks stay in step) and counted; once more files than `bad_file_limit` allows
+    are unreadable, the job stops with the file named."""
 
     def __init__(self, dataset, transform: Transform, workers: int = 2, depth: int = 2,
-                 max_bad_fraction: float = 0.0):
+                 max_bad_fraction: float = 0.0, max_bad_files: int = 0):
         self.dataset = dataset
         self.transform = transform
         self.workers = workers
         self.depth = depth
-        self.max_bad_fraction = max_bad_fraction
-        self.bad = 0
+        self.bad_limit = bad_file_limit(len(dataset), max_bad_fraction, max_bad_files)
+        self.bad = 0  # unreadable samples read (a bad file read every epoch counts every time)
+        self.bad_files: set = set()
         self.seen = 0
         self._pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
         self._cache: dict = {}
@@ -292,7 +394,7 @@ class BatchLoader:
         if not self.transform.augment and i in self._cache:
             return self._cache[i]
         x = self.transform(self.dataset.read(int(i)), epoch, int(i))
-        if not self.transform.augment and isinstance(self.dataset, ArrayImages):
+        if not self.transform.augment and getattr(self.dataset, "in_memory", False):
             self._cache[i] = x  # in-memory sets: decode and resize once
         return x
 
@@ -312,9 +414,12 @@ class BatchLoader:
         bad = [k for k, x in enumerate(xs) if isinstance(x, DataError)]
         if bad:
             self.bad += len(bad)
-            if self.bad > self.max_bad_fraction * self.seen or len(bad) == len(xs):
-                raise DataError(f"data.max_bad_fraction: {self.bad} of {self.seen} samples read so far are "
-                                f"unreadable (limit {self.max_bad_fraction:g}); latest: {xs[bad[-1]]}")
+            self.bad_files.update(int(indices[k]) for k in bad)
+            if len(self.bad_files) > self.bad_limit:
+                raise DataError(f"data.max_bad_fraction: {len(self.bad_files)} unreadable files, more than the "
+                                f"{self.bad_limit} allowed of {len(self.dataset)}; latest: {xs[bad[-1]]}")
+            if len(bad) == len(xs):
+                raise DataError(f"every file of a batch is unreadable; latest: {xs[bad[-1]]}")
             good = next(k for k, x in enumerate(xs) if not isinstance(x, DataError))
             for k in bad:
                 xs[k], labels[k] = xs[good], labels[good]

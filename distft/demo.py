@@ -30,4 +30,5 @@ def dataset(spec: str, role: str) -> ArrayImages:
     order = np.random.default_rng(20240607).permutation(chosen)
     n_val = int(round(len(order) * VAL_FRACTION))
     part = np.sort(order[:n_val] if role == "val" else order[n_val:])
-    return ArrayImages(images[part], labels[part] - min(digits), name=f"{spec}:{role}")
+    return ArrayImages(images[part], labels[part] - min(digits), name=f"{spec}:{role}",
+                       class_names=[str(d) for d in digits])

@@ -21,6 +21,38 @@ STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 PHASES = ("data", "compute", "allreduce")
 
 
+# launchers that start ranks; Open MPI gives every rank a pseudo-terminal even when the output
+# goes to a file, so isatty alone would draw `\r` lines into logs
+LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
+def progress_wanted(setting: str, isatty: bool, env) -> bool:
+    """metrics.progress: `on`, `off`, or `auto`: on a terminal, and not under a launcher."""
+    if setting != "auto":
+        return setting == "on"
+    return isatty and not any(var in env for var in LAUNCHER_VARIABLES)
+
+
+_progress_open = False  # a progress line is drawn and not yet ended
+
+
+def _draw_progress(text: str) -> None:
+    global _progress_open
+    sys.stdout.write("\r" + text)
+    sys.stdout.flush()
+    _progress_open = True
+
+
+def end_progress_line() -> None:
+    """End a drawn progress line, so that the next line printed starts a line of its own. Call
+    before printing anything while training runs."""
+    global _progress_open
+    if _progress_open:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        _progress_open = False
+
+
 class Metrics:
     def __init__(self, cfg, world, output: str, log_every: int):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -75,8 +107,7 @@ class Metrics:
         self.server = None
         self.port: Optional[int] = None
         self._jsonl = None
-        self._progress = (cfg.progress == "on" or (cfg.progress == "auto" and sys.stdout.isatty())) \
-            and world.rank == 0
+        self._progress = world.rank == 0 and progress_wanted(cfg.progress, sys.stdout.isatty(), os.environ)
         self._last_push = 0
 
     @property
@@ -165,9 +196,8 @@ class Metrics:
                 self._jsonl.write(json.dumps(record) + "\n")
             if self._progress:
                 left = (total_steps - global_step) * mean_step
-                sys.stdout.write(f"\r[distft] step {global_step}/{total_steps} epoch {epoch} loss {loss:.4f} "
-                                 f"{job_rate:.0f} samples/s ETA {left:.0f}s ")
-                sys.stdout.flush()
+                _draw_progress(f"[distft] step {global_step}/{total_steps} epoch {epoch} loss {loss:.4f} "
+                               f"{job_rate:.0f} samples/s ETA {left:.0f}s ")
         self._window = {"samples": 0, "start": now, "steps": 0, "step_seconds": 0.0}
         if self.cfg.pushgateway and self.cfg.push_every_steps and \
                 global_step - self._last_push >= self.cfg.push_every_steps:
@@ -200,12 +230,12 @@ class Metrics:
             push_to_gateway(self.cfg.pushgateway, job=self.job, registry=self.registry,
                             grouping_key={"rank": str(self.world.rank)}, timeout=10)
         except OSError as exc:  # a monitoring outage must not kill a training job
+            end_progress_line()
             print(f"[distft] warning: rank {self.world.rank}: push to {self.cfg.pushgateway} failed: {exc}",
                   file=sys.stderr, flush=True)
 
     def finish(self, summary: dict) -> None:
-        if self._progress:
-            sys.stdout.write("\n")
+        end_progress_line()
         if summary.get("samples_per_sec") and self.forward:
             self.child(self.vs_forward).set(summary["samples_per_sec"] / self.world.size / self.forward)
         if self.cfg.pushgateway:

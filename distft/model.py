@@ -4,8 +4,10 @@ suffix.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
+import io
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -17,6 +19,7 @@ from mxnet.gluon import nn
 from mxnet.gluon.model_zoo import vision
 
 from . import zoo
+from . import inputsize
 from .errors import ModelError, mxnet_reason
 
 BN_TYPES = (nn.BatchNorm,)
@@ -189,8 +192,13 @@ def create(cfg_model, ctx, seed: int) -> gluon.HybridBlock:
     net.initialize(mx.init.Xavier(magnitude=2.0), ctx=ctx)
     size = cfg_model.image_size
     try:
-        net(mx.nd.zeros((1, 3, size, size), ctx=ctx)).wait_to_read()
-    except mx.base.MXNetError as exc:
+        # a failed shape inference prints its arguments to stdout before raising
+        with contextlib.redirect_stdout(io.StringIO()):
+            net(mx.nd.zeros((1, 3, size, size), ctx=ctx)).wait_to_read()
+    except (mx.base.MXNetError, ValueError) as exc:
+        message = inputsize.too_small(cfg_model.name, size)
+        if message:
+            raise ModelError(message) from None
         first = mxnet_reason(exc)
         raise ModelError(f"model.image_size: {size} does not fit {cfg_model.name}: {first}") from None
     pretrained = cfg_model.pretrained

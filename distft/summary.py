@@ -137,7 +137,9 @@ def compose(job, stats: Stats, evals: dict, digests: list[str]) -> dict:
     rate = stats.rate(wall)
     runs = run_history(os.path.join(job.out, "log.jsonl")) if world.rank == 0 else {}
     return {
-        "model": job.cfg.model.name, "epochs": round(state.step / job.data.steps_per_epoch, 3),
+        "model": job.cfg.model.name,
+        "classes": job.sets.class_names or [str(i) for i in range(job.cfg.model.classes)],
+        "epochs": round(state.step / job.data.steps_per_epoch, 3),
         "steps": state.step, "steps_this_run": stats.steps, "samples": state.samples,
         "global_batch": state.global_batch, "accumulation": job.batching.accumulate,
         "micro_batch": job.batching.micro,

@@ -19,10 +19,11 @@ from mxnet import gluon
 
 from . import model, precision
 from .agreement import agree_on_start_state, agreed, check_same_config, from_rank0, sync_point
-from .builders import build_cache, build_data, build_network
+from .advice import warnings
+from .builders import build_cache, build_data, build_network, open_data
 from .checkpointer import Checkpointer, check_relaunch
-from .config import Config, dump_config
-from .console import log
+from .config import Config
+from .console import log, warn
 from .errors import ConfigError, Preempted
 from .evaluate import evaluate
 from .freeze import lr_multipliers
@@ -30,6 +31,7 @@ from .metrics import Metrics, forward_probe
 from .optim import OptimizerState, build_trainer
 from .preprocess import Preprocess
 from .resilience import Resilience
+from .runfiles import write_run_files
 from .schedule import LRSchedule
 from .state import TrainState, split_global_batch
 from .step import TrainingStep
@@ -53,6 +55,7 @@ class Job:
         cfg, world = self.cfg, self.world
         self.check_output()
         self.bytes_control += check_same_config(world, cfg)
+        self.sets = open_data(cfg, world, lambda msg: warn(world, msg))  # resolves model.classes: auto
         meta = self.checkpoints.find_resume_point()
         if meta:
             check_relaunch(cfg, meta)
@@ -60,7 +63,7 @@ class Job:
                       TrainState(global_batch=cfg.data.global_batch or cfg.data.batch_size * world.size))
         self.batching = split_global_batch(self.state.global_batch, world.size, cfg.data.batch_size,
                                            self.state.world_size if meta else world.size)
-        self.data = build_data(cfg, world, self.batching)
+        self.data = build_data(cfg, world, self.batching, self.sets)
         if meta and self.state.step >= self.data.total_steps and \
                 from_rank0(world, world.rank == 0 and completed(self.out, self.state.step), "distft.complete"):
             log(world, f"{self.out}: the job is complete (step {self.state.step} of {self.data.total_steps}); "
@@ -115,9 +118,11 @@ class Job:
 
     def start_outputs(self, meta) -> None:
         cfg, world, b = self.cfg, self.world, self.batching
-        if world.rank == 0:
-            dump_config(cfg, os.path.join(self.out, "config.yaml"))
+        if world.rank == 0:  # every check has passed: now the run folder may change
+            write_run_files(self.out, cfg, self.sets.class_names, cfg.model.classes)
             Preprocess.from_config(cfg).save(os.path.join(self.out, "preprocess.json"))
+        for advice in warnings(cfg, self.network.plan, self.data.steps_per_epoch, len(self.sets.train)):
+            warn(world, advice)
         self.metrics.start()
         self.metrics.event("start", step=self.state.step, world_size=world.size, global_batch=b.global_batch)
         self.forward_rate = forward_probe(self.network.runner, self.ctx, b.micro, cfg.model.image_size,

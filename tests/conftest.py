@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import mxnet as mx
@@ -10,6 +11,9 @@ import pytest
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# verdicts of the data check (distft check, and training's pass before the first step) go to a
+# scratch folder, not the user's ~/.cache/distft
+os.environ.setdefault("DISTFT_CACHE_DIR", tempfile.mkdtemp(prefix="distft-test-cache-"))
 # Open MPI refuses to run as root without these (CI runs as root)
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMPI_MCA_rmaps_base_oversubscribe": "1", "PYTHONUNBUFFERED": "1"}
@@ -73,12 +77,14 @@ def small_config(tmp_path, pretrained, **sections):
     return doc
 
 
-def run_cli(args, timeout=300, env=None, launcher=None):
+def run_cli(args, timeout=300, env=None, launcher=None, cwd=ROOT):
     """Run `python -m distft ARGS`, optionally under a launcher prefix (horovodrun ...)."""
     cmd = (launcher or []) + [sys.executable, "-m", "distft"] + list(args)
     full_env = {**os.environ, **MPI_ENV, **(env or {})}
+    if cwd != ROOT:  # distft itself must still be importable from elsewhere
+        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, full_env.get("PYTHONPATH")) if p)
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     proc.elapsed = time.monotonic() - start
     return proc
 

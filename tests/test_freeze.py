@@ -121,7 +121,7 @@ def test_plan_command_json(tmp_path, capsys):
 
 
 def test_plan_command_table(tmp_path, capsys):
-    path = write_config(tmp_path / "c.yaml", {"model": {"name": "mobilenet0.25", "classes": 3, "image_size": 32},
+    path = write_config(tmp_path / "c.yaml", {"model": {"name": "mobilenet0.25", "classes": 5, "image_size": 32},
                                               "freeze": {"trainable": ["output"]}})
     assert cli.main(["plan", "--config", path, "--depth", "1"]) == 0
     out = capsys.readouterr().out

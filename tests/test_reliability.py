@@ -237,20 +237,27 @@ def corrupt_image_folder(root, n_good=30, bad=("cat/bad1.png", "dog/bad2.png")):
 def test_corrupt_images_are_skipped_and_counted(tmp_path, pretrained):
     corrupt_image_folder(tmp_path / "imgs")
     doc = small_config(tmp_path, pretrained, data={"train": str(tmp_path / "imgs"), "batch_size": 8,
-                                                   "max_bad_fraction": 0.2}, train={"max_steps": 8, "epochs": 3})
+                                                   "max_bad_fraction": 0.2}, train={"max_steps": 8, "epochs": 3},
+                       model={"classes": "auto"})
     proc = run_cli(["--config", write_config(tmp_path / "c.yaml", doc)])
     assert proc.returncode == 0, proc.stderr
-    assert read_summary(tmp_path / "out")["bad_samples"] >= 2
+    imgs = tmp_path / "imgs"
+    assert (f"[distft] warning: data.train: 2 unreadable file(s) of 32 left out (limit 10): {imgs}/cat/bad1.png: "
+            f"not an image (unknown format, 30 bytes); {imgs}/dog/bad2.png: not an image") in proc.stdout
+    assert read_summary(tmp_path / "out")["bad_samples"] == 0  # found before training, never read in it
 
 
 def test_too_many_corrupt_images_stop_with_the_file_named(tmp_path, pretrained):
     corrupt_image_folder(tmp_path / "imgs")
     doc = small_config(tmp_path, pretrained, data={"train": str(tmp_path / "imgs"), "batch_size": 8,
-                                                   "max_bad_fraction": 0.0}, train={"max_steps": 8, "epochs": 3})
+                                                   "max_bad_fraction": 0.0, "max_bad_files": 1},
+                       train={"max_steps": 8, "epochs": 3}, model={"classes": "auto"})
     proc = run_cli(["--config", write_config(tmp_path / "c.yaml", doc)])
     assert proc.returncode == 2
-    line = proc.stderr.strip().splitlines()[-1]
-    assert "data.max_bad_fraction" in line and "/imgs/" in line and "bad" in line and "cannot decode image" in line
+    assert proc.stderr.strip() == (
+        f"distft: error: data.train: 2 unreadable files of 32, more than the 1 allowed (max(data.max_bad_fraction x "
+        f"files, data.max_bad_files)); first: {tmp_path}/imgs/cat/bad1.png: not an image (unknown format, 30 bytes)")
+    assert not (tmp_path / "out" / "config.yaml").exists()  # refused before training, nothing written
 
 
 def test_output_directory_that_cannot_be_created(tmp_path, pretrained):

@@ -1,0 +1,40 @@
+"""The command line explains itself, and a bare `distft` never starts a demo training."""
+from distft import __version__
+
+from conftest import run_cli, write_config
+
+
+def test_no_arguments_and_no_job_prints_help_and_exits_2(tmp_path):
+    proc = run_cli([], timeout=60, env={"DISTFT_CONFIG": ""}, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "usage: distft" in proc.stderr and "`distft --config X` alone means `distft train --config X`" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"distft: error: no command and no job: give --config, set DISTFT_CONFIG or put distft.yaml in {tmp_path}")
+    assert not (tmp_path / "runs").exists() and proc.stdout == ""
+
+
+def test_no_arguments_trains_distft_yaml_in_the_working_directory(tmp_path):
+    # a job whose config is refused proves which file was read, without training
+    write_config(tmp_path / "distft.yaml", {"optimizer": {"lr": "fast"}})
+    proc = run_cli([], timeout=60, env={"DISTFT_CONFIG": ""}, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "distft: error: optimizer.lr: expected a number, got 'fast'"
+
+
+def test_no_arguments_trains_distft_config_from_the_environment(tmp_path):
+    path = write_config(tmp_path / "job.yaml", {"model": {"nmae": "x"}})
+    proc = run_cli([], timeout=60, env={"DISTFT_CONFIG": path}, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "distft: error: model.nmae: unknown key (did you mean 'model.name'?)"
+
+
+def test_version_and_described_commands():
+    proc = run_cli(["--version"], timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"distft {__version__}"
+    for command, words in (("plan", "Trains nothing"), ("bench", "plain Horovod-MXNet loop"),
+                           ("check", "max(data.max_bad_fraction x files, data.max_bad_files)"),
+                           ("make-rec", "OUT.classes.json"), ("train", "resumes")):
+        proc = run_cli([command, "--help"], timeout=60)
+        assert proc.returncode == 0 and words in proc.stdout, (command, proc.stdout)
+    top = run_cli(["--help"], timeout=60).stdout
+    assert "examples:" in top and "distft --config job.yaml" in top and "make-rec" in top

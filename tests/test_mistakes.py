@@ -1,0 +1,87 @@
+"""A user's common mistakes: each is one line naming the key or file, exit code 2, and a
+refused run changes nothing in train.output. Warnings for jobs that run but mislead."""
+
+import pytest
+
+from conftest import run_cli, write_config
+from test_classes import folder
+
+
+def job(tmp_path, **sections):
+    doc = {"model": {"name": "resnet18_v2", "image_size": 32},
+           "data": {"train": "demo", "batch_size": 8, "workers": 0},
+           "train": {"max_steps": 1, "output": str(tmp_path / "out")},
+           "metrics": {"port": 0, "report": False, "probe_batches": 0}}
+    for section, values in sections.items():
+        doc.setdefault(section, {}).update(values)
+    return write_config(tmp_path / "c.yaml", doc)
+
+
+def one_line_error(proc):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_empty_trainable_list_is_a_config_error(tmp_path):
+    proc = run_cli(["--config", job(tmp_path, freeze={"trainable": []})], timeout=120)
+    assert one_line_error(proc) == ("distft: error: freeze.trainable: empty, so nothing would train; name at "
+                                    "least one block (e.g. [output]) or /.*/ for everything")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, size, smallest", [("densenet121", 32, 221), ("inceptionv3", 48, 299)])
+def test_image_size_too_small_names_the_smallest_that_works(tmp_path, name, size, smallest):
+    proc = run_cli(["plan", "--config", job(tmp_path, model={"name": name, "image_size": size})], timeout=300)
+    assert one_line_error(proc) == (f"distft: error: model.image_size: {size} is too small for {name}; "
+                                    f"the smallest size it takes is {smallest}")
+    assert proc.stdout == ""  # MXNet's shape-inference dump is not shown
+
+
+def test_too_small_image_size_stops_training_before_any_data_is_read_or_anything_written(tmp_path):
+    train = folder(tmp_path / "train", {"ant": 2, "bee": 2})
+    (tmp_path / "train" / "ant" / "bad.png").write_bytes(b"not an image")  # would be fatal, if it were read
+    proc = run_cli(["--config", job(tmp_path, model={"name": "densenet121", "image_size": 32},
+                                    data={"train": train, "max_bad_files": 0})], timeout=300)
+    assert one_line_error(proc) == ("distft: error: model.image_size: 32 is too small for densenet121; "
+                                    "the smallest size it takes is 221")
+    assert not (tmp_path / "out" / "config.yaml").exists()
+
+
+def test_refused_run_leaves_the_run_folder_as_it_was(tmp_path):
+    train = folder(tmp_path / "train", {"ant": 8, "bee": 8})
+    proc = run_cli(["--config", job(tmp_path, data={"train": train})], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    before = {f: (out / f).read_bytes() for f in ("config.yaml", "classes.json", "summary.json", "model.params")}
+    val = folder(tmp_path / "val", {"ant": 1, "wasp": 1})
+    proc = run_cli(["--config", job(tmp_path, data={"train": train, "val": val}, optimizer={"lr": 0.5})],
+                   timeout=300)
+    assert one_line_error(proc) == (f"distft: error: data.val: {val} has classes that data.train lacks: wasp "
+                                    "(data.train has ant, bee)")
+    assert {f: (out / f).read_bytes() for f in before} == before
+    # refused later, once the model is built (after the output folder was opened)
+    proc = run_cli(["--config", job(tmp_path, data={"train": train}, freeze={"trainable": ["features.99"]})],
+                   timeout=300)
+    assert one_line_error(proc).startswith("distft: error: freeze.trainable[0]: no block named 'features.99'")
+    assert {f: (out / f).read_bytes() for f in before} == before
+
+
+def test_random_backbone_with_frozen_blocks_and_tiny_epochs_are_warned_about(tmp_path):
+    train = folder(tmp_path / "train", {"ant": 8, "bee": 8})
+    proc = run_cli(["--config", job(tmp_path, data={"train": train})], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("[distft] warning: model.pretrained: false, yet ") and "parameters are frozen" in line
+               for line in lines), proc.stdout
+    assert "[distft] warning: data.train: 16 samples make 2 step(s) per epoch at the global batch; under 10, " \
+           "per-epoch figures (validation, checkpoints, throughput) say little: use more data or a smaller " \
+           "data.batch_size" in lines
+
+
+def test_no_warnings_for_a_pretrained_job_with_enough_steps(tmp_path, pretrained):
+    proc = run_cli(["--config", job(tmp_path, model={"pretrained": pretrained})], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "[distft] warning" not in proc.stdout + proc.stderr
