@@ -115,8 +115,8 @@ def sync_point(world, settle, params: dict, local_stats: list[str], where: str, 
 def agreed(world, what: str, action):
     """Run `action` on rank 0 only, and let every rank learn how it went: its result is
     returned on rank 0 (None elsewhere); a DistftError it raised is raised on every rank, with
-    the same class and message. Any other exception is reported to the other ranks as a
-    DistributedError and re-raised on rank 0."""
+    the same class and message. Any other exception becomes a DistributedError naming it, on
+    every rank (rank 0 included)."""
     result, failure, original = None, None, None
     if world.rank == 0:
         try:
@@ -133,12 +133,12 @@ def agreed(world, what: str, action):
         failure = json.loads(world.allgather_bytes(payload, f"distft.outcome.{what}")[0])
     if failure is None:
         return result
-    if original is not None:
+    if isinstance(original, DistftError):
         raise original
     cls = getattr(errors, failure["type"], DistributedError)
     if not (isinstance(cls, type) and issubclass(cls, DistftError)):
         cls = DistributedError
-    raise cls(failure["message"])
+    raise cls(failure["message"]) from original  # rank 0 too: the same one line everywhere
 
 
 def from_rank0(world, value, name: str):

@@ -59,7 +59,7 @@ def build_data(cfg, world, batching: Batching, sets: DataSets) -> Data:
     sampler = ShardSampler(len(train_set), batching.per_rank, world.size, world.rank, cfg.data.seed,
                            fixed=cfg.fixed_shards)
     if sampler.steps_per_epoch == 0:
-        raise ConfigError(f"data.batch_size: the global batch ({batching.global_batch} samples) is larger than "
+        raise ConfigError(f"data.global_batch: the global batch ({batching.global_batch} samples) is larger than "
                           f"data.train ({len(train_set)} samples)")
     transform = Transform(cfg.model.image_size, cfg.data.mean, cfg.data.std, cfg.data.augment, cfg.data.seed)
     bad = {"max_bad_fraction": cfg.data.max_bad_fraction, "max_bad_files": cfg.data.max_bad_files}

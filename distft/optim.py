@@ -36,7 +36,7 @@ def trained_params(trainer) -> list:
     return list(trainer._params)  # noqa: SLF001
 
 
-def lr_multipliers(trainer, names: dict) -> dict[str, float]:
+def trainer_lr_mults(trainer, names: dict) -> dict[str, float]:
     """As the optimizer holds them: structural name -> learning-rate multiplier."""
     opt = trainer._optimizer  # noqa: SLF001
     return {names[p]: float(opt.param_dict[i].lr_mult) for i, p in enumerate(trainer._params)}  # noqa: SLF001
@@ -129,7 +129,9 @@ class OptimizerState:
             _leaves(opt.create_state_multi_precision(index, param.list_data()[0]), leaves)
             for j, leaf in enumerate(leaves):
                 key = f"{names[param]}#{j}"
-                arrays[key] = self.arrays[key] if world.rank == 0 and key in self.arrays else leaf
+                if world.rank == 0 and key in self.arrays:  # read from the file, on the CPU
+                    leaf[:] = self.arrays[key].as_in_context(leaf.context)
+                arrays[key] = leaf
         sent = world.broadcast_(list(arrays.values()), "distft.optimizer_state") if arrays else 0
         self.arrays, self.counts, self.loss_scale = arrays, doc["counts"], doc["loss_scale"]
         return sent

@@ -83,14 +83,14 @@ class Batching:
     accumulate: int
 
 
-def split_global_batch(global_batch: int, world_size: int, max_micro: int, first_world_size: int) -> Batching:
+def split_global_batch(global_batch: int, world_size: int, max_micro: int, last_world_size: int) -> Batching:
     """The micro-batches each rank takes so that `world_size` ranks together take exactly
     `global_batch` samples per step; the fewest micro-batches of at most `max_micro` samples."""
     if global_batch % world_size:
         fits = [w for w in range(1, min(global_batch, 4 * world_size) + 1) if global_batch % w == 0]
         raise ConfigError(
-            f"data.global_batch: the job's global batch of {global_batch} samples (set at its first launch on "
-            f"{first_world_size} rank(s)) cannot be split evenly over {world_size} ranks; relaunch on a world "
+            f"data.global_batch: the job's global batch of {global_batch} samples (last launched on "
+            f"{last_world_size} rank(s)) cannot be split evenly over {world_size} ranks; relaunch on a world "
             f"size that divides it (e.g. {', '.join(map(str, fits[-4:]))}), or start a new job (train.resume: false "
             f"or another train.output) with another data.global_batch")
     per_rank = global_batch // world_size

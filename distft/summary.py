@@ -128,7 +128,7 @@ class Stats:
 
 def compose(job, stats: Stats, evals: dict, digests: list[str]) -> dict:
     """summary.json: this launch's figures, and the history of every launch from log.jsonl."""
-    from .optim import lr_multipliers
+    from .optim import trainer_lr_mults
 
     world, state, plan = job.world, job.state, job.network.plan
     rss = [int(b) for b in (x.decode() for x in world.allgather_bytes(str(peak_rss_bytes()).encode(), "distft.rss"))]
@@ -163,7 +163,7 @@ def compose(job, stats: Stats, evals: dict, digests: list[str]) -> dict:
         "gpu_memory_used_bytes": gpu_memory_used(job.ctx),
         "seconds_to_first_step": (stats.first_step_at - process_start_time()) if stats.first_step_at else None,
         "freeze_switches": job.switches,
-        "lr_mult": lr_multipliers(job.trainer, job.names),
+        "lr_mult": trainer_lr_mults(job.trainer, job.names),
         "resumed": state.step > stats.steps,
         "skipped_steps": job.step.skipped,
         "precision": job.compute_dtype,
@@ -187,10 +187,21 @@ def compose(job, stats: Stats, evals: dict, digests: list[str]) -> dict:
 
 
 def write_outputs(out: str, net, summary: dict) -> None:
-    from .checkpoint import atomic_write
+    import shutil
 
-    atomic_write(os.path.join(out, "model.params"), lambda tmp: net.save_parameters(tmp))
-    atomic_write(os.path.join(out, "summary.json"), lambda tmp: _write_json(tmp, summary))
+    import mxnet as mx
+
+    from .checkpoint import atomic_write
+    from .errors import CheckpointError, mxnet_reason
+
+    for name, write in (("model.params", net.save_parameters), ("summary.json", lambda tmp: _write_json(tmp, summary))):
+        try:
+            atomic_write(os.path.join(out, name), write)
+        except (OSError, mx.base.MXNetError) as exc:
+            reason = getattr(exc, "strerror", None) or mxnet_reason(exc)
+            raise CheckpointError(f"train.output: writing {os.path.join(out, name)} failed ({reason}; "
+                                  f"{shutil.disk_usage(out).free:,} bytes free there); the last checkpoint "
+                                  "is intact: free space and run the same command again") from None
 
 
 def _write_json(path: str, doc: dict) -> None:

@@ -55,7 +55,7 @@ class Job:
         cfg, world = self.cfg, self.world
         self.check_output()
         self.bytes_control += check_same_config(world, cfg)
-        self.sets = open_data(cfg, world, lambda msg: warn(world, msg))  # resolves model.classes: auto
+        self.sets = open_data(cfg, world, lambda msg: log(world, msg))  # resolves model.classes: auto
         meta = self.checkpoints.find_resume_point()
         if meta:
             check_relaunch(cfg, meta)
@@ -95,14 +95,16 @@ class Job:
         return None
 
     def check_output(self) -> None:
-        if self.world.rank == 0:
+        def probe():
             try:
                 os.makedirs(self.out, exist_ok=True)
-                probe = os.path.join(self.out, f".write-test-{os.getpid()}")
-                open(probe, "w").close()
-                os.remove(probe)
+                path = os.path.join(self.out, f".write-test-{os.getpid()}")
+                open(path, "w").close()
+                os.remove(path)
             except OSError as exc:
                 raise ConfigError(f"train.output: {self.out}: cannot write there ({exc.strerror})") from None
+
+        agreed(self.world, "checking train.output", probe)
 
     def bind_network(self) -> None:
         """The optimizer, gradient exchange, cache and step for the network as set up now."""
@@ -118,9 +120,11 @@ class Job:
 
     def start_outputs(self, meta) -> None:
         cfg, world, b = self.cfg, self.world, self.batching
-        if world.rank == 0:  # every check has passed: now the run folder may change
+        def write():  # every check has passed: now the run folder may change
             write_run_files(self.out, cfg, self.sets.class_names, cfg.model.classes)
             Preprocess.from_config(cfg).save(os.path.join(self.out, "preprocess.json"))
+
+        agreed(world, "writing config.yaml", write)
         for advice in warnings(cfg, self.network.plan, self.data.steps_per_epoch, len(self.sets.train)):
             warn(world, advice)
         self.metrics.start()
@@ -228,9 +232,8 @@ class Job:
 
     def save_checkpoint(self, at: TrainState) -> None:
         with self.guard.together():
-            self.step.settle()
-            self.step.check_weights(at.step, self.state.epoch)
             digests = self.sync(f"checkpoint at step {at.step}")
+            self.step.check_weights(at.step, self.state.epoch)
             at.plan_epoch, at.world_size = self.network.plan_epoch, self.world.size
             self.checkpoints.save(at, self.params, self.network.plan.trainable_state_names(),
                                   OptimizerState.capture(self.trainer, self.names, self.loss_scale), digests[0],
@@ -241,6 +244,8 @@ class Job:
     def stop(self) -> None:
         """Every rank agreed to stop (preemption): checkpoint at this step and leave with 75."""
         self.guard.stop_agreed()
+        if self.state.step_in_epoch == self.data.steps_per_epoch and self.data.val_loader is not None:
+            self.validate(self.state.epoch)  # the relaunch starts the next epoch: validate this one now
         self.save_checkpoint(self.state.at_epoch_end(self.data.steps_per_epoch))
         self.guard.finished = True
         raise Preempted(f"preempted (SIGTERM) at step {self.state.step}; checkpoint written; "
@@ -265,10 +270,12 @@ class Job:
                         f"(+{len(new - old)} / -{len(old - new)})")
 
     def finish(self, stats: Stats, evals: dict) -> dict:
-        digests = self.sync("end of training")
-        self.metrics.event("end", step=self.state.step)
-        summary = compose(self, stats, evals, digests)
-        agreed(self.world, "writing model.params and summary.json", lambda: write_outputs(self.out, self.net, summary))
+        with self.guard.together():
+            digests = self.sync("end of training")
+            self.metrics.event("end", step=self.state.step)
+            summary = compose(self, stats, evals, digests)
+            agreed(self.world, "writing model.params and summary.json",
+                   lambda: write_outputs(self.out, self.net, summary))
         log(self.world, f"done: {self.state.step} steps, val top1 {summary['val_top1']}, "
                         f"{summary['samples_per_sec']:.1f} samples/s; wrote {os.path.join(self.out, 'model.params')}")
         self.guard.finished = True

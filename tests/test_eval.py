@@ -46,7 +46,7 @@ def test_per_class_figures_add_up_to_top1(trained_run, tmp_path):
     cfg, summary, _ = trained_run
     report = eval_json(["--config", cfg, "--json", str(tmp_path / "eval.json")])
     per = report["per_class"]
-    assert list(per) == ["0", "1", "2", "3", "4"]  # demo digits: no folder names, no classes.json
+    assert list(per) == ["5", "6", "7", "8", "9"]  # the demo digits, from the run's classes.json
     assert sum(c["count"] for c in per.values()) == report["samples"]
     correct = sum(c["recall"] * c["count"] for c in per.values() if c["count"])
     assert correct / report["samples"] == pytest.approx(report["top1"])

@@ -55,7 +55,7 @@ def test_mxnet_export_reloads_with_the_same_logits(trained_run, tmp_path, capsys
     diff = np.abs(block(mx.nd.array(x)).asnumpy() - plain_network_logits(out, x)).max()
     assert diff <= 1e-4
     side = json.loads((tmp_path / "served" / "net-input.json").read_text())
-    assert side["input"]["crop"] == 32 and side["classes"] == ["0", "1", "2", "3", "4"]
+    assert side["input"]["crop"] == 32 and side["classes"] == ["5", "6", "7", "8", "9"]
 
 
 def test_onnx_export_reloads_with_the_same_logits(trained_run, tmp_path):

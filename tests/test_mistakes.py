@@ -63,8 +63,8 @@ def test_refused_run_leaves_the_run_folder_as_it_was(tmp_path):
                                     "(data.train has ant, bee)")
     assert {f: (out / f).read_bytes() for f in before} == before
     # refused later, once the model is built (after the output folder was opened)
-    proc = run_cli(["--config", job(tmp_path, data={"train": train}, freeze={"trainable": ["features.99"]})],
-                   timeout=300)
+    proc = run_cli(["--config", job(tmp_path, data={"train": train}, freeze={"trainable": ["features.99"]},
+                                    train={"resume": False})], timeout=300)
     assert one_line_error(proc).startswith("distft: error: freeze.trainable[0]: no block named 'features.99'")
     assert {f: (out / f).read_bytes() for f in before} == before
 

@@ -204,7 +204,7 @@ def test_nan_skip_mode_skips_the_bad_batches_and_finishes_with_finite_weights(tm
         (d / f"{i}.png").write_bytes(png(pixels))
     # features.1, the first convolution, gets an inf input: its weight gradient is NaN (the ReLUs
     # further up squash NaN to 0, so the loss stays finite)
-    doc = small_config(tmp_path, pretrained, freeze={"trainable": ["features.1", "output"]},
+    doc = small_config(tmp_path, pretrained, model={"classes": "auto"}, freeze={"trainable": ["features.1", "output"]},
                        data={"train": str(tmp_path / "data"), "batch_size": 4,
                                                    "mean": [0.0, 0.0, 0.0], "std": [1e-41] * 3},
                        optimizer={"lr": 0.01, "momentum": 0.0}, train={"max_steps": 10, "on_nonfinite": "skip"})
