@@ -4,6 +4,7 @@
 #           allocation (SLURM_JOB_NODELIST), else this machine with $DISTFT_NP ranks (default 1)
 #   DISTFT_CONTROLLER  gloo (default) or mpi
 #   DISTFT_IFACE       network interface for Horovod and NCCL (e.g. eth0, ib0)
+#   DISTFT_SSH_PORT    the workers' sshd port (MPIJob workers: 2222, launch/worker.sh)
 # Tuning defaults (override by exporting them): HOROVOD_FUSION_THRESHOLD=64 MiB (one fused
 # allreduce per bucket), HOROVOD_CYCLE_TIME=1 ms (how often Horovod batches ready tensors),
 # NCCL_DEBUG=WARN. Arguments go to distft (e.g. --config X --set k=v).
@@ -18,6 +19,9 @@ extra=()
 if [ -n "${DISTFT_IFACE:-}" ]; then
   export NCCL_SOCKET_IFNAME=$DISTFT_IFACE GLOO_SOCKET_IFNAME=$DISTFT_IFACE
   extra+=(--network-interface "$DISTFT_IFACE")
+fi
+if [ -n "${DISTFT_SSH_PORT:-}" ]; then
+  extra+=(--ssh-port "$DISTFT_SSH_PORT")
 fi
 
 if [ -n "${DISTFT_HOSTFILE:-}" ]; then

@@ -139,6 +139,70 @@ def test_configmap_job_is_a_valid_distft_config(tmp_path, overlay):
     load_config(str(tmp_path / "job.yaml"))
 
 
+def ssh_port(path):
+    (port,) = re.findall(r"^\s*Port\s+(\d+)", open(os.path.join(ROOT, path)).read(), re.M)
+    return int(port)
+
+
+@pytest.mark.parametrize("overlay", ["cpu-smoke", "gpu-2x4"])
+def test_mpijob_workers_run_sshd_as_the_pod_user_and_the_launcher_waits_for_them(overlay):
+    (job,) = [d for d in kustomize(overlay) if d["kind"] == "MPIJob"]
+    spec = job["spec"]
+    launcher, worker = (spec["mpiReplicaSpecs"][r]["template"]["spec"] for r in ("Launcher", "Worker"))
+    dockerfile = open(os.path.join(ROOT, "launch", "docker", "Dockerfile.cpu")).read()
+    (home,) = re.findall(r"useradd --create-home --uid 1000 (\w+)", dockerfile)
+    for pod in (launcher, worker):
+        assert pod["securityContext"]["runAsUser"] == 1000
+    # the operator mounts the keys where uid 1000 looks for them (its default is /root/.ssh)
+    assert spec["sshAuthMountPath"] == f"/home/{home}/.ssh"
+    assert spec["launcherCreationPolicy"] == "WaitForWorkersReady"
+    (container,) = worker["containers"]
+    assert container["command"] == ["bash", "/opt/distft/launch/worker.sh"]  # not the image's launch.sh
+    sshd = ssh_port("launch/ssh/sshd_config")
+    assert sshd == 2222 and ssh_port("launch/ssh/ssh_config") == sshd
+    assert container["readinessProbe"]["tcpSocket"]["port"] == sshd
+    env = {e["name"]: e["value"] for e in launcher["containers"][0]["env"]}
+    assert env["DISTFT_SSH_PORT"] == str(sshd)
+    assert "launch/ssh/ssh_config /etc/ssh/ssh_config.d/" in dockerfile
+
+
+def test_worker_entry_point_serves_ssh_that_the_client_config_reaches(tmp_path):
+    """launch/worker.sh as this user (root in CI): its own host key in a writable directory,
+    public-key login only, and the client config logs in without a prompt."""
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    (tmp_path / "authorized_keys").write_text((tmp_path / "id_ed25519.pub").read_text())
+    os.chmod(tmp_path, 0o700)
+    if os.getuid() == 0:
+        os.makedirs("/run/sshd", exist_ok=True)  # root's sshd wants its privilege separation directory
+    port = free_port()
+    sshd = subprocess.Popen(["bash", "launch/worker.sh", "-o", f"Port={port}", "-o",
+                             f"AuthorizedKeysFile={tmp_path / 'authorized_keys'}"], cwd=ROOT,
+                            env={**os.environ, "DISTFT_SSHD_DIR": str(tmp_path / "sshd")},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+        user = os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+        login = ["ssh", "-F", os.path.join(ROOT, "launch", "ssh", "ssh_config"), "-p", str(port),
+                 "-o", "BatchMode=yes", f"{user}@127.0.0.1"]
+        ok = subprocess.run(login + ["-i", str(key), "echo", "in-the-pod"], capture_output=True, text=True, timeout=30)
+        assert ok.returncode == 0 and ok.stdout.strip() == "in-the-pod", ok.stderr
+        # a password is never asked for: without the key the login fails at once
+        no_key = subprocess.run(login + ["-o", "IdentitiesOnly=yes", "-i", str(tmp_path / "none"), "true"],
+                                capture_output=True, text=True, timeout=30)
+        assert no_key.returncode == 255
+        assert (tmp_path / "sshd" / "host_ed25519_key").exists()
+    finally:
+        sshd.terminate()
+        out = sshd.communicate(timeout=10)[0]
+    assert "Server listening" in out
+
+
 @pytest.mark.horovod
 def test_mpijob_launcher_command_runs_locally_on_two_slots(tmp_path):
     docs = {d["kind"]: d for d in kustomize("cpu-smoke")}
