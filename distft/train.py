@@ -69,7 +69,7 @@ class Job:
             log(world, f"{self.out}: the job is complete (step {self.state.step} of {self.data.total_steps}); "
                        "nothing to do (raise train.epochs or train.max_steps to train on)")
             return {"complete": True, "steps": self.state.step}
-        self.metrics = Metrics(cfg.metrics, world, self.out, cfg.train.log_every)
+        self.metrics = Metrics(cfg.metrics, world, self.out, cfg.train.log_every, cfg.train.stall_timeout)
         self.compute_dtype = precision.enable(cfg.train.precision, self.ctx)  # before the model is built
         self.loss_scale = precision.LossScale(self.compute_dtype)
         self.net = model.create(cfg.model, self.ctx, seed=cfg.train.seed)
