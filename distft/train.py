@@ -152,7 +152,7 @@ class Job:
                 state.advance()
                 stats.end_step(self.batching.global_batch)
                 self.record_step(stats, loss, lr)
-                self.guard.poll_faults(state.step)
+                self.guard.poll(state.step)
                 if self.step.agreed_stop():
                     self.stop()
                 if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0 \

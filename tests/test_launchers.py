@@ -1,7 +1,9 @@
 """Where users run it: horovodrun across nodes, Kubernetes (MPIJob via kustomize), Slurm, Docker."""
 import importlib.util
+import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from distft import checkpoint, launcher
 from distft.config import load_config
 
 from conftest import MPI_ENV, ROOT, read_summary, small_config, write_config
@@ -220,6 +223,98 @@ def test_mpijob_launcher_command_runs_locally_on_two_slots(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     s = read_summary(tmp_path / "out")
     assert s["world_size"] == 2 and s["steps"] == 20
+
+
+# --- our launcher: the stop request and the exit status pass through horovodrun ---------------
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(what)
+
+
+def kill_tree(proc):
+    import psutil
+
+    try:
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+    except psutil.NoSuchProcess:
+        pass
+    proc.kill()
+    proc.wait()
+
+
+def logged_steps(out):
+    try:
+        lines = [json.loads(line) for line in open(out / "log.jsonl")]
+    except OSError:
+        return []
+    return [r["step"] for r in lines if "step" in r and "event" not in r]
+
+
+LONG_RUN = dict(train={"epochs": 50, "max_steps": None, "checkpoint_every_epochs": 0, "log_every": 2})
+
+
+def launch(args, env, **kw):
+    return subprocess.Popen(["bash", "launch/launch.sh"] + args, cwd=ROOT, env={**os.environ, **MPI_ENV, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.mark.horovod
+def test_sigterm_to_the_launcher_waits_for_a_slow_checkpoint_and_exits_75_then_resumes(tmp_path, pretrained):
+    """What a launcher pod's eviction and Slurm's B:TERM hit. The checkpoint takes 20 s to write:
+    far past horovodrun's 5 s SIGKILL, which must never start."""
+    cfg = write_config(tmp_path / "job.yaml", small_config(tmp_path, pretrained, **LONG_RUN))
+    out = tmp_path / "out"
+    env = {"DISTFT_NP": "2", "DISTFT_STOP_FILE": str(tmp_path / "stop"), "DISTFT_FAULT_CHECKPOINT_DELAY": "20"}
+    proc = launch(["--config", cfg], env)
+    try:
+        wait_for(lambda: logged_steps(out), 180, "training steps")
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        text, _ = proc.communicate(timeout=120)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert proc.returncode == 75, text[-3000:]
+    assert took >= 20  # the slowed write ran to its end
+    step = int(text.split("preempted (SIGTERM) at step ")[1].split(";")[0])
+    assert checkpoint.latest(str(out)).meta["step"] == step
+    assert "the job's exit status: 75" in text and "Process 0 exit with status code" in text
+    # the same command resumes there and finishes a short remainder
+    again = launch(["--config", cfg, "--set", f"train.max_steps={step + 3}"], {"DISTFT_NP": "2"})
+    text2, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, text2[-3000:]
+    s = read_summary(out)
+    assert s["resumed"] and s["steps"] == step + 3 and s["steps_this_run"] == 3 and s["world_size"] == 2
+
+
+@pytest.mark.horovod
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+def test_a_user_error_on_the_ranks_is_the_launchers_exit_2(tmp_path, pretrained, controller):
+    cfg = write_config(tmp_path / "job.yaml", small_config(tmp_path, pretrained, data={"train": str(tmp_path / "nowhere")}))
+    proc = launch(["--config", cfg], {"DISTFT_NP": "2", "DISTFT_CONTROLLER": controller})
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, text[-3000:]
+    assert "nowhere" in text and "the job's exit status: 2 " in text
+
+
+def test_exit_codes_are_read_from_horovodrun_and_mpirun_reports_not_from_rank_output():
+    gloo = ["[0]<stderr>:Exit code: 9", "RuntimeError: Horovod detected ... was:", "Process name: 1",
+            "Exit code: 75"]
+    assert launcher.first_failure_code(gloo) == 75
+    mpi = ["  Process name: [[123,1],0]", "  Exit code:    2", "RuntimeError: mpirun failed with exit code 2"]
+    assert launcher.first_failure_code(mpi) == 2
+    assert launcher.first_failure_code(["[1,0]<stdout>:Exit code: 3"]) is None
+    assert launcher.job_hosts(["horovodrun", "-np", "4", "-H", "node1:2,node2:2", "--gloo"]) == ["node1", "node2"]
 
 
 # --- Slurm -----------------------------------------------------------------------------------------
