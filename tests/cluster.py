@@ -4,12 +4,13 @@ Each node is a network namespace (`ip netns`) with an `eth0` on a bridge that li
 namespace of its own, so the addresses (10.201.0.0/24) exist only inside these namespaces and
 nothing reaches a real network. On each node, `unshare --uts --mount` gives its processes their
 own hostname (node1, node2, ...: Gloo tells nodes apart by hostname) and, bind-mounted, their
-own /etc/hosts and /root/.ssh (a generated key, and launch/ssh/ssh_config: root's real ~/.ssh is
-never touched). The node's first process is launch/worker.sh: the MPIJob worker's sshd, port
-2222. The nodes share the root filesystem, so the repository, the virtualenv and the test's
-tmp_path are at the same paths everywhere.
+own /etc/hosts, /root/.ssh (a generated key, and launch/ssh/ssh_config: root's real ~/.ssh is
+never touched) and RUN_DIR (node-local files such as STOP_FILE). The node's first process is
+launch/worker.sh, the MPIJob worker's entry point: an sshd on port 2222. The nodes share the
+root filesystem, so the repository, the virtualenv and the test's tmp_path are at the same
+paths everywhere.
 
-Needs root and `ip netns`; `cluster_or_skip` says why not. `Cluster.close` removes everything,
+Needs root and `ip netns`; `why_not` says why not. `Cluster.close` removes everything,
 and the fixture calls it even when the test fails.
 """
 from __future__ import annotations
@@ -23,6 +24,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBNET = "10.201.0"
 SSH_PORT = 2222
+RUN_DIR = "/run/distft-node"  # a different directory on each node
+STOP_FILE = f"{RUN_DIR}/stop"
 
 
 def why_not() -> str | None:
@@ -57,20 +60,21 @@ class Node:
         self.netns = f"{cluster.prefix}n{index + 1}"
         self.veth = f"{cluster.prefix}v{index + 1}"  # its end on the bridge
         self.address = f"{SUBNET}.{index + 1}"
-        self.sshd = None  # the node's first process: its namespaces are the node
+        self.init = None  # the node's first process (worker.sh): its namespaces are the node
 
     def wrap(self, command: list[str]) -> list[str]:
         """`command` run as this node's first process: new UTS and mount namespaces inside the
         node's network namespace, hostname and bind mounts set, then exec."""
         d = self.cluster.dir
         setup = (f"hostname {self.name} && mount --bind {d}/hosts /etc/hosts && "
-                 f"mount --bind {d}/dotssh /root/.ssh && exec \"$@\"")
+                 f"mount --bind {d}/dotssh /root/.ssh && mount --bind {d}/{self.name}/run {RUN_DIR} && "
+                 f"exec \"$@\"")
         return ["ip", "netns", "exec", self.netns, "unshare", "--uts", "--mount", "--propagation", "private",
                 "sh", "-c", setup, "node"] + command
 
     def enter(self, command: list[str]) -> list[str]:
         """`command` run on this node (inside the namespaces of its sshd)."""
-        return ["nsenter", "-t", str(self.sshd.pid), "--net", "--uts", "--mount"] + command
+        return ["nsenter", "-t", str(self.init.pid), "--net", "--uts", "--mount"] + command
 
     def link(self, up: bool) -> None:
         """Plug or unplug the node's cable (its veth end on the bridge)."""
@@ -102,17 +106,25 @@ class Cluster:
             _ip("link", "set", "eth0", "up", ns=node.netns)
             _ip("link", "set", "lo", "up", ns=node.netns)
         os.makedirs("/run/sshd", exist_ok=True)  # root's sshd wants its privilege separation directory
-        os.makedirs("/root/.ssh", mode=0o700, exist_ok=True)  # the mount point of each node's own
+        for mount_point in ("/root/.ssh", RUN_DIR):  # where each node mounts its own
+            os.makedirs(mount_point, mode=0o700, exist_ok=True)
         for node in self.nodes:
-            log = open(os.path.join(self.dir, f"{node.name}-sshd.log"), "w")
-            node.sshd = subprocess.Popen(
-                node.wrap(["bash", os.path.join(ROOT, "launch", "worker.sh"),
-                           "-o", f"AuthorizedKeysFile={self.dir}/dotssh/authorized_keys"]),
-                env={**os.environ, "DISTFT_SSHD_DIR": os.path.join(self.dir, node.name)},
-                stdout=log, stderr=subprocess.STDOUT)
+            self.boot(node, wait=False)
         for node in self.nodes:
             self._wait_for_sshd(node)
         return self
+
+    def boot(self, node: Node, wait: bool = True) -> None:
+        """Start the node's first process, worker.sh (again: a pod that was rescheduled)."""
+        os.makedirs(os.path.join(self.dir, node.name, "run"), exist_ok=True)
+        log = open(os.path.join(self.dir, f"{node.name}-sshd.log"), "a")
+        node.init = subprocess.Popen(
+            node.wrap(["bash", os.path.join(ROOT, "launch", "worker.sh"),
+                       "-o", f"AuthorizedKeysFile={self.dir}/dotssh/authorized_keys"]),
+            env={**os.environ, "DISTFT_SSHD_DIR": os.path.join(self.dir, node.name), "DISTFT_STOP_FILE": STOP_FILE},
+            stdout=log, stderr=subprocess.STDOUT)
+        if wait:
+            self._wait_for_sshd(node)
 
     def _files(self) -> None:
         with open(os.path.join(self.dir, "hosts"), "w") as fh:
@@ -129,8 +141,8 @@ class Cluster:
     def _wait_for_sshd(self, node: Node, seconds: float = 30) -> None:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            if node.sshd.poll() is not None:
-                raise RuntimeError(f"{node.name}: sshd exited {node.sshd.returncode}: " + self.sshd_log(node))
+            if node.init.poll() is not None:
+                raise RuntimeError(f"{node.name}: worker.sh exited {node.init.returncode}: " + self.sshd_log(node))
             probe = subprocess.run(node.enter(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=2",
                                                node.name, "hostname"]), capture_output=True, text=True)
             if probe.returncode == 0 and probe.stdout.strip() == node.name:
@@ -149,8 +161,8 @@ class Cluster:
         return subprocess.Popen(node.enter(command), **kw)
 
     def close(self) -> None:
-        """Every process in the namespaces (ours: sshd and what it started), then the
-        namespaces, which takes their links with them."""
+        """Every process in the namespaces (ours: worker.sh, sshd and what they started), then
+        the namespaces, which takes their links with them."""
         for ns in self.namespaces:
             pids = _ip("netns", "pids", ns, check=False).stdout.split()
             for pid in pids:
@@ -159,9 +171,9 @@ class Cluster:
                 except (OSError, ValueError):
                     pass
         for node in self.nodes:
-            if node.sshd is not None:
+            if node.init is not None:
                 try:
-                    node.sshd.wait(timeout=10)
+                    node.init.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     pass
         for ns in reversed(self.namespaces):

@@ -1,44 +1,76 @@
 """Multi-node launches over real ssh, on a cluster of namespaced nodes (tests/cluster.py):
-launch/launch.sh with a hostfile, Gloo and MPI. Skipped, with the reason, where the machine
-cannot host the cluster (not root, no `ip netns`); CI runs as root, so they run there."""
+launch/launch.sh with a hostfile, Gloo and MPI, and the stop paths of an MPIJob (the launcher
+pod's SIGTERM, a worker pod's SIGTERM). Skipped, with the reason, where the machine cannot host
+the cluster (not root, no `ip netns`); CI runs as root, so they run there."""
 import json
 import os
+import signal
 import subprocess
+import time
 
 import pytest
+import yaml
 
 import cluster
 from conftest import MPI_ENV, ROOT, read_summary, small_config, write_config
+from distft import checkpoint
 
 pytestmark = pytest.mark.horovod
 
 
 @pytest.fixture
-def two_nodes(tmp_path):
+def cluster_of(tmp_path):
+    """cluster_of(n): n nodes, torn down after the test whatever happens."""
     reason = cluster.why_not()
     if reason:
         pytest.skip(reason)
-    nodes = cluster.Cluster(2, str(tmp_path / "cluster"))
+    made = []
+
+    def make(n):
+        nodes = cluster.Cluster(n, str(tmp_path / "cluster"))
+        made.append(nodes)
+        return nodes.start()
+
     try:
-        yield nodes.start()
+        yield make
     finally:
-        nodes.close()
+        for nodes in made:
+            nodes.close()
 
 
-def launch_on(nodes, node, tmp_path, args, controller="gloo", env=None):
-    """launch/launch.sh on `node`, with the hostfile node1 slots=2, node2 slots=2."""
+def launch_on(nodes, node, tmp_path, args, hosts, controller="gloo", env=None):
+    """launch/launch.sh on `node`, with the hostfile `host slots=2` for each of `hosts`."""
     hostfile = tmp_path / "hostfile"
-    hostfile.write_text("".join(f"{n.name} slots=2\n" for n in nodes.nodes))
+    hostfile.write_text("".join(f"{n.name} slots=2\n" for n in hosts))
     full_env = {**os.environ, **MPI_ENV, "DISTFT_HOSTFILE": str(hostfile), "DISTFT_CONTROLLER": controller,
-                "DISTFT_SSH_PORT": str(cluster.SSH_PORT), "DISTFT_IFACE": "eth0", **(env or {})}
+                "DISTFT_SSH_PORT": str(cluster.SSH_PORT), "DISTFT_IFACE": "eth0",
+                "DISTFT_STOP_FILE": cluster.STOP_FILE, **(env or {})}
     return nodes.run(node, ["bash", os.path.join(ROOT, "launch", "launch.sh")] + args, cwd=ROOT, env=full_env,
                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def logged_steps(out):
+    try:
+        lines = [json.loads(line) for line in open(out / "log.jsonl")]
+    except OSError:
+        return []
+    return [r["step"] for r in lines if "step" in r and "event" not in r]
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(what)
+
+
 @pytest.mark.parametrize("controller", ["gloo", "mpi"])
-def test_launch_sh_runs_two_nodes_of_two_ranks_over_ssh(tmp_path, pretrained, two_nodes, controller):
+def test_launch_sh_runs_two_nodes_of_two_ranks_over_ssh(tmp_path, pretrained, cluster_of, controller):
+    nodes = cluster_of(2)
     cfg = write_config(tmp_path / "job.yaml", small_config(tmp_path, pretrained, train={"max_steps": 4}))
-    proc = launch_on(two_nodes, two_nodes.nodes[0], tmp_path, ["--config", cfg], controller)
+    proc = launch_on(nodes, nodes.nodes[0], tmp_path, ["--config", cfg], nodes.nodes, controller)
     text, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, text[-4000:]
     assert "[launch] horovodrun -np 4 -H node1:2,node2:2" in text
@@ -50,3 +82,72 @@ def test_launch_sh_runs_two_nodes_of_two_ranks_over_ssh(tmp_path, pretrained, tw
     # one writer (rank 0) for the shared output: one start and one end in its log
     events = [json.loads(line).get("event") for line in open(tmp_path / "out" / "log.jsonl")]
     assert events.count("start") == 1 and events.count("done") == 1
+
+
+LONG_RUN = dict(train={"epochs": 50, "max_steps": None, "checkpoint_every_epochs": 0, "log_every": 2})
+
+
+def worker_grace_seconds():
+    job = yaml.safe_load(open(os.path.join(ROOT, "k8s", "base", "mpijob.yaml")))
+    return job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["terminationGracePeriodSeconds"]
+
+
+def stopped_at(text):
+    return int(text.split("preempted (SIGTERM) at step ")[1].split(";")[0])
+
+
+def test_sigterm_to_a_worker_pods_pid_1_stops_every_rank_with_a_checkpoint_and_the_relaunch_resumes(
+        tmp_path, pretrained, cluster_of):
+    """An MPIJob rehearsed: node3 is the launcher (no ranks), node1 and node2 are worker pods
+    whose first process is worker.sh. Only node2's worker.sh gets SIGTERM, as in a pod eviction;
+    the checkpoint takes 20 s to write."""
+    nodes = cluster_of(3)
+    node1, node2, node3 = nodes.nodes
+    cfg = write_config(tmp_path / "job.yaml", small_config(tmp_path, pretrained, **LONG_RUN))
+    out = tmp_path / "out"
+    proc = launch_on(nodes, node3, tmp_path, ["--config", cfg], [node1, node2],
+                     env={"DISTFT_FAULT_CHECKPOINT_DELAY": "20"})
+    try:
+        wait_for(lambda: logged_steps(out), 240, "training steps")
+        sent = time.monotonic()
+        node2.init.send_signal(signal.SIGTERM)
+        text, _ = proc.communicate(timeout=worker_grace_seconds())
+        took = time.monotonic() - sent
+        assert node2.init.wait(timeout=30) == 0  # worker.sh saw its ranks leave, then stopped sshd
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, text[-4000:]
+    assert 20 <= took < worker_grace_seconds()
+    step = stopped_at(text)
+    assert checkpoint.latest(str(out)).meta["step"] == step
+    assert node1.init.poll() is None  # the other pod lives on
+    nodes.boot(node2)  # the pod, rescheduled
+    again = launch_on(nodes, node3, tmp_path, ["--config", cfg, "--set", f"train.max_steps={step + 3}"],
+                      [node1, node2])
+    text2, _ = again.communicate(timeout=400)
+    assert again.returncode == 0, text2[-4000:]
+    s = read_summary(out)
+    assert s["resumed"] and s["steps"] == step + 3 and s["world_size"] == 4
+
+
+def test_sigterm_to_a_launcher_without_ranks_reaches_a_rank_on_another_node(tmp_path, pretrained, cluster_of):
+    """The launcher pod's eviction: the launcher runs no rank, so its stop request goes over
+    ssh to the first host's stop file."""
+    nodes = cluster_of(3)
+    node1, node2, node3 = nodes.nodes
+    cfg = write_config(tmp_path / "job.yaml", small_config(tmp_path, pretrained, **LONG_RUN))
+    out = tmp_path / "out"
+    proc = launch_on(nodes, node3, tmp_path, ["--config", cfg], [node1, node2])
+    try:
+        wait_for(lambda: logged_steps(out), 240, "training steps")
+        proc.send_signal(signal.SIGTERM)
+        text, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, text[-4000:]
+    assert checkpoint.latest(str(out)).meta["step"] == stopped_at(text)
+    # the request went to the first host's own stop file (each node has its own), and only there
+    assert os.path.exists(os.path.join(nodes.dir, "node1", "run", "stop"))
+    assert not os.path.exists(os.path.join(nodes.dir, "node2", "run", "stop"))

@@ -171,7 +171,7 @@ def test_mpijob_workers_run_sshd_as_the_pod_user_and_the_launcher_waits_for_them
 
 def test_worker_entry_point_serves_ssh_that_the_client_config_reaches(tmp_path):
     """launch/worker.sh as this user (root in CI): its own host key in a writable directory,
-    public-key login only, and the client config logs in without a prompt."""
+    public-key login only, the client config logs in without a prompt; SIGTERM ends it."""
     key = tmp_path / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     (tmp_path / "authorized_keys").write_text((tmp_path / "id_ed25519.pub").read_text())
@@ -181,7 +181,8 @@ def test_worker_entry_point_serves_ssh_that_the_client_config_reaches(tmp_path):
     port = free_port()
     sshd = subprocess.Popen(["bash", "launch/worker.sh", "-o", f"Port={port}", "-o",
                              f"AuthorizedKeysFile={tmp_path / 'authorized_keys'}"], cwd=ROOT,
-                            env={**os.environ, "DISTFT_SSHD_DIR": str(tmp_path / "sshd")},
+                            env={**os.environ, "DISTFT_SSHD_DIR": str(tmp_path / "sshd"),
+                                 "DISTFT_STOP_FILE": str(tmp_path / "stop")},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 20
@@ -204,6 +205,8 @@ def test_worker_entry_point_serves_ssh_that_the_client_config_reaches(tmp_path):
         sshd.terminate()
         out = sshd.communicate(timeout=10)[0]
     assert "Server listening" in out
+    # SIGTERM (the pod's) became a stop request for the ranks of any launch, and sshd ended
+    assert (tmp_path / "stop").read_text() == launcher.ANY_LAUNCH and sshd.returncode == 0
 
 
 @pytest.mark.horovod
