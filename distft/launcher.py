@@ -13,6 +13,8 @@
   ($DISTFT_STOP_FILE) on this machine and, over ssh, on the first host of the job. One rank
   seeing it is enough: the stop vote rides in the gradient exchange, every rank checkpoints at
   the same step and exits 75. A second SIGTERM is passed to horovodrun (give up now).
+- After a failure, every other host of the job is asked over ssh whether it still answers; a
+  host that does not is named (a partitioned node shows up to its peers only as a stall).
 """
 from __future__ import annotations
 
@@ -99,14 +101,34 @@ class Launcher:
             self.say(f"cannot write the stop file {self.stop_file}: {exc}")
         hosts = job_hosts(self.argv)
         if hosts and not is_this_machine(hosts[0]):
-            port = os.environ.get("DISTFT_SSH_PORT")
             remote = (f"printf %s {shlex.quote(self.launch_id)} > {shlex.quote(self.stop_file)}.tmp && "
                       f"mv {shlex.quote(self.stop_file)}.tmp {shlex.quote(self.stop_file)}")
-            cmd = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "ConnectTimeout=10"]
-            cmd += ["-p", port] if port else []
-            done = subprocess.run(cmd + [hosts[0], remote], capture_output=True, text=True)
+            done = self.ssh(hosts[0], remote)
             if done.returncode != 0:
                 self.say(f"could not reach {hosts[0]} to request the stop: {done.stderr.strip()}")
+
+    def ssh(self, host: str, command: str, timeout: int = 10) -> subprocess.CompletedProcess:
+        port = os.environ.get("DISTFT_SSH_PORT")
+        cmd = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", f"ConnectTimeout={timeout}"]
+        cmd += ["-p", port] if port else []
+        try:
+            return subprocess.run(cmd + [host, command], capture_output=True, text=True, timeout=timeout + 5)
+        except subprocess.TimeoutExpired:
+            return subprocess.CompletedProcess(cmd, 255, "", f"no answer within {timeout + 5} s")
+
+    def unreachable_hosts(self) -> list[tuple[str, str]]:
+        """After a failure: which of the job's other hosts no longer answer ssh (a node or its
+        network gone: its ranks' peers only see a stalled collective)."""
+        hosts = [h for h in dict.fromkeys(job_hosts(self.argv)) if not is_this_machine(h)]
+        results: dict[str, subprocess.CompletedProcess] = {}
+        probes = [threading.Thread(target=lambda h=h: results.__setitem__(h, self.ssh(h, "true")), daemon=True)
+                  for h in hosts]
+        for t in probes:
+            t.start()
+        for t in probes:
+            t.join()
+        return [(h, results[h].stderr.strip().splitlines()[-1] if results[h].stderr.strip() else
+                 f"ssh exited {results[h].returncode}") for h in hosts if results[h].returncode != 0]
 
     def on_sigterm(self, signum, frame) -> None:
         self.stops += 1
@@ -146,6 +168,9 @@ class Launcher:
         if rc < 0:
             return 128 - rc  # horovodrun itself was killed by a signal
         code = first_failure_code(self.lines)
+        for host, why in self.unreachable_hosts():
+            self.say(f"{host} is unreachable (ssh: {why}): the node or its network is gone; its ranks "
+                     "cannot take part, so the others stopped; the last completed checkpoint is intact")
         if code is None:
             self.say(f"horovodrun exited {rc} before any rank reported a code")
             return rc

@@ -151,3 +151,35 @@ def test_sigterm_to_a_launcher_without_ranks_reaches_a_rank_on_another_node(tmp_
     # the request went to the first host's own stop file (each node has its own), and only there
     assert os.path.exists(os.path.join(nodes.dir, "node1", "run", "stop"))
     assert not os.path.exists(os.path.join(nodes.dir, "node2", "run", "stop"))
+
+
+def test_a_partitioned_node_ends_the_job_within_the_stall_timeout_naming_it_and_the_relaunch_resumes(
+        tmp_path, pretrained, cluster_of):
+    nodes = cluster_of(2)
+    node1, node2 = nodes.nodes
+    stall = 20
+    cfg = write_config(tmp_path / "job.yaml", small_config(
+        tmp_path, pretrained, train={"epochs": 50, "max_steps": None, "checkpoint_every_steps": 5,
+                                     "keep_checkpoints": 2, "log_every": 5, "stall_timeout": stall}))
+    out = tmp_path / "out"
+    proc = launch_on(nodes, node1, tmp_path, ["--config", cfg], nodes.nodes)
+    try:
+        wait_for(lambda: checkpoint.list_checkpoints(str(out)), 240, "a first checkpoint")
+        cut = time.monotonic()
+        node2.link(up=False)
+        text, _ = proc.communicate(timeout=stall + 60)
+        took = time.monotonic() - cut
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode not in (0, 75), text[-4000:]
+    assert took < stall + 60
+    assert "[launch] node2 is unreachable" in text and "[launch] node1 is unreachable" not in text
+    last = checkpoint.latest(str(out)).meta["step"]
+    node2.link(up=True)
+    again = launch_on(nodes, node1, tmp_path, ["--config", cfg, "--set", f"train.max_steps={last + 3}"],
+                      nodes.nodes)
+    text2, _ = again.communicate(timeout=400)
+    assert again.returncode == 0, text2[-4000:]
+    s = read_summary(out)
+    assert s["resumed"] and s["steps"] == last + 3 and s["world_size"] == 4
