@@ -27,7 +27,8 @@ stop() {
   echo "[worker] SIGTERM: stop requested for this pod's ranks ($stop_file)" >&2
   printf '*' > "$stop_file.tmp" && mv "$stop_file.tmp" "$stop_file"
   # sshd's children are the ssh sessions, one per rank started here: wait for them to end
-  while pgrep -P "$sshd" > /dev/null; do sleep 0.5; done
+  # (read from /proc: slim images have no pgrep)
+  while [ -n "$(cat /proc/"$sshd"/task/*/children 2> /dev/null | tr -d ' \n')" ]; do sleep 0.5; done
   echo "[worker] the ranks are gone: stopping sshd" >&2
   kill "$sshd" 2> /dev/null || true
   wait "$sshd" 2> /dev/null || true

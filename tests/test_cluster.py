@@ -111,6 +111,8 @@ def test_sigterm_to_a_worker_pods_pid_1_stops_every_rank_with_a_checkpoint_and_t
         wait_for(lambda: logged_steps(out), 240, "training steps")
         sent = time.monotonic()
         node2.init.send_signal(signal.SIGTERM)
+        time.sleep(10)
+        assert node2.init.poll() is None  # worker.sh waits while its ranks write the 20 s checkpoint
         text, _ = proc.communicate(timeout=worker_grace_seconds())
         took = time.monotonic() - sent
         assert node2.init.wait(timeout=30) == 0  # worker.sh saw its ranks leave, then stopped sshd

@@ -400,3 +400,22 @@ def test_sbatch_runs_a_two_task_job_to_completion(tmp_path, pretrained, slurm_cl
     s = read_summary(tmp_path / "out")
     assert s["world_size"] == 2 and s["steps"] == 5
     assert "[launch] horovodrun -np 2 -H " in logs
+
+
+@pytest.mark.horovod
+def test_slurm_time_limit_signal_makes_the_job_checkpoint_and_exit_75(tmp_path, pretrained, slurm_cluster):
+    """The batch script's own --signal=B:TERM (here 40 s before a 1-minute limit) reaches
+    launch.sh; the checkpoint (slowed to 10 s) is written before the limit and the job's exit
+    code is 75."""
+    cfg = write_config(tmp_path / "job.yaml", small_config(tmp_path, pretrained, **LONG_RUN))
+    out = tmp_path / "out"
+    proc = subprocess.run(["sbatch", "--wait", "--time=1", "--signal=B:TERM@40", f"--chdir={ROOT}",
+                           f"--output={tmp_path / 'slurm-%j.out'}", "launch/slurm/distft.sbatch",
+                           "--config", cfg, "--set", f"train.output={out}"],
+                          env={**slurm_cluster, **MPI_ENV, "DISTFT_FAULT_CHECKPOINT_DELAY": "10"},
+                          capture_output=True, text=True, timeout=300)
+    logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert proc.returncode == 75, proc.stdout + proc.stderr + logs[-3000:]
+    step = int(logs.split("preempted (SIGTERM) at step ")[1].split(";")[0])
+    assert checkpoint.latest(str(out)).meta["step"] == step
+    assert "[launch] SIGTERM: stop requested" in logs
