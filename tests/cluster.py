@@ -2,8 +2,10 @@
 
 Each node is a network namespace (`ip netns`) with an `eth0` on a bridge that lives in a
 namespace of its own, so the addresses (10.201.0.0/24) exist only inside these namespaces and
-nothing reaches a real network. On each node, `unshare --uts --mount` gives its processes their
-own hostname (node1, node2, ...: Gloo tells nodes apart by hostname) and, bind-mounted, their
+nothing reaches a real network. On each node, `unshare --uts --mount --pid` gives its processes
+their own process tree, with the node's first process as PID 1 (as in a pod: signals from
+outside reach it only through a handler, and when it ends the kernel ends the rest), their own
+hostname (node1, node2, ...: Gloo tells nodes apart by hostname) and, bind-mounted, their
 own /etc/hosts, /root/.ssh (a generated key, and launch/ssh/ssh_config: root's real ~/.ssh is
 never touched) and RUN_DIR (node-local files such as STOP_FILE). The node's first process is
 launch/worker.sh, the MPIJob worker's entry point: an sshd on port 2222. The nodes share the
@@ -60,7 +62,8 @@ class Node:
         self.netns = f"{cluster.prefix}n{index + 1}"
         self.veth = f"{cluster.prefix}v{index + 1}"  # its end on the bridge
         self.address = f"{SUBNET}.{index + 1}"
-        self.init = None  # the node's first process (worker.sh): its namespaces are the node
+        self.init = None  # `unshare`, which waits for the node's PID 1 and returns its status
+        self.pid1 = None  # the node's PID 1 (worker.sh), as this machine numbers it
 
     def wrap(self, command: list[str]) -> list[str]:
         """`command` run as this node's first process: new UTS and mount namespaces inside the
@@ -70,11 +73,15 @@ class Node:
                  f"mount --bind {d}/dotssh /root/.ssh && mount --bind {d}/{self.name}/run {RUN_DIR} && "
                  f"exec \"$@\"")
         return ["ip", "netns", "exec", self.netns, "unshare", "--uts", "--mount", "--propagation", "private",
-                "sh", "-c", setup, "node"] + command
+                "--pid", "--fork", "--mount-proc", "sh", "-c", setup, "node"] + command
 
     def enter(self, command: list[str]) -> list[str]:
-        """`command` run on this node (inside the namespaces of its sshd)."""
-        return ["nsenter", "-t", str(self.init.pid), "--net", "--uts", "--mount"] + command
+        """`command` run on this node (inside the namespaces of its PID 1)."""
+        return ["nsenter", "-t", str(self.pid1), "--net", "--uts", "--mount", "--pid"] + command
+
+    def terminate(self) -> None:
+        """What Kubernetes does to a pod that is evicted or deleted: SIGTERM to its PID 1 only."""
+        os.kill(self.pid1, signal.SIGTERM)
 
     def link(self, up: bool) -> None:
         """Plug or unplug the node's cable (its veth end on the bridge)."""
@@ -123,6 +130,7 @@ class Cluster:
                        "-o", f"AuthorizedKeysFile={self.dir}/dotssh/authorized_keys"]),
             env={**os.environ, "DISTFT_SSHD_DIR": os.path.join(self.dir, node.name), "DISTFT_STOP_FILE": STOP_FILE},
             stdout=log, stderr=subprocess.STDOUT)
+        node.pid1 = self._child_of(node.init.pid)
         if wait:
             self._wait_for_sshd(node)
 
@@ -137,6 +145,20 @@ class Cluster:
         shutil.copy(key + ".pub", os.path.join(dotssh, "authorized_keys"))
         # the client settings the images install (port 2222, no known_hosts)
         shutil.copy(os.path.join(ROOT, "launch", "ssh", "ssh_config"), os.path.join(dotssh, "config"))
+
+    @staticmethod
+    def _child_of(pid: int, seconds: float = 10) -> int:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{pid}/task/{pid}/children") as fh:
+                    children = fh.read().split()
+            except OSError:
+                children = []
+            if children:
+                return int(children[0])
+            time.sleep(0.05)
+        raise RuntimeError(f"unshare (pid {pid}) started no node process")
 
     def _wait_for_sshd(self, node: Node, seconds: float = 30) -> None:
         deadline = time.monotonic() + seconds
@@ -158,7 +180,11 @@ class Cluster:
             return ""
 
     def run(self, node: Node, command: list[str], **kw) -> subprocess.Popen:
-        return subprocess.Popen(node.enter(command), **kw)
+        """Start `command` on `node`. It runs as a child of nsenter (which waits for it and
+        returns its status); `.command_pid` is its own pid, for signals meant for it alone."""
+        proc = subprocess.Popen(node.enter(command), **kw)
+        proc.command_pid = self._child_of(proc.pid)
+        return proc
 
     def close(self) -> None:
         """Every process in the namespaces (ours: worker.sh, sshd and what they started), then

@@ -99,8 +99,8 @@ def stopped_at(text):
 def test_sigterm_to_a_worker_pods_pid_1_stops_every_rank_with_a_checkpoint_and_the_relaunch_resumes(
         tmp_path, pretrained, cluster_of):
     """An MPIJob rehearsed: node3 is the launcher (no ranks), node1 and node2 are worker pods
-    whose first process is worker.sh. Only node2's worker.sh gets SIGTERM, as in a pod eviction;
-    the checkpoint takes 20 s to write."""
+    whose PID 1 is worker.sh. Only node2's PID 1 gets SIGTERM, as in a pod eviction; the
+    checkpoint takes 20 s to write."""
     nodes = cluster_of(3)
     node1, node2, node3 = nodes.nodes
     cfg = write_config(tmp_path / "job.yaml", small_config(tmp_path, pretrained, **LONG_RUN))
@@ -110,7 +110,7 @@ def test_sigterm_to_a_worker_pods_pid_1_stops_every_rank_with_a_checkpoint_and_t
     try:
         wait_for(lambda: logged_steps(out), 240, "training steps")
         sent = time.monotonic()
-        node2.init.send_signal(signal.SIGTERM)
+        node2.terminate()  # the pod's PID 1 only
         time.sleep(10)
         assert node2.init.poll() is None  # worker.sh waits while its ranks write the 20 s checkpoint
         text, _ = proc.communicate(timeout=worker_grace_seconds())
@@ -143,7 +143,7 @@ def test_sigterm_to_a_launcher_without_ranks_reaches_a_rank_on_another_node(tmp_
     proc = launch_on(nodes, node3, tmp_path, ["--config", cfg], [node1, node2])
     try:
         wait_for(lambda: logged_steps(out), 240, "training steps")
-        proc.send_signal(signal.SIGTERM)
+        os.kill(proc.command_pid, signal.SIGTERM)  # launch.sh itself, not nsenter around it
         text, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
