@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -185,3 +186,47 @@ def test_a_partitioned_node_ends_the_job_within_the_stall_timeout_naming_it_and_
     assert again.returncode == 0, text2[-4000:]
     s = read_summary(out)
     assert s["resumed"] and s["steps"] == last + 3 and s["world_size"] == 4
+
+
+def promql_on(nodes, node, port, query):
+    """A Prometheus query, asked from `node` (the server listens only inside the cluster)."""
+    fetch = ("import json, sys, urllib.parse, urllib.request; "
+             "url = sys.argv[1] + '/api/v1/query?' + urllib.parse.urlencode({'query': sys.argv[2]}); "
+             "print(json.dumps(json.load(urllib.request.urlopen(url, timeout=5))['data']['result']))")
+    proc = nodes.run(node, [sys.executable, "-c", fetch, f"http://{node.address}:{port}", query],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=30)
+    return json.loads(out) if proc.returncode == 0 else None
+
+
+def test_prometheus_scrapes_every_rank_on_metrics_port_plus_local_rank(tmp_path, pretrained, cluster_of):
+    nodes = cluster_of(2)
+    node1, node2 = nodes.nodes
+    targets = [f"{n.name}:{9400 + local}" for n in nodes.nodes for local in (0, 1)]
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, scrape_timeout: 900ms}\n"
+        "scrape_configs:\n"
+        "  - job_name: distft\n"
+        "    honor_labels: true\n"
+        f"    static_configs: [{{targets: {json.dumps(targets)}}}]\n")
+    prom = nodes.run(node1, ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address={node1.address}:9090"],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cfg = write_config(tmp_path / "job.yaml", small_config(
+        tmp_path, pretrained, train={"max_steps": 20, "log_every": 5},
+        metrics={"port": 9400, "linger_seconds": 10, "job": "clustertest"}))
+    job = launch_on(nodes, node1, tmp_path, ["--config", cfg], nodes.nodes)
+    try:
+        wait_for(lambda: len(promql_on(nodes, node1, 9090, 'distft_steps_total{job="clustertest"} >= 20') or []) == 4,
+                 120, "Prometheus seeing all four ranks finish")
+        seen = promql_on(nodes, node1, 9090, 'distft_steps_total{job="clustertest"}')
+        text, _ = job.communicate(timeout=120)
+        assert job.returncode == 0, text[-3000:]
+    finally:
+        for p in (job, prom):
+            if p.poll() is None:
+                p.kill()
+    where = sorted((m["metric"]["host"], m["metric"]["local_rank"], m["metric"]["rank"], m["metric"]["instance"])
+                   for m in seen)
+    assert where == [("node1", "0", "0", "node1:9400"), ("node1", "1", "1", "node1:9401"),
+                     ("node2", "0", "2", "node2:9400"), ("node2", "1", "3", "node2:9401")]
