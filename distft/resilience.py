@@ -1,7 +1,8 @@
 """Preemption and hangs.
 
-- A stop request (SIGTERM, the launcher's stop file -- see launcher.py --, or a test's fault
-  hook) on any rank travels in the next step's ballot; every rank stops at the same step, checkpoints and exits 75.
+- A stop request on any rank (SIGTERM; the stop file of launcher.py, read at every step; a
+  test's fault hook) travels in the next step's ballot; every rank stops at the same step,
+  checkpoints and exits 75.
 - The preemption deadline (`train.preempt_grace`) is for a peer that is gone: it counts only
   while the stop is not yet agreed and the ranks are not in a phase they entered together
   (validation, the agreed checkpoint). Once every rank has agreed to stop it is disarmed, so no
