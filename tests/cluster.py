@@ -44,6 +44,10 @@ def why_not() -> str | None:
     if made.returncode != 0:
         return f"ip netns is unavailable here: {made.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    made = subprocess.run(["unshare", "--uts", "--mount", "--pid", "--fork", "--mount-proc", "true"],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"unshare --uts --mount --pid is unavailable here: {made.stderr.strip()}"
     return None
 
 
