@@ -60,6 +60,7 @@ class LocalWorld:
     size = 1
     local_rank = 0
     local_size = 1
+    cross_rank = 0  # index of this rank's node
     backend = "local"
 
     def context(self):
@@ -98,6 +99,7 @@ class HorovodWorld(LocalWorld):
             hvd.init(comm=MPI.COMM_WORLD)
         self.rank, self.size = hvd.rank(), hvd.size()
         self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
+        self.cross_rank = hvd.cross_rank()
         self.backend = "gloo" if hvd.gloo_enabled() and "HOROVOD_GLOO_RENDEZVOUS_ADDR" in os.environ else "mpi"
 
     def broadcast_(self, arrays: list, name: str) -> int:

@@ -3,6 +3,9 @@ Pushgateway push, a JSON-lines log, a progress line and report.png.
 
 Metric names follow Prometheus conventions: distft_<what>_<base unit>, counters end in _total,
 labels are job, rank, local_rank, host (and phase for the time split) and nothing unbounded.
+
+The metrics port also answers `/healthz` (a liveness probe): 200 while steps finish, 503 once
+none has finished for `train.stall_timeout` seconds. Every other path serves the metrics.
 """
 from __future__ import annotations
 
@@ -10,8 +13,11 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
+from socketserver import ThreadingMixIn
 from typing import Optional
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
 
@@ -53,8 +59,17 @@ def end_progress_line() -> None:
         _progress_open = False
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # a scrape every 15 s is not news
+        pass
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
 class Metrics:
-    def __init__(self, cfg, world, output: str, log_every: int):
+    def __init__(self, cfg, world, output: str, log_every: int, stall_timeout: float = 0.0):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.cfg, self.world, self.output = cfg, world, output
@@ -109,6 +124,8 @@ class Metrics:
         self._jsonl = None
         self._progress = world.rank == 0 and progress_wanted(cfg.progress, sys.stdout.isatty(), os.environ)
         self._last_push = 0
+        self.stall_timeout = stall_timeout
+        self.progressed_at = time.monotonic()  # start-up counts as progress until the first step
 
     @property
     def shows_progress(self) -> bool:
@@ -121,15 +138,13 @@ class Metrics:
             self._jsonl = open(os.path.join(self.output, "log.jsonl"), "a", buffering=1)
         if not self.cfg.port:
             return
-        from prometheus_client import start_http_server
-
         base = self.cfg.port + self.world.local_rank
         tries = [base] if self.cfg.on_port_in_use == "error" else \
             [base + k * self.world.local_size for k in range(32)]
         last = None
         for port in tries:
             try:
-                self.server = start_http_server(port, addr=self.cfg.bind, registry=self.registry)
+                self.server = self._serve(port)
                 self.port = port
                 return
             except OSError as exc:
@@ -137,6 +152,34 @@ class Metrics:
         raise ConfigError(f"metrics.port: cannot serve metrics on {self.cfg.bind}:{tries[-1] if len(tries) == 1 else base}"
                           f" (port + local_rank {self.world.local_rank}): {last.strerror or last}; "
                           "choose another metrics.port, set metrics.on_port_in_use: next, or 0 to turn it off")
+
+    def _serve(self, port: int):
+        from prometheus_client import make_wsgi_app
+
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ, start_response):
+            if environ.get("PATH_INFO") == "/healthz":
+                ok, text = self.health()
+                start_response("200 OK" if ok else "503 Service Unavailable",
+                               [("Content-Type", "text/plain; charset=utf-8")])
+                return [text.encode() + b"\n"]
+            return metrics_app(environ, start_response)
+
+        server_class = type("MetricsServer", (_Server,),
+                            {"address_family": socket.AF_INET6 if ":" in self.cfg.bind else socket.AF_INET})
+        server = make_server(self.cfg.bind, port, app, server_class, handler_class=_QuietHandler)
+        thread = threading.Thread(target=server.serve_forever, name="distft-metrics", daemon=True)
+        thread.start()
+        return server, thread
+
+    def health(self) -> tuple[bool, str]:
+        """Liveness: did a step finish within train.stall_timeout (0: no limit)?"""
+        idle = time.monotonic() - self.progressed_at
+        if self.stall_timeout and idle > self.stall_timeout:
+            return False, (f"stalled: no step finished for {idle:.0f} s "
+                           f"(train.stall_timeout {self.stall_timeout:g} s)")
+        return True, f"ok: last step {idle:.1f} s ago"
 
     def child(self, metric, **extra):
         return metric.labels(**self.labels, **extra)
@@ -152,6 +195,7 @@ class Metrics:
 
     def step(self, *, samples: int, seconds: float, data: float, allreduce: float, allreduce_bytes: int,
              loss: float, lr: float, epoch: int) -> None:
+        self.progressed_at = time.monotonic()
         self.child(self.samples).inc(samples)
         self.child(self.steps).inc()
         self.child(self.step_time).observe(seconds)
@@ -253,6 +297,7 @@ class Metrics:
         if self.server is not None:
             server, _thread = self.server
             server.shutdown()
+            server.server_close()
             self.server = None
 
 

@@ -1,7 +1,8 @@
 """Preemption and hangs.
 
-- A stop request (SIGTERM, or a test's fault hook) on any rank travels in the next step's
-  ballot; every rank stops at the same step, checkpoints and exits 75.
+- A stop request on any rank (SIGTERM; the stop file of launcher.py, read at every step; a
+  test's fault hook) travels in the next step's ballot; every rank stops at the same step,
+  checkpoints and exits 75.
 - The preemption deadline (`train.preempt_grace`) is for a peer that is gone: it counts only
   while the stop is not yet agreed and the ranks are not in a phase they entered together
   (validation, the agreed checkpoint). Once every rank has agreed to stop it is disarmed, so no
@@ -18,6 +19,7 @@ import time
 from contextlib import contextmanager
 
 from . import faults
+from .launcher import LAUNCH_ID_ENV, STOP_FILE_ENV, stop_file_says_stop
 
 
 class Resilience:
@@ -29,6 +31,9 @@ class Resilience:
         self.finished = False
         self._together = 0  # depth of phases all ranks are in together
         self._agreed = False
+        # under launch/launch.sh: SIGTERM to the launcher reaches the ranks as this file
+        self.stop_file = os.environ.get(STOP_FILE_ENV)
+        self.launch_id = os.environ.get(LAUNCH_ID_ENV)
 
     def beat(self) -> None:
         self.heartbeat = time.monotonic()
@@ -58,8 +63,10 @@ class Resilience:
         self.stop_requested = True
         threading.Thread(target=self._deadline, name="distft-preempt-deadline", daemon=True).start()
 
-    def poll_faults(self, step: int) -> None:
-        if faults.stop_requested(self.world.rank, step):
+    def poll(self, step: int) -> None:
+        """Stop requests that are not signals: the launcher's stop file, a test's fault hook."""
+        if faults.stop_requested(self.world.rank, step) or \
+                (self.stop_file and stop_file_says_stop(self.stop_file, self.launch_id)):
             self.request_stop()
 
     def stop_agreed(self) -> None:

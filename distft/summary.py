@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 
 
@@ -132,6 +133,8 @@ def compose(job, stats: Stats, evals: dict, digests: list[str]) -> dict:
 
     world, state, plan = job.world, job.state, job.network.plan
     rss = [int(b) for b in (x.decode() for x in world.allgather_bytes(str(peak_rss_bytes()).encode(), "distft.rss"))]
+    where = {"local_rank": world.local_rank, "cross_rank": world.cross_rank, "host": socket.gethostname()}
+    placement = [json.loads(b) for b in world.allgather_bytes(json.dumps(where).encode(), "distft.placement")]
     t = plan.totals()
     wall = time.perf_counter() - job.started if getattr(job, "started", None) else 0.0
     rate = stats.rate(wall)
@@ -160,6 +163,7 @@ def compose(job, stats: Stats, evals: dict, digests: list[str]) -> dict:
         "allreduce_seconds": job.exchange.seconds_total,
         "rank_state_digests": digests,
         "peak_rss_bytes": rss,  # per rank
+        "rank_placement": placement,  # per rank: local_rank, cross_rank (node index), host
         "gpu_memory_used_bytes": gpu_memory_used(job.ctx),
         "seconds_to_first_step": (stats.first_step_at - process_start_time()) if stats.first_step_at else None,
         "freeze_switches": job.switches,

@@ -69,7 +69,7 @@ class Job:
             log(world, f"{self.out}: the job is complete (step {self.state.step} of {self.data.total_steps}); "
                        "nothing to do (raise train.epochs or train.max_steps to train on)")
             return {"complete": True, "steps": self.state.step}
-        self.metrics = Metrics(cfg.metrics, world, self.out, cfg.train.log_every)
+        self.metrics = Metrics(cfg.metrics, world, self.out, cfg.train.log_every, cfg.train.stall_timeout)
         self.compute_dtype = precision.enable(cfg.train.precision, self.ctx)  # before the model is built
         self.loss_scale = precision.LossScale(self.compute_dtype)
         self.net = model.create(cfg.model, self.ctx, seed=cfg.train.seed)
@@ -156,7 +156,7 @@ class Job:
                 state.advance()
                 stats.end_step(self.batching.global_batch)
                 self.record_step(stats, loss, lr)
-                self.guard.poll_faults(state.step)
+                self.guard.poll(state.step)
                 if self.step.agreed_stop():
                     self.stop()
                 if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0 \

@@ -27,10 +27,11 @@ esac
 
 # --- system packages pip cannot provide -----------------------------------------------------
 # Debian's cmake (3.25): pip's cmake 4.x rejects Gloo's CMakeLists.
-APT_PACKAGES=(libopenmpi-dev openmpi-bin cmake g++ make)
+APT_PACKAGES=(libopenmpi-dev openmpi-bin openssh-client cmake g++ make)
 if [ "$DEV" = 1 ]; then
-  # the tests run a real Prometheus server, promtool, a Pushgateway and a single-node Slurm
-  APT_PACKAGES+=(prometheus prometheus-pushgateway slurm-wlm munge)
+  # the tests run a real Prometheus server, promtool, a Pushgateway, a single-node Slurm, and
+  # a cluster of network namespaces (ip netns) with an sshd in each
+  APT_PACKAGES+=(prometheus prometheus-pushgateway slurm-wlm munge openssh-server iproute2)
 fi
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

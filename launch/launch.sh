@@ -4,9 +4,12 @@
 #           allocation (SLURM_JOB_NODELIST), else this machine with $DISTFT_NP ranks (default 1)
 #   DISTFT_CONTROLLER  gloo (default) or mpi
 #   DISTFT_IFACE       network interface for Horovod and NCCL (e.g. eth0, ib0)
+#   DISTFT_SSH_PORT    the workers' sshd port (MPIJob workers: 2222, launch/worker.sh)
 # Tuning defaults (override by exporting them): HOROVOD_FUSION_THRESHOLD=64 MiB (one fused
 # allreduce per bucket), HOROVOD_CYCLE_TIME=1 ms (how often Horovod batches ready tensors),
 # NCCL_DEBUG=WARN. Arguments go to distft (e.g. --config X --set k=v).
+# Exit status: the ranks' (0 done, 75 stopped and resumable, 2 user error, ...), not horovodrun's.
+# SIGTERM: the ranks checkpoint at the next step and exit 75 (see distft/launcher.py).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 HERE="$DISTFT_ROOT/launch"
@@ -19,6 +22,9 @@ if [ -n "${DISTFT_IFACE:-}" ]; then
   export NCCL_SOCKET_IFNAME=$DISTFT_IFACE GLOO_SOCKET_IFNAME=$DISTFT_IFACE
   extra+=(--network-interface "$DISTFT_IFACE")
 fi
+if [ -n "${DISTFT_SSH_PORT:-}" ]; then
+  extra+=(--ssh-port "$DISTFT_SSH_PORT")
+fi
 
 if [ -n "${DISTFT_HOSTFILE:-}" ]; then
   hosts=$(python3 "$HERE/hosts.py" --hostfile "$DISTFT_HOSTFILE" --slots "${DISTFT_SLOTS:-1}")
@@ -28,5 +34,8 @@ else
   hosts="-np ${DISTFT_NP:-1} -H localhost:${DISTFT_NP:-1}"
 fi
 echo "[launch] horovodrun $hosts --${DISTFT_CONTROLLER:-gloo}" >&2
+# distft.launcher runs horovodrun: SIGTERM here becomes a stop request to one rank (horovodrun
+# would SIGKILL its ranks 5 s after passing it on), and the ranks' exit code (75: stopped,
+# resumable; 2: user error) becomes ours (horovodrun's own is 1 for any failure)
 # shellcheck disable=SC2086  # $hosts is "-np N -H list", split on purpose
-exec horovodrun $hosts "--${DISTFT_CONTROLLER:-gloo}" "${extra[@]}" python -m distft "$@"
+exec python -m distft.launcher horovodrun $hosts "--${DISTFT_CONTROLLER:-gloo}" "${extra[@]}" python -m distft "$@"

@@ -1,7 +1,9 @@
 """Where users run it: horovodrun across nodes, Kubernetes (MPIJob via kustomize), Slurm, Docker."""
 import importlib.util
+import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from distft import checkpoint, launcher
 from distft.config import load_config
 
 from conftest import MPI_ENV, ROOT, read_summary, small_config, write_config
@@ -139,6 +142,73 @@ def test_configmap_job_is_a_valid_distft_config(tmp_path, overlay):
     load_config(str(tmp_path / "job.yaml"))
 
 
+def ssh_port(path):
+    (port,) = re.findall(r"^\s*Port\s+(\d+)", open(os.path.join(ROOT, path)).read(), re.M)
+    return int(port)
+
+
+@pytest.mark.parametrize("overlay", ["cpu-smoke", "gpu-2x4"])
+def test_mpijob_workers_run_sshd_as_the_pod_user_and_the_launcher_waits_for_them(overlay):
+    (job,) = [d for d in kustomize(overlay) if d["kind"] == "MPIJob"]
+    spec = job["spec"]
+    launcher, worker = (spec["mpiReplicaSpecs"][r]["template"]["spec"] for r in ("Launcher", "Worker"))
+    dockerfile = open(os.path.join(ROOT, "launch", "docker", "Dockerfile.cpu")).read()
+    (home,) = re.findall(r"useradd --create-home --uid 1000 (\w+)", dockerfile)
+    for pod in (launcher, worker):
+        assert pod["securityContext"]["runAsUser"] == 1000
+    # the operator mounts the keys where uid 1000 looks for them (its default is /root/.ssh)
+    assert spec["sshAuthMountPath"] == f"/home/{home}/.ssh"
+    assert spec["launcherCreationPolicy"] == "WaitForWorkersReady"
+    (container,) = worker["containers"]
+    assert container["command"] == ["bash", "/opt/distft/launch/worker.sh"]  # not the image's launch.sh
+    sshd = ssh_port("launch/ssh/sshd_config")
+    assert sshd == 2222 and ssh_port("launch/ssh/ssh_config") == sshd
+    assert container["readinessProbe"]["tcpSocket"]["port"] == sshd
+    env = {e["name"]: e["value"] for e in launcher["containers"][0]["env"]}
+    assert env["DISTFT_SSH_PORT"] == str(sshd)
+    assert "launch/ssh/ssh_config /etc/ssh/ssh_config.d/" in dockerfile
+
+
+def test_worker_entry_point_serves_ssh_that_the_client_config_reaches(tmp_path):
+    """launch/worker.sh as this user (root in CI): its own host key in a writable directory,
+    public-key login only, the client config logs in without a prompt; SIGTERM ends it."""
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    (tmp_path / "authorized_keys").write_text((tmp_path / "id_ed25519.pub").read_text())
+    os.chmod(tmp_path, 0o700)
+    if os.getuid() == 0:
+        os.makedirs("/run/sshd", exist_ok=True)  # root's sshd wants its privilege separation directory
+    port = free_port()
+    sshd = subprocess.Popen(["bash", "launch/worker.sh", "-o", f"Port={port}", "-o",
+                             f"AuthorizedKeysFile={tmp_path / 'authorized_keys'}"], cwd=ROOT,
+                            env={**os.environ, "DISTFT_SSHD_DIR": str(tmp_path / "sshd"),
+                                 "DISTFT_STOP_FILE": str(tmp_path / "stop")},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+        user = os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+        login = ["ssh", "-F", os.path.join(ROOT, "launch", "ssh", "ssh_config"), "-p", str(port),
+                 "-o", "BatchMode=yes", f"{user}@127.0.0.1"]
+        ok = subprocess.run(login + ["-i", str(key), "echo", "in-the-pod"], capture_output=True, text=True, timeout=30)
+        assert ok.returncode == 0 and ok.stdout.strip() == "in-the-pod", ok.stderr
+        # a password is never asked for: without the key the login fails at once
+        no_key = subprocess.run(login + ["-o", "IdentitiesOnly=yes", "-i", str(tmp_path / "none"), "true"],
+                                capture_output=True, text=True, timeout=30)
+        assert no_key.returncode == 255
+        assert (tmp_path / "sshd" / "host_ed25519_key").exists()
+    finally:
+        sshd.terminate()
+        out = sshd.communicate(timeout=10)[0]
+    assert "Server listening" in out
+    # SIGTERM (the pod's) became a stop request for the ranks of any launch, and sshd ended
+    assert (tmp_path / "stop").read_text() == launcher.ANY_LAUNCH and sshd.returncode == 0
+
+
 @pytest.mark.horovod
 def test_mpijob_launcher_command_runs_locally_on_two_slots(tmp_path):
     docs = {d["kind"]: d for d in kustomize("cpu-smoke")}
@@ -156,6 +226,98 @@ def test_mpijob_launcher_command_runs_locally_on_two_slots(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     s = read_summary(tmp_path / "out")
     assert s["world_size"] == 2 and s["steps"] == 20
+
+
+# --- our launcher: the stop request and the exit status pass through horovodrun ---------------
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(what)
+
+
+def kill_tree(proc):
+    import psutil
+
+    try:
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+    except psutil.NoSuchProcess:
+        pass
+    proc.kill()
+    proc.wait()
+
+
+def logged_steps(out):
+    try:
+        lines = [json.loads(line) for line in open(out / "log.jsonl")]
+    except OSError:
+        return []
+    return [r["step"] for r in lines if "step" in r and "event" not in r]
+
+
+LONG_RUN = dict(train={"epochs": 50, "max_steps": None, "checkpoint_every_epochs": 0, "log_every": 2})
+
+
+def launch(args, env, **kw):
+    return subprocess.Popen(["bash", "launch/launch.sh"] + args, cwd=ROOT, env={**os.environ, **MPI_ENV, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.mark.horovod
+def test_sigterm_to_the_launcher_waits_for_a_slow_checkpoint_and_exits_75_then_resumes(tmp_path, pretrained):
+    """What a launcher pod's eviction and Slurm's B:TERM hit. The checkpoint takes 20 s to write:
+    far past horovodrun's 5 s SIGKILL, which must never start."""
+    cfg = write_config(tmp_path / "job.yaml", small_config(tmp_path, pretrained, **LONG_RUN))
+    out = tmp_path / "out"
+    env = {"DISTFT_NP": "2", "DISTFT_STOP_FILE": str(tmp_path / "stop"), "DISTFT_FAULT_CHECKPOINT_DELAY": "20"}
+    proc = launch(["--config", cfg], env)
+    try:
+        wait_for(lambda: logged_steps(out), 180, "training steps")
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        text, _ = proc.communicate(timeout=120)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert proc.returncode == 75, text[-3000:]
+    assert took >= 20  # the slowed write ran to its end
+    step = int(text.split("preempted (SIGTERM) at step ")[1].split(";")[0])
+    assert checkpoint.latest(str(out)).meta["step"] == step
+    assert "the job's exit status: 75" in text and "Process 0 exit with status code" in text
+    # the same command resumes there and finishes a short remainder
+    again = launch(["--config", cfg, "--set", f"train.max_steps={step + 3}"], {"DISTFT_NP": "2"})
+    text2, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, text2[-3000:]
+    s = read_summary(out)
+    assert s["resumed"] and s["steps"] == step + 3 and s["steps_this_run"] == 3 and s["world_size"] == 2
+
+
+@pytest.mark.horovod
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+def test_a_user_error_on_the_ranks_is_the_launchers_exit_2(tmp_path, pretrained, controller):
+    cfg = write_config(tmp_path / "job.yaml", small_config(tmp_path, pretrained, data={"train": str(tmp_path / "nowhere")}))
+    proc = launch(["--config", cfg], {"DISTFT_NP": "2", "DISTFT_CONTROLLER": controller})
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, text[-3000:]
+    assert "nowhere" in text and "the job's exit status: 2 " in text
+
+
+def test_exit_codes_are_read_from_horovodrun_and_mpirun_reports_not_from_rank_output():
+    gloo = ["[0]<stderr>:Exit code: 9", "RuntimeError: Horovod detected ... was:", "Process name: 1",
+            "Exit code: 75"]
+    assert launcher.first_failure_code(gloo) == 75
+    mpi = ["  Process name: [[123,1],0]", "  Exit code:    2", "RuntimeError: mpirun failed with exit code 2"]
+    assert launcher.first_failure_code(mpi) == 2
+    assert launcher.first_failure_code(["[1,0]<stdout>:Exit code: 3"]) is None
+    assert launcher.job_hosts(["horovodrun", "-np", "4", "-H", "node1:2,node2:2", "--gloo"]) == ["node1", "node2"]
 
 
 # --- Slurm -----------------------------------------------------------------------------------------
@@ -238,3 +400,22 @@ def test_sbatch_runs_a_two_task_job_to_completion(tmp_path, pretrained, slurm_cl
     s = read_summary(tmp_path / "out")
     assert s["world_size"] == 2 and s["steps"] == 5
     assert "[launch] horovodrun -np 2 -H " in logs
+
+
+@pytest.mark.horovod
+def test_slurm_time_limit_signal_makes_the_job_checkpoint_and_exit_75(tmp_path, pretrained, slurm_cluster):
+    """The batch script's own --signal=B:TERM (here 40 s before a 1-minute limit) reaches
+    launch.sh; the checkpoint (slowed to 10 s) is written before the limit and the job's exit
+    code is 75."""
+    cfg = write_config(tmp_path / "job.yaml", small_config(tmp_path, pretrained, **LONG_RUN))
+    out = tmp_path / "out"
+    proc = subprocess.run(["sbatch", "--wait", "--time=1", "--signal=B:TERM@40", f"--chdir={ROOT}",
+                           f"--output={tmp_path / 'slurm-%j.out'}", "launch/slurm/distft.sbatch",
+                           "--config", cfg, "--set", f"train.output={out}"],
+                          env={**slurm_cluster, **MPI_ENV, "DISTFT_FAULT_CHECKPOINT_DELAY": "10"},
+                          capture_output=True, text=True, timeout=300)
+    logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert proc.returncode == 75, proc.stdout + proc.stderr + logs[-3000:]
+    step = int(logs.split("preempted (SIGTERM) at step ")[1].split(";")[0])
+    assert checkpoint.latest(str(out)).meta["step"] == step
+    assert "[launch] SIGTERM: stop requested" in logs

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -75,6 +76,44 @@ def test_promtool_accepts_what_a_rank_serves(tmp_path):
     assert 'distft_samples_total{host="' in text and 'rank="0"' in text
     proc = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def status_and_body(url):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_healthz_is_200_while_steps_finish_and_503_after_stall_timeout(tmp_path):
+    port = free_ports(1)
+    m = Metrics(MetricsConfig(port=port, bind="127.0.0.1", report=False), LocalWorld(), str(tmp_path), 1,
+                stall_timeout=1.5)
+    m.start()
+    base = f"http://127.0.0.1:{port}"
+
+    def step():
+        m.step(samples=8, seconds=0.01, data=0.0, allreduce=0.0, allreduce_bytes=0, loss=1.0, lr=0.1, epoch=0)
+
+    try:
+        assert status_and_body(f"{base}/healthz")[0] == 200  # starting up
+        step()
+        code, body = status_and_body(f"{base}/healthz")
+        assert code == 200 and body.startswith("ok")
+        time.sleep(2.0)
+        code, body = status_and_body(f"{base}/healthz")
+        assert code == 503 and "train.stall_timeout 1.5 s" in body
+        step()
+        assert status_and_body(f"{base}/healthz")[0] == 200
+        # every other path is the exporter, as before
+        for path in ("/metrics", "/", "/anything"):
+            code, body = status_and_body(base + path)
+            assert code == 200 and 'distft_steps_total{host="' in body, path
+    finally:
+        m.close()
+    with pytest.raises(OSError):  # closed: the port is free again
+        get(f"{base}/healthz", timeout=2)
 
 
 def test_port_in_use_is_an_error_or_the_next_free_port(tmp_path):
