@@ -36,8 +36,9 @@ class Checkpoint:
     optimizer: dict  # "<param>#<leaf>" -> NDArray
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
+def file_digest(path: str, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB blocks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
@@ -97,7 +98,7 @@ def save(output: str, step: int, params: dict, optimizer: dict, meta: dict, keep
             path = os.path.join(tmp, fname)
             mx.nd.save(path, dict(arrays))
             _fsync_file(path)
-            files[fname] = _sha256(path)
+            files[fname] = file_digest(path)
         doc = {"format": FORMAT_VERSION, "step": step, **meta, "files": files}
         meta_path = os.path.join(tmp, "meta.json")
         with open(meta_path, "w") as fh:
@@ -137,7 +138,7 @@ def load(path: str) -> Checkpoint:
         fpath = os.path.join(path, fname)
         if not os.path.isfile(fpath):
             raise CheckpointError(f"{fpath}: missing")
-        got = _sha256(fpath)
+        got = file_digest(fpath)
         if got != want:
             raise CheckpointError(f"{fpath}: checksum mismatch (corrupt or modified): "
                                   f"sha256 {got[:12]}… != recorded {want[:12]}…")

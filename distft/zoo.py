@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import shutil
 import sys
@@ -25,6 +24,7 @@ import urllib.error
 import urllib.request
 import zipfile
 
+from .checkpoint import file_digest
 from .errors import ModelError
 
 APACHE_REPO = "https://apache-mxnet.s3-accelerate.dualstack.amazonaws.com/"
@@ -64,11 +64,8 @@ def url(name: str) -> str:
 
 
 def sha1_of(path: str) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """The SHA-1 MXNet's model store names its files by."""
+    return file_digest(path, "sha1")
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ import yaml
 
 import cluster
 from conftest import MPI_ENV, ROOT, read_summary, small_config, write_config
+from processes import logged_steps, wait_for
 from distft import checkpoint
 
 pytestmark = pytest.mark.horovod
@@ -48,23 +49,6 @@ def launch_on(nodes, node, tmp_path, args, hosts, controller="gloo", env=None):
                 "DISTFT_STOP_FILE": cluster.STOP_FILE, **(env or {})}
     return nodes.run(node, ["bash", os.path.join(ROOT, "launch", "launch.sh")] + args, cwd=ROOT, env=full_env,
                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def logged_steps(out):
-    try:
-        lines = [json.loads(line) for line in open(out / "log.jsonl")]
-    except OSError:
-        return []
-    return [r["step"] for r in lines if "step" in r and "event" not in r]
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(what)
 
 
 @pytest.mark.parametrize("controller", ["gloo", "mpi"])

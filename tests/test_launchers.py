@@ -1,6 +1,5 @@
 """Where users run it: horovodrun across nodes, Kubernetes (MPIJob via kustomize), Slurm, Docker."""
 import importlib.util
-import json
 import os
 import re
 import signal
@@ -18,6 +17,7 @@ from distft import checkpoint, launcher
 from distft.config import load_config
 
 from conftest import MPI_ENV, ROOT, read_summary, small_config, write_config
+from processes import kill_tree, logged_steps, wait_for
 
 spec = importlib.util.spec_from_file_location("hosts", os.path.join(ROOT, "launch", "hosts.py"))
 hosts = importlib.util.module_from_spec(spec)
@@ -229,37 +229,6 @@ def test_mpijob_launcher_command_runs_locally_on_two_slots(tmp_path):
 
 
 # --- our launcher: the stop request and the exit status pass through horovodrun ---------------
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(what)
-
-
-def kill_tree(proc):
-    import psutil
-
-    try:
-        for p in psutil.Process(proc.pid).children(recursive=True):
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-    except psutil.NoSuchProcess:
-        pass
-    proc.kill()
-    proc.wait()
-
-
-def logged_steps(out):
-    try:
-        lines = [json.loads(line) for line in open(out / "log.jsonl")]
-    except OSError:
-        return []
-    return [r["step"] for r in lines if "step" in r and "event" not in r]
 
 
 LONG_RUN = dict(train={"epochs": 50, "max_steps": None, "checkpoint_every_epochs": 0, "log_every": 2})

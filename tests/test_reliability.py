@@ -19,6 +19,7 @@ from distft.errors import ConfigError
 
 from conftest import MPI_ENV, ROOT, horovodrun, load_params, read_summary, run_cli, small_config, write_config
 from imagefiles import png
+from processes import kill_tree, wait_for
 
 
 def start_job(tmp_path, pretrained, launcher, **sections):
@@ -58,26 +59,8 @@ def gone(pid):
         return True
 
 
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(what)
 
 
-def kill_tree(proc):
-    try:
-        for p in psutil.Process(proc.pid).children(recursive=True):
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-    except psutil.NoSuchProcess:
-        pass
-    proc.kill()
-    proc.wait()
 
 
 LONG_JOB = dict(data={"batch_size": 8}, train={"epochs": 50, "max_steps": None, "checkpoint_every_steps": 5,
