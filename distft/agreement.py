@@ -141,6 +141,27 @@ def agreed(world, what: str, action):
     raise cls(failure["message"]) from original  # rank 0 too: the same one line everywhere
 
 
+def agreed_everywhere(world, what: str, action):
+    """Run `action` on every rank. An error any rank sees (a file missing on one node, a port
+    taken on one machine) is raised on every rank with the same message, naming the rank, so
+    that no rank waits in a later collective for one that left."""
+    failure = None
+    try:
+        result = action()
+    except DistftError as exc:
+        result, failure = None, {"type": type(exc).__name__, "message": str(exc), "rank": world.rank}
+    if world.size > 1:
+        payload = json.dumps(failure).encode()
+        found = [json.loads(b) for b in world.allgather_bytes(payload, f"distft.everywhere.{what}")]
+        failure = next((f for f in found if f), None)
+        if failure is not None:
+            failure["message"] = f"rank {failure['rank']}: {failure['message']}"
+    if failure is None:
+        return result
+    cls = getattr(errors, failure["type"], DistributedError)
+    raise cls(failure["message"])
+
+
 def from_rank0(world, value, name: str):
     """Rank 0's JSON-able `value`, on every rank."""
     if world.size == 1:

@@ -8,11 +8,13 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 
 from .errors import DistftError
 from .metrics import end_progress_line
 
+AGREED_EXIT_GRACE_S = 1.0  # see the end of main()
 COMMANDS = ("train", "plan", "check", "make-rec", "demo-prepare", "bench", "eval", "predict", "export")
 DEFAULT_CONFIG = "distft.yaml"
 
@@ -261,9 +263,11 @@ def main(argv=None) -> int:
     handler = {"train": cmd_train, "plan": cmd_plan, "check": cmd_check, "make-rec": cmd_make_rec,
                "demo-prepare": cmd_demo_prepare, "bench": cmd_bench, "eval": cmd_eval,
                "predict": cmd_predict, "export": cmd_export}[args.command]
+    agreed_error = False
     try:
         code = handler(args)
     except DistftError as exc:
+        agreed_error = True
         end_progress_line()
         rank = _rank()
         where = f" (rank {rank})" if rank else ""
@@ -286,8 +290,12 @@ def main(argv=None) -> int:
             code = 1
     if code and _rank():
         # other ranks may wait in a collective for this one: leave now, without Horovod's
-        # shutdown handshake, so the launcher sees the failure and stops the job
+        # shutdown handshake, so the launcher sees the failure and stops the job. An error
+        # every rank agreed on reaches them all at once: a moment's grace lets each one's line
+        # out before the launcher, seeing the first exit, terminates the others
         sys.stdout.flush()
         sys.stderr.flush()
+        if agreed_error:
+            time.sleep(AGREED_EXIT_GRACE_S)
         os._exit(code)
     return code

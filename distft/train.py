@@ -18,7 +18,7 @@ from typing import Optional
 from mxnet import gluon
 
 from . import model, precision
-from .agreement import agree_on_start_state, agreed, check_same_config, from_rank0, sync_point
+from .agreement import agree_on_start_state, agreed, agreed_everywhere, check_same_config, from_rank0, sync_point
 from .advice import warnings
 from .builders import build_cache, build_data, build_network, open_data
 from .checkpointer import Checkpointer, check_relaunch
@@ -72,7 +72,8 @@ class Job:
         self.metrics = Metrics(cfg.metrics, world, self.out, cfg.train.log_every, cfg.train.stall_timeout)
         self.compute_dtype = precision.enable(cfg.train.precision, self.ctx)  # before the model is built
         self.loss_scale = precision.LossScale(self.compute_dtype)
-        self.net = model.create(cfg.model, self.ctx, seed=cfg.train.seed)
+        self.net = agreed_everywhere(world, "building the model",
+                                     lambda: model.create(cfg.model, self.ctx, seed=cfg.train.seed))
         self.spec = model.describe(self.net, cfg.model.name, cfg.model.head)
         self.params = model.structural_params(self.net)
         self.names = {p: n for n, p in self.params.items()}
@@ -120,6 +121,8 @@ class Job:
 
     def start_outputs(self, meta) -> None:
         cfg, world, b = self.cfg, self.world, self.batching
+        agreed_everywhere(world, "serving metrics", self.metrics.start)  # a port taken on one machine
+
         def write():  # every check has passed: now the run folder may change
             write_run_files(self.out, cfg, self.sets.class_names, cfg.model.classes)
             Preprocess.from_config(cfg).save(os.path.join(self.out, "preprocess.json"))
@@ -127,7 +130,6 @@ class Job:
         agreed(world, "writing config.yaml", write)
         for advice in warnings(cfg, self.network.plan, self.data.steps_per_epoch, len(self.sets.train)):
             warn(world, advice)
-        self.metrics.start()
         self.metrics.event("start", step=self.state.step, world_size=world.size, global_batch=b.global_batch)
         self.forward_rate = forward_probe(self.network.runner, self.ctx, b.micro, cfg.model.image_size,
                                           cfg.metrics.probe_batches)

@@ -225,6 +225,30 @@ def test_checkpoints_rank_0_cannot_use_stop_every_rank_with_the_same_message(tmp
     assert msg.startswith("train.output: none of the 2 checkpoint(s) in ") and "checksum mismatch" in msg
 
 
+@pytest.mark.horovod
+def test_an_error_only_one_rank_sees_at_start_stops_every_rank_with_the_same_line(tmp_path, pretrained):
+    """Rank 1's metrics port (metrics.port + local rank) is taken on its machine."""
+    import socket
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1] - 1
+    try:
+        cfg = write_config(tmp_path / "c.yaml", small_config(tmp_path, pretrained, metrics={
+            "port": port, "bind": "127.0.0.1"}, train={"stall_timeout": 120}))
+        start = time.monotonic()
+        proc = launch(cfg, 2)
+    finally:
+        blocker.close()
+    assert proc.returncode != 0 and time.monotonic() - start < 60
+    msg = same_error_on_every_rank(proc.stdout + proc.stderr)
+    assert msg.startswith(f"rank 1: metrics.port: cannot serve metrics on 127.0.0.1:{port + 1} (port + local_rank 1)")
+    assert not (tmp_path / "out" / "config.yaml").exists()  # refused before the run folder changed
+    log = tmp_path / "out" / "log.jsonl"
+    assert not log.exists() or log.read_text() == ""
+
+
 # --- preemption ----------------------------------------------------------------------------------------
 
 def test_a_checkpoint_slower_than_the_grace_period_is_still_written_after_sigterm(tmp_path, pretrained):
