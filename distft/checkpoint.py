@@ -150,11 +150,14 @@ def load(path: str) -> Checkpoint:
                       optimizer=loaded.get("optimizer.params", {}))
 
 
+SKIPPING = "skipping checkpoint: "
+
+
 def latest(output: str, warn=print) -> Optional[Checkpoint]:
     """The newest checkpoint that verifies; corrupt newer ones are reported and skipped."""
     for path in reversed(list_checkpoints(output)):
         try:
             return load(path)
         except CheckpointError as exc:
-            warn(f"skipping checkpoint: {exc}")
+            warn(f"{SKIPPING}{exc}")
     return None

@@ -83,19 +83,20 @@ class Checkpointer:
         return meta
 
     def _read_latest(self) -> Optional[dict]:
-        paths = checkpoint.list_checkpoints(self.out)
-        reasons = []
-        for path in reversed(paths):
-            try:
-                self.loaded = checkpoint.load(path)
-                return self.loaded.meta
-            except CheckpointError as exc:
-                reasons.append(str(exc))
-                warn(self.world, f"skipping checkpoint: {exc}")
-        if paths:
+        skipped = []
+
+        def skip(message: str) -> None:
+            skipped.append(message)
+            warn(self.world, message)
+
+        self.loaded = checkpoint.latest(self.out, warn=skip)
+        if self.loaded is not None:
+            return self.loaded.meta
+        if skipped:  # checkpoints exist and none verifies
+            newest = skipped[0].removeprefix(checkpoint.SKIPPING)
             raise CheckpointError(
-                f"train.output: none of the {len(paths)} checkpoint(s) in {checkpoint.checkpoint_dir(self.out)} can "
-                f"be used (newest: {reasons[0]}); to start over, set train.resume: false or remove them")
+                f"train.output: none of the {len(skipped)} checkpoint(s) in {checkpoint.checkpoint_dir(self.out)} "
+                f"can be used (newest: {newest}); to start over, set train.resume: false or remove them")
         return None
 
     def restore_weights(self, params: dict, plan) -> None:

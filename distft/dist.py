@@ -208,7 +208,7 @@ class GradientExchange:
         self.calls = 0
         self._stop = False
         self._loss = None
-        self._ballots: list = [None]  # the allreduced ballot of the last exchange
+        self._ballot = None  # the allreduced ballot of the last exchange
 
     def vote(self, stop: bool, loss=None) -> None:
         self._stop, self._loss = bool(stop), loss
@@ -225,7 +225,7 @@ class GradientExchange:
     @property
     def last_ballot(self):
         """The allreduced ballot of the last exchange (an engine array; None if it carried none)."""
-        return self._ballots[0]
+        return self._ballot
 
     def wait(self) -> None:
         start = time.perf_counter()
@@ -234,7 +234,7 @@ class GradientExchange:
         self.seconds_total += time.perf_counter() - start
 
     def __call__(self) -> None:
-        self._ballots = [None]
+        self._ballot = None
         if self.world.size == 1 or not self.params:
             return
         # no wait for backward first: each bucket's allreduce starts as soon as its gradients
@@ -244,8 +244,8 @@ class GradientExchange:
             grads = [self.params[i].list_grad()[0] for i in group]
             wire = [g.astype(np.float16) for g in grads] if self.compression == "fp16" else list(grads)
             if gi == last:  # averaged: a slot is > 0 exactly when some rank put 1 there
-                self._ballots[0] = self.ballot(grads[0].context, wire[0].dtype)
-                wire.append(self._ballots[0])
+                self._ballot = self.ballot(grads[0].context, wire[0].dtype)
+                wire.append(self._ballot)
             self.world.allreduce_(wire, name=f"distft.grad.{gi}", average=True,
                                   prescale=1.0 / self.predivide, postscale=self.predivide)
             if self.compression == "fp16":

@@ -1,5 +1,5 @@
 """Fault injection for tests: faults that are hard to cause on purpose, switched on by
-environment variables and read once. Inert unless a variable is set.
+environment variables (read where the fault would strike). Inert unless a variable is set.
 
     DISTFT_FAULT_NONFINITE_LOSS=R@S   rank R's loss at global step S (1-based) reads as NaN
                                       (only the loss: its gradients stay finite)
