@@ -6,7 +6,7 @@ trainable suffix under autograd and backward, gradients summed over the micro-ba
 gradient exchange (trainable gradients only, fused buckets, the step's ballot in the last one)
 and the update, rescaled by the samples of the share.
 
-In the default mode (train.on_nonfinite: error, no float16 loss scaling, no synchronized BN)
+In the default mode (train.on_nonfinite: error, no float16 loss scaling)
 nothing waits for the exchange: the update is queued behind it, and the step's verdict (the
 averaged gradients' norms, every rank's "my loss is not finite" from the ballot) is read at the
 next step (`settle`), so the exchange overlaps the next batch. The verdict is the same on every
@@ -35,15 +35,12 @@ class TrainingStep:
         self.skipped = 0
         self.stop_verdict = False
 
-    def bind(self, runner, trainer, exchange, plan, cache, batching, synchronized_bn: bool) -> None:
+    def bind(self, runner, trainer, exchange, plan, cache, batching) -> None:
         """The network, optimizer and plan in force (again after a freeze-plan switch)."""
         self.runner, self.trainer, self.exchange, self.plan = runner, trainer, exchange, plan
         self.cache, self.batching = cache, batching
         self.params = trained_params(trainer)
-        # with a synchronized BN the exchange is not left in flight: its backward waits for its
-        # own allreduce inside an engine operation (2 ranks deadlocked, seen on 2 cores)
-        self.deferred = (self.cfg.train.on_nonfinite == "error" and not self.loss_scale.dynamic
-                         and not synchronized_bn)
+        self.deferred = self.cfg.train.on_nonfinite == "error" and not self.loss_scale.dynamic
         for p in self.params:  # gradients summed over micro-batches
             p.grad_req = "add" if batching.accumulate > 1 else "write"
             if batching.accumulate > 1:

@@ -116,8 +116,7 @@ class Job:
         if self.cache is not None:
             self.cache.close()
         self.cache = build_cache(self.cfg, self.network, self.data.sampler, self.world.rank)
-        self.step.bind(self.network.runner, self.trainer, self.exchange, plan, self.cache, self.batching,
-                       self.network.synchronized_bn)
+        self.step.bind(self.network.runner, self.trainer, self.exchange, plan, self.cache, self.batching)
 
     def start_outputs(self, meta) -> None:
         cfg, world, b = self.cfg, self.world, self.batching
