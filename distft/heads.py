@@ -119,6 +119,28 @@ def memory_estimate(cfg, plan, runner: model.SplitNet, heads: int, micro: int) -
     return est
 
 
+def plan_memory(cfg, plan, runner) -> dict:
+    """What `distft plan` shows: K x the trainable bytes, and the memory estimate against this
+    machine's (its first GPU, else the host's available RAM)."""
+    k = len(grid_points(cfg.heads.grid))
+    est = memory_estimate(cfg, plan, runner, k, cfg.data.batch_size)
+    ctx = mx.gpu(0) if mx.context.num_gpus() else mx.cpu()
+    have, what = device_memory(ctx)
+    return {**est, "trainable_bytes": k * plan.totals()["trainable_bytes"], "device_bytes": have,
+            "device": what, "fits": est["total"] <= have}
+
+
+def memory_lines(m: dict) -> str:
+    def mib(n: int) -> str:
+        return f"{n / 2 ** 20:,.1f} MiB"
+
+    return (f"heads: {m['heads']} x trainable = {m['trainable_bytes']:,} B\n"
+            f"memory per rank (estimate, micro-batch {m['micro_batch']}): weights {mib(m['weights'])}, "
+            f"gradients {mib(m['gradients'])}, optimizer state {mib(m['optimizer_state'])}, activations of the "
+            f"trainable part {mib(m['activations'])} = {mib(m['total'])} of {mib(m['device_bytes'])} "
+            f"({m['device']}){'' if m['fits'] else ': does not fit'}")
+
+
 def device_memory(ctx, ranks_here: int = 1) -> tuple[int, str]:
     """(bytes, what): the GPU's memory, or this rank's share of the host's available RAM."""
     if ctx.device_type == "gpu":
