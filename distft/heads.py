@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -346,6 +347,23 @@ class HeadSet:
                 lambda tmp, a=arrays: mx.nd.save(tmp, a)
         files[os.path.join(out, "model.params")] = files[os.path.join(out, "heads", best.name, "model.params")]
         return files
+
+
+def table(heads: list[dict], best: Optional[str]) -> str:
+    """summary.json's `heads` as a Markdown table (what a grid run prints at its end)."""
+    keys = list(heads[0]["overrides"]) if heads else []
+
+    def fmt(v, spec=".4f"):
+        return "-" if v is None else format(v, spec)
+
+    rows = ["| head | " + " | ".join(keys) + " | val top-1 | val loss | train loss | |",
+            "|---|" + "---:|" * (len(keys) + 3) + "---|"]
+    for h in heads:
+        note = "best" if h["name"] == best else (f"diverged at step {h['diverged']['step']}" if h.get("diverged") else "")
+        rows.append(f"| {h['name']} | " + " | ".join(f"{h['overrides'][k]:g}" if not isinstance(h["overrides"][k], dict)
+                                                      else json.dumps(h["overrides"][k]) for k in keys)
+                    + f" | {fmt(h['val_top1'])} | {fmt(h['val_loss'])} | {fmt(h['train_loss'])} | {note} |")
+    return "\n".join(rows)
 
 
 def describe(overrides: dict) -> str:

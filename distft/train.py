@@ -26,7 +26,7 @@ from .config import Config
 from .console import log, warn
 from .errors import ConfigError, Preempted
 from .freeze import BN_STATS
-from .heads import build_heads, grid_points
+from .heads import build_heads, grid_points, table as heads_table
 from .metrics import Metrics, forward_probe
 from .preprocess import Preprocess
 from .resilience import Resilience
@@ -208,8 +208,10 @@ class Job:
             record = self.metrics.window(global_step=state.step, total_steps=self.data.total_steps,
                                          epoch=state.epoch, loss=loss, lr=lr, heads=per_head)
             if not self.metrics.shows_progress:
+                what = f"loss {loss:.4f} lr {lr:.4g}" if per_head is None else \
+                    f"loss {loss:.4f} (mean of {len(per_head)} heads)"
                 log(self.world, f"epoch {state.epoch} step {state.step_in_epoch}/{self.data.steps_per_epoch} "
-                                f"loss {loss:.4f} lr {lr:.4g} samples/s {record['samples_per_sec']:.1f}")
+                                f"{what} samples/s {record['samples_per_sec']:.1f}")
 
     def checkpoint_due(self, epoch_done: bool) -> bool:
         cfg, state = self.cfg, self.state
@@ -292,6 +294,9 @@ class Job:
             summary = compose(self, stats, evals, digests)
             agreed(self.world, "writing model.params and summary.json",
                    lambda: write_outputs(self.out, self.heads.model_files(self.out, self.net), summary))
+        if self.heads.grid:
+            log(self.world, f"heads (heads.select: {self.cfg.heads.select}):\n"
+                            + heads_table(summary["heads"], summary["best_head"]))
         log(self.world, f"done: {self.state.step} steps, val top1 {summary['val_top1']}, "
                         f"{summary['samples_per_sec']:.1f} samples/s; wrote {os.path.join(self.out, 'model.params')}")
         self.guard.finished = True
