@@ -58,16 +58,18 @@ def differing_tensors(world, params: dict, names: list[str]) -> tuple[dict[str, 
     return bad, len(payload) * world.size
 
 
-def agree_on_start_state(world, plan, params, on_frozen_mismatch: str, trainable_start: str) -> tuple[int, int]:
+def agree_on_start_state(world, plan, params, on_frozen_mismatch: str, trainable_start: str,
+                         heads_state: tuple = ()) -> tuple[int, int]:
     """Make every rank hold rank 0's model before the first step, moving as few bytes as it can.
 
     Frozen tensors are verified by hash: a mismatch means ranks loaded different pretrained
     files, so the job stops (or, if asked, re-broadcasts them). Trainable state is either
     broadcast whole, or verified the same way with only the differing tensors broadcast (after a
     resume, where rank 0 alone read the checkpoint, that is whatever training changed).
+    `heads_state`: the trainable state of a grid's other heads, treated as trainable.
     Returns (control bytes exchanged, tensor bytes broadcast)."""
     frozen = plan.frozen_names()
-    trainable = plan.trainable_state_names()
+    trainable = plan.trainable_state_names() + list(heads_state)
     checked = frozen + (trainable if trainable_start == "verify" else [])
     bad, exchanged = differing_tensors(world, params, checked)
     bad_frozen = [n for n in frozen if n in bad]

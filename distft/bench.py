@@ -48,6 +48,8 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
         raise DistftError(f"bench: --repeats {repeats}: at least 1")
     if cache_epochs == 1 or cache_epochs < 0:
         raise DistftError(f"bench: --cache-epochs {cache_epochs}: 0 (no cached run) or at least 2")
+    if load_config(config, overrides + ["data.val=null", f"data.val_split={GRID_VAL_SPLIT}"]).heads.grid:
+        return run_grid(config, overrides, np_, steps, window, controller, timeout, cache_epochs, repeats)
     work = tempfile.mkdtemp(prefix="distft-bench-")
     try:
         common = overrides + ["data.val=null", "metrics.port=0", "metrics.report=false", "train.resume=false",
@@ -172,4 +174,114 @@ def markdown(r: dict) -> str:
             + (f", cached epochs/baseline = {r['ratios']['cached_over_baseline']:.1f}" if "cache" in r else "")
             + ".\n\n")
     table = ["| | distft | baseline | limit |", "|---|---:|---:|---:|"] + [f"| {' | '.join(row)} |" for row in rows]
+    return head + "\n".join(table) + "\n"
+
+
+# --- a grid: K heads in one run against one head -----------------------------------------------------
+
+GRID_VAL_SPLIT = 0.05  # a grid needs validation data; the one-head run holds out the same samples
+
+
+def run_grid(config: str, overrides: list, np_: int, steps: int, window: int, controller: str = "gloo",
+             timeout: int = 3600, cache_epochs: int = 3, repeats: int = 1) -> dict:
+    """distft with heads.grid (K heads) and with one head (the grid's first point alone), in turn
+    `repeats` times: steady samples/s (median over windows after the first, then over repeats),
+    peak memory, and what a sweep of K points costs in one run against K runs. With
+    `cache_epochs`, both again with the feature cache: epochs after the first."""
+    from .heads import grid_points
+
+    cfg = load_config(config, overrides + ["data.val=null", f"data.val_split={GRID_VAL_SPLIT}"])
+    points = grid_points(cfg.heads.grid)
+    one_head = ["heads.grid={}"] + [f"{k}={json.dumps(v)}" for k, v in points[0].overrides.items()]
+    work = tempfile.mkdtemp(prefix="distft-bench-grid-")
+    launcher = [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", str(np_), f"--{controller}"]
+    common = overrides + ["data.val=null", f"data.val_split={GRID_VAL_SPLIT}", "metrics.port=0",
+                          "metrics.report=false", "train.resume=false", "train.checkpoint_every_epochs=0",
+                          "metrics.probe_batches=0"]
+    runs = {"grid": [], "one": []}
+    cached: dict = {"grid": [], "one": []}
+    try:
+        for r in range(repeats):  # interleaved, so a slow spell of a shared machine hits both
+            for mode, extra in (("grid", []), ("one", one_head)):
+                out = os.path.join(work, f"{mode}-{r}")
+                job = os.path.join(work, f"{mode}.yaml")
+                dump_config(load_config(config, common + extra + [
+                    f"train.max_steps={steps}", "train.epochs=100000", f"train.log_every={window}",
+                    f"train.output={out}"]), job)
+                _run(launcher + [sys.executable, "-m", "distft", "--config", job], f"distft ({mode})", timeout)
+                s = _summary(out)
+                windows = [h["samples_per_sec"] for h in s["history"]]
+                runs[mode].append({"samples_per_sec": statistics.median(windows[1:]), "windows": windows,
+                                   "peak_rss_bytes": max(s["peak_rss_bytes"]),
+                                   "allreduce_bytes_per_step": s["allreduce_bytes_per_step"]})
+                if cache_epochs:
+                    out = os.path.join(work, f"{mode}-cached-{r}")
+                    dump_config(load_config(config, common + extra + [
+                        "train.cache_features=true", "data.augment=false", "train.max_steps=null",
+                        f"train.epochs={cache_epochs}", "train.log_every=1000000", f"train.output={out}"]), job)
+                    _run(launcher + [sys.executable, "-m", "distft", "--config", job], f"cached distft ({mode})",
+                         timeout)
+                    epochs = [e["samples_per_sec"] for e in _summary(out)["epoch_history"]]
+                    cached[mode].append({"epochs": epochs, "samples_per_sec": statistics.median(epochs[1:])})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    k = len(points)
+
+    def median(mode, key, source=runs):
+        return statistics.median(x[key] for x in source[mode])
+
+    out = {
+        "model": cfg.model.name, "image_size": cfg.model.image_size, "trainable": cfg.freeze.trainable,
+        "batch_size_per_rank": cfg.data.batch_size, "world_size": np_, "steps": steps, "window": window,
+        "repeats": repeats, "heads": k, "grid": cfg.heads.grid,
+        "samples_per_sec": {"grid": median("grid", "samples_per_sec"), "one_head": median("one", "samples_per_sec")},
+        "rounds": {"grid": [x["samples_per_sec"] for x in runs["grid"]],
+                   "one_head": [x["samples_per_sec"] for x in runs["one"]]},
+        "peak_rss_bytes": {"grid": max(x["peak_rss_bytes"] for x in runs["grid"]),
+                           "one_head": max(x["peak_rss_bytes"] for x in runs["one"])},
+        "allreduce_bytes_per_step": {"grid": runs["grid"][0]["allreduce_bytes_per_step"],
+                                     "one_head": runs["one"][0]["allreduce_bytes_per_step"]},
+        "machine": _machine(),
+    }
+    rates = out["samples_per_sec"]
+    # the time of one K-point sweep over the time of K single runs of the same samples
+    out["grid_over_one_head"] = rates["grid"] / rates["one_head"]
+    out["sweep_cost_vs_separate_runs"] = rates["one_head"] / (k * rates["grid"])
+    if cache_epochs:
+        out["cache"] = {"epochs": cache_epochs,
+                        "epoch_samples_per_sec": {"grid": [x["epochs"] for x in cached["grid"]],
+                                                  "one_head": [x["epochs"] for x in cached["one"]]},
+                        "samples_per_sec": {"grid": median("grid", "samples_per_sec", cached),
+                                            "one_head": median("one", "samples_per_sec", cached)}}
+        c = out["cache"]["samples_per_sec"]
+        out["cache"]["sweep_cost_vs_separate_runs"] = c["one_head"] / (k * c["grid"])
+    return out
+
+
+def markdown_grid(r: dict) -> str:
+    mb = 1024 * 1024
+    k, rates = r["heads"], r["samples_per_sec"]
+    rows = [
+        ("samples/s (all ranks), epochs without the cache", f"{rates['one_head']:.1f}", f"{rates['grid']:.1f}"),
+        ("  per repeat", ", ".join(f"{x:.1f}" for x in r["rounds"]["one_head"]),
+         ", ".join(f"{x:.1f}" for x in r["rounds"]["grid"])),
+        ("head-samples/s (samples/s x heads)", f"{rates['one_head']:.1f}", f"{k * rates['grid']:.1f}"),
+        ("peak RSS per rank (MiB)", f"{r['peak_rss_bytes']['one_head'] / mb:.0f}",
+         f"{r['peak_rss_bytes']['grid'] / mb:.0f}"),
+        ("bytes allreduced per step", f"{r['allreduce_bytes_per_step']['one_head']:,}",
+         f"{r['allreduce_bytes_per_step']['grid']:,}"),
+        (f"a {k}-point sweep, vs {k} separate runs", "1.00", f"{r['sweep_cost_vs_separate_runs']:.2f}"),
+    ]
+    if "cache" in r:
+        c = r["cache"]
+        rows.append(("with the feature cache: samples/s, epochs after the first",
+                     f"{c['samples_per_sec']['one_head']:.1f}", f"{c['samples_per_sec']['grid']:.1f}"))
+        rows.append((f"  a {k}-point sweep there, vs {k} separate runs", "1.00",
+                     f"{c['sweep_cost_vs_separate_runs']:.2f}"))
+    m = r["machine"]
+    head = (f"`{r['model']}` at {r['image_size']}px, trainable {', '.join(r['trainable'])}, {r['world_size']} ranks x "
+            f"batch {r['batch_size_per_rank']}, {r['repeats']} interleaved repeat(s), medians; {m['cores']} cores "
+            f"({m['cpu'] or 'cpu'}), {m['gpus']} GPUs, MXNet {m['mxnet']}. {k} heads run at "
+            f"{r['grid_over_one_head']:.2f}x the samples/s of one head.\n\n")
+    table = ["| | 1 head | " + f"{k} heads |", "|---|---:|---:|"] + [f"| {' | '.join(row)} |" for row in rows]
     return head + "\n".join(table) + "\n"

@@ -40,7 +40,8 @@ def job_identity(cfg) -> dict:
         "data.mean": d["data"]["mean"], "data.std": d["data"]["std"],
         "data.shards": "fixed" if cfg.fixed_shards else "reshuffled",
         "train.seed": d["train"]["seed"], "train.precision": d["train"]["precision"],
-        "dist.batchnorm": d["dist"]["batchnorm"],
+        "dist.batchnorm": d["dist"]["batchnorm"], "train.label_smoothing": d["train"]["label_smoothing"],
+        "heads.grid": d["heads"]["grid"],
     }
     keys.update({f"optimizer.{k}": v for k, v in d["optimizer"].items()})
     if cfg.optimizer.lr_scaling == "linear":  # the scale is global batch / data.batch_size
@@ -99,13 +100,14 @@ class Checkpointer:
                 f"can be used (newest: {newest}); to start over, set train.resume: false or remove them")
         return None
 
-    def restore_weights(self, params: dict, plan) -> None:
-        """Rank 0 puts the checkpoint's weights into the model; every rank learns if it could."""
-        agreed(self.world, "restoring the checkpoint", lambda: self._restore_weights(params, plan))
+    def restore_weights(self, params: dict, state_names: list[str]) -> None:
+        """Rank 0 puts the checkpoint's weights (`state_names`: what the plan trains, for every
+        head) into the model; every rank learns if it could."""
+        agreed(self.world, "restoring the checkpoint", lambda: self._restore_weights(params, state_names))
 
-    def _restore_weights(self, params: dict, plan) -> None:
+    def _restore_weights(self, params: dict, state_names: list[str]) -> None:
         ckpt = self.loaded
-        want = set(plan.trainable_state_names())
+        want = set(state_names)
         have = set(ckpt.params)
         unknown = sorted(have - set(params))
         if unknown or not want <= have:
@@ -120,14 +122,18 @@ class Checkpointer:
                 raise CheckpointError(f"{ckpt.path}: {name} has shape {tuple(arr.shape)}, the model {tuple(p.shape)}")
             p.set_data(arr.as_in_context(self.ctx))
 
-    def restore_optimizer(self, trainer, names: dict, loss_scale, meta: dict) -> int:
-        """The optimizer state of the checkpoint on every rank. Returns bytes broadcast."""
+    def restore_optimizer(self, trainers: list, names: dict, loss_scale, meta: dict) -> int:
+        """The optimizer state of the checkpoint on every rank, for each trainer (one per head).
+        Returns bytes broadcast."""
         state = OptimizerState()
         if self.world.rank == 0:
             state = OptimizerState.from_checkpoint(self.loaded.optimizer, meta)
-        agreed(self.world, "restoring the optimizer state", lambda: state.restore(trainer, names, loss_scale=loss_scale))
-        sent = state.share(self.world, trainer, names)
-        state.restore(trainer, names, loss_scale=loss_scale)
+        sent = 0
+        for trainer in trainers:
+            agreed(self.world, "restoring the optimizer state",
+                   lambda: state.restore(trainer, names, loss_scale=loss_scale))
+            sent += state.share(self.world, trainer, names)
+            state.restore(trainer, names, loss_scale=loss_scale)
         self.loaded = None
         return sent
 

@@ -63,8 +63,10 @@ def parser() -> argparse.ArgumentParser:
     _config_args(t)
     pl = sub.add_parser("plan", formatter_class=raw, help="show which blocks train, BN modes and bytes",
                         description=("Build the model on the CPU and show, per block, what trains and what is\n"
-                                     "frozen, the BatchNorm modes, the bytes allreduced per step and the\n"
-                                     "freeze schedule's stages. Trains nothing."))
+                                     "frozen, the BatchNorm modes, the bytes allreduced per step, the\n"
+                                     "freeze schedule's stages, and the memory one rank needs (weights,\n"
+                                     "gradients, optimizer state, activations of the trainable part; x the\n"
+                                     "heads of heads.grid) against this machine's. Trains nothing."))
     _config_args(pl)
     pl.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pl.add_argument("--depth", type=int, default=2, help="block depth of the table rows (default 2)")
@@ -99,7 +101,9 @@ def parser() -> argparse.ArgumentParser:
                        description=("Run, on this machine and with the same model, freeze plan, batch and data:\n"
                                     "distft under horovodrun -np N; a plain Horovod-MXNet loop (the baseline);\n"
                                     "forward-only inference (the limit); and distft with the feature cache.\n"
-                                    "Prints a Markdown table of samples/s, memory and bytes moved."))
+                                    "Prints a Markdown table of samples/s, memory and bytes moved. With\n"
+                                    "heads.grid: K heads in one run against one head (samples/s, memory,\n"
+                                    "a K-point sweep against K runs), with and without the cache."))
     _config_args(b)
     b.add_argument("--np", type=int, default=2, help="ranks (default 2)")
     b.add_argument("--steps", type=int, default=30, help="timed steps per run (default 30)")
@@ -166,7 +170,7 @@ def cmd_bench(args) -> int:
 
     result = bench.run(args.config, args.overrides, args.np, args.steps, args.window, args.controller,
                        cache_epochs=args.cache_epochs, repeats=args.repeats)
-    table = bench.markdown(result)
+    table = bench.markdown_grid(result) if "heads" in result else bench.markdown(result)
     print(table)
     if args.json_path:
         with open(args.json_path, "w") as fh:
@@ -213,7 +217,7 @@ def cmd_make_rec(args) -> int:
 def cmd_plan(args) -> int:
     import mxnet as mx
 
-    from . import freeze, model
+    from . import freeze, heads, model
     from .config import load_config
     from .data import resolve_model_classes
 
@@ -227,10 +231,12 @@ def cmd_plan(args) -> int:
         pl = freeze.resolve(spec, cfg.freeze.trainable, cfg.freeze.batchnorm, cfg.freeze.schedule, e)
         stages.append((e, pl, prev))
         prev = pl
+    memory = heads.plan_memory(cfg, plan, model.SplitNet(net, plan.prefix, plan.suffix))
     if args.json:
-        print(json.dumps(freeze.to_json(plan, spec, args.depth, stages), indent=1))
+        print(json.dumps({**freeze.to_json(plan, spec, args.depth, stages), "memory": memory}, indent=1))
     else:
         print(freeze.to_table(plan, spec, args.depth, stages))
+        print(heads.memory_lines(memory))
     return 0
 
 

@@ -134,7 +134,11 @@ class TrainConfig:
     # seconds, else the rank exits at once (a peer is gone; Kubernetes' default grace is 30 s)
     preempt_grace: float = field(default=25.0, metadata=_at_least(1.0))
     # NaN/Inf in the loss or the (allreduced) gradients: `error` stops, `skip` drops the update
+    # (a head of heads.grid that diverges is stopped alone instead)
     on_nonfinite: str = field(default="error", metadata=_choices("error", "skip"))
+    # training targets (1 - e) x one-hot + e / classes (0: plain cross-entropy); validation
+    # loss stays plain cross-entropy, so heads with different smoothing compare fairly
+    label_smoothing: float = field(default=0.0, metadata=_at_least(0.0))
 
 
 @dataclass
@@ -174,6 +178,22 @@ class MetricsConfig:
     report: bool = True  # report.png beside summary.json
 
 
+# the keys heads.grid may vary: what one copy of the trainable part can have of its own
+GRID_KEYS = ("optimizer.lr", "optimizer.weight_decay", "optimizer.momentum", "optimizer.lr_mult",
+             "train.label_smoothing")
+
+
+@dataclass
+class HeadsConfig:
+    # {key: [values]}: one head per point of the product (named h0, h1, ... with the last key
+    # varying fastest), all trained on the same batches from one frozen-prefix pass. Keys:
+    # optimizer.lr, optimizer.weight_decay, optimizer.momentum, optimizer.lr_mult (a list of
+    # mappings), train.label_smoothing
+    grid: dict = field(default_factory=dict)
+    # the best head by validation (written to model.params): `val_top1` (highest) or `val_loss` (lowest)
+    select: str = field(default="val_top1", metadata=_choices("val_top1", "val_loss"))
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -183,6 +203,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -350,6 +371,40 @@ def _check(cfg: Config) -> None:
     epochs = [s["epoch"] for s in cfg.freeze.schedule]
     if epochs != sorted(epochs):
         raise ConfigError(f"freeze.schedule: epochs must be in order, got {epochs}")
+    if cfg.train.label_smoothing >= 1.0:
+        raise ConfigError(f"train.label_smoothing: a fraction below 1, got {cfg.train.label_smoothing!r}")
+    _check_grid(cfg)
+
+
+def _check_grid(cfg: Config) -> None:
+    """heads.grid: known keys, each a non-empty list of values its key accepts."""
+    grid = cfg.heads.grid
+    hints = typing.get_type_hints(Config)
+    for key, values in grid.items():
+        path = f"heads.grid.{key}" if re.fullmatch(r"[A-Za-z0-9_.\-]+", str(key)) else f"heads.grid.{key!r}"
+        if key not in GRID_KEYS:
+            raise ConfigError(f"{path}: not a key a head can vary (those are {', '.join(GRID_KEYS)})")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: expected a non-empty list of values, got {values!r}")
+        section, name = key.split(".")
+        owner = hints[section]
+        tp = typing.get_type_hints(owner)[name]
+        meta = next(f.metadata for f in dataclasses.fields(owner) if f.name == name)
+        for i, value in enumerate(values):
+            converted = _convert(value, tp, f"{path}[{i}]")
+            if "min" in meta and converted < meta["min"]:
+                raise ConfigError(f"{path}[{i}]: must be >= {meta['min']}, got {converted!r}")
+            if key == "train.label_smoothing" and converted >= 1.0:
+                raise ConfigError(f"{path}[{i}]: a fraction below 1, got {converted!r}")
+    if not grid:
+        return
+    if not (cfg.data.val or cfg.data.val_split):
+        raise ConfigError("heads.select: a grid keeps the head that validates best; set data.val or "
+                          "data.val_split")
+    if cfg.freeze.schedule:
+        raise ConfigError("heads.grid: not with freeze.schedule (every head would change its trainable part)")
+    if cfg.train.precision != "float32":
+        raise ConfigError("heads.grid: needs train.precision: float32 (one loss scale cannot serve every head)")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

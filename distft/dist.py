@@ -177,6 +177,7 @@ class Verdict:
 
     stop: bool
     nonfinite_ranks: tuple
+    nonfinite_heads: tuple = ()  # heads of a grid whose loss was not finite on some rank
 
 
 class GradientExchange:
@@ -190,13 +191,15 @@ class GradientExchange:
     It also carries each step's ballot, riding in the last bucket, so that ranks agree on
     decisions without a collective of their own: slot 0 is the rank's stop vote (e.g. it got
     SIGTERM), slot 1 + r is rank r's "my loss is not finite" (computed on the engine from the
-    loss array, never read on the host before the exchange). `vote(stop, loss)` before the
-    step's exchange; `last_ballot` after it: the averaged ballot, still on the engine (read
-    it with `read_verdict`), or None if no exchange ran."""
+    loss array, never read on the host before the exchange). With `heads` (a grid), slot
+    1 + world size + k is "head k's loss is not finite here". `vote(stop, loss, head_losses)`
+    before the step's exchange; `last_ballot` after it: the averaged ballot, still on the
+    engine (read it with `read_verdict`), or None if no exchange ran."""
 
     def __init__(self, world: LocalWorld, params: list, bucket_bytes: int, compression: str = "none",
-                 predivide: float = 1.0):
+                 predivide: float = 1.0, heads: int = 0):
         self.world = world
+        self.heads = heads
         self.params = params
         self.compression = compression
         self.predivide = predivide
@@ -208,18 +211,23 @@ class GradientExchange:
         self.calls = 0
         self._stop = False
         self._loss = None
+        self._head_losses: list = []
         self._ballot = None  # the allreduced ballot of the last exchange
 
-    def vote(self, stop: bool, loss=None) -> None:
-        self._stop, self._loss = bool(stop), loss
+    def vote(self, stop: bool, loss=None, head_losses=()) -> None:
+        """`head_losses`: per head of a grid, its loss array (None: the head is stopped)."""
+        self._stop, self._loss, self._head_losses = bool(stop), loss, list(head_losses)
 
     def ballot(self, ctx, dtype) -> mx.nd.NDArray:
         """This rank's ballot, built on the engine (no host synchronisation)."""
-        ballot = mx.nd.zeros((1 + self.world.size,), ctx=ctx, dtype="float32")
+        ballot = mx.nd.zeros((1 + self.world.size + self.heads,), ctx=ctx, dtype="float32")
         ballot[0] = 1.0 if self._stop else 0.0
-        if self._loss is not None:
-            finite = mx.nd.contrib.isfinite(self._loss.astype("float32").sum().reshape((1,)))
-            ballot[1 + self.world.rank:2 + self.world.rank] = (1 - finite).as_in_context(ctx)
+        slots = [(1 + self.world.rank, self._loss)]
+        slots += [(1 + self.world.size + k, loss) for k, loss in enumerate(self._head_losses)]
+        for slot, loss in slots:
+            if loss is not None:
+                finite = mx.nd.contrib.isfinite(loss.astype("float32").sum().reshape((1,)))
+                ballot[slot:slot + 1] = (1 - finite).as_in_context(ctx)
         return ballot.astype(dtype, copy=False)
 
     @property
@@ -259,12 +267,14 @@ def agree_verdict(world, exchange: GradientExchange, ctx) -> Verdict:
     ballot = exchange.ballot(ctx, "float32")
     if world.size > 1:
         world.allreduce_([ballot], "distft.ballot", average=True)
-    return read_verdict(ballot.asnumpy())
+    return read_verdict(ballot.asnumpy(), exchange.heads)
 
 
-def read_verdict(averaged: np.ndarray) -> Verdict:
+def read_verdict(averaged: np.ndarray, heads: int = 0) -> Verdict:
+    ranks, per_head = averaged[1:len(averaged) - heads], averaged[len(averaged) - heads:]
     return Verdict(stop=bool(averaged[0] > 0),
-                   nonfinite_ranks=tuple(int(r) for r in np.flatnonzero(averaged[1:] > 0)))
+                   nonfinite_ranks=tuple(int(r) for r in np.flatnonzero(ranks > 0)),
+                   nonfinite_heads=tuple(int(k) for k in np.flatnonzero(per_head > 0)) if heads else ())
 
 
 class Trainer(gluon.Trainer):

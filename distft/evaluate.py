@@ -24,29 +24,39 @@ def evaluate(world, runner, loader: BatchLoader, batch_size: int, ctx, loss_fn, 
              classes: Optional[int] = None) -> dict:
     """Top-1/top-5/loss over `loader`'s data set. With `classes`, also the confusion matrix
     (`confusion[true, predicted]`, counts), allreduced with the same sums."""
+    return evaluate_many(world, lambda x: [runner(x)], 1, loader, batch_size, ctx, loss_fn, beat, classes)[0]
+
+
+def evaluate_many(world, forward, outputs: int, loader: BatchLoader, batch_size: int, ctx, loss_fn,
+                  beat=lambda: None, classes: Optional[int] = None) -> list[dict]:
+    """`evaluate` for `outputs` networks at once (the heads of a grid): `forward(x)` gives
+    each one's logits from one pass over the shared part. One allreduce for all of them."""
     idx = eval_shard(len(loader.dataset), world.size, world.rank)
-    sums = np.zeros(4)  # top1, top5, loss, count
-    confusion = np.zeros((classes, classes)) if classes else None
+    sums = np.zeros((outputs, 4))  # top1, top5, loss, count
+    confusion = np.zeros((outputs, classes, classes)) if classes else None
     for start in range(0, len(idx), batch_size):
         beat()
         x, y = loader.batch(idx[start:start + batch_size], epoch=0)
-        out = precision.to_float32(runner(mx.nd.array(x, ctx=ctx)))
-        loss = loss_fn(out, mx.nd.array(y, ctx=ctx)).asnumpy()
-        logits = out.asnumpy()
-        sums += [topk_correct(logits, y, 1), topk_correct(logits, y, 5), loss.sum(), len(y)]
+        label = mx.nd.array(y, ctx=ctx)
+        for k, out in enumerate(forward(mx.nd.array(x, ctx=ctx))):
+            out = precision.to_float32(out)
+            loss = loss_fn(out, label).asnumpy()
+            logits = out.asnumpy()
+            sums[k] += [topk_correct(logits, y, 1), topk_correct(logits, y, 5), loss.sum(), len(y)]
+            if confusion is not None:
+                np.add.at(confusion[k], (y, logits.argmax(axis=1)), 1)
+    parts = [sums.ravel()] + ([confusion.ravel()] if confusion is not None else [])
+    both = world.allreduce_numpy(np.concatenate(parts), "distft.eval")
+    total = both[:sums.size].reshape(sums.shape)
+    results = []
+    for k in range(outputs):
+        n = max(total[k, 3], 1)
+        result = {"val_top1": total[k, 0] / n, "val_top5": total[k, 1] / n, "val_loss": total[k, 2] / n,
+                  "val_samples": int(total[k, 3])}
         if confusion is not None:
-            np.add.at(confusion, (y, logits.argmax(axis=1)), 1)
-    if confusion is None:
-        total = world.allreduce_numpy(sums, "distft.eval")
-    else:
-        both = world.allreduce_numpy(np.concatenate([sums, confusion.ravel()]), "distft.eval")
-        total, confusion = both[:4], both[4:].reshape(classes, classes).astype(np.int64)
-    n = max(total[3], 1)
-    result = {"val_top1": total[0] / n, "val_top5": total[1] / n, "val_loss": total[2] / n,
-              "val_samples": int(total[3])}
-    if confusion is not None:
-        result["confusion"] = confusion
-    return result
+            result["confusion"] = both[sums.size:].reshape(confusion.shape)[k].astype(np.int64)
+        results.append(result)
+    return results
 
 
 def per_class(confusion: np.ndarray, names: list[str]) -> dict:

@@ -1,8 +1,9 @@
 """Fault injection for tests: faults that are hard to cause on purpose, switched on by
 environment variables (read where the fault would strike). Inert unless a variable is set.
 
-    DISTFT_FAULT_NONFINITE_LOSS=R@S   rank R's loss at global step S (1-based) reads as NaN
-                                      (only the loss: its gradients stay finite)
+    DISTFT_FAULT_NONFINITE_LOSS=R@S[:H]  rank R's loss at global step S (1-based) reads as NaN
+                                      (only the loss: its gradients stay finite); with :H, only
+                                      the loss of head H of a grid (e.g. 1@3:h2)
     DISTFT_FAULT_STOP_AT_STEP=S[@R]   a stop request (as SIGTERM would make) on rank R (default
                                       0) once global step S is done
     DISTFT_FAULT_CHECKPOINT_DELAY=T   writing a checkpoint takes T seconds longer (rank 0)
@@ -21,9 +22,12 @@ def _pair(name: str) -> Optional[tuple[int, int]]:
     return int(first), int(second or 0)
 
 
-def nonfinite_loss(rank: int, step: int) -> bool:
-    at = _pair("DISTFT_FAULT_NONFINITE_LOSS")
-    return at is not None and at == (rank, step)
+def nonfinite_loss(rank: int, step: int, head: Optional[str] = None) -> bool:
+    where, _, which = os.environ.get("DISTFT_FAULT_NONFINITE_LOSS", "").partition(":")
+    if not where:
+        return False
+    first, _, second = where.partition("@")
+    return (int(first), int(second or 0)) == (rank, step) and (not which or which == head)
 
 
 def stop_requested(rank: int, step: int) -> bool:

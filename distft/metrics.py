@@ -69,7 +69,8 @@ class _Server(ThreadingMixIn, WSGIServer):
 
 
 class Metrics:
-    def __init__(self, cfg, world, output: str, log_every: int, stall_timeout: float = 0.0):
+    def __init__(self, cfg, world, output: str, log_every: int, stall_timeout: float = 0.0,
+                 heads: Optional[list] = None):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.cfg, self.world, self.output = cfg, world, output
@@ -97,11 +98,14 @@ class Metrics:
                                        names, registry=r)
         self.trainable = gauge("distft_trainable_parameters", "Trainable parameters (scalars)")
         self.frozen = gauge("distft_frozen_parameters", "Frozen parameters and statistics (scalars)")
-        self.loss = gauge("distft_loss", "Training loss (mean over the last step's batch)")
-        self.lr = gauge("distft_learning_rate", "Learning rate")
+        # a grid's per-head series carry a `head` label (h0, h1, ...: as many as grid points)
+        self.heads = heads
+        per_head = ["head"] if heads else []
+        self.loss = gauge("distft_loss", "Training loss (mean over the last step's batch)", per_head)
+        self.lr = gauge("distft_learning_rate", "Learning rate", per_head)
         self.epoch = gauge("distft_epoch", "Current epoch")
-        self.val_top1 = gauge("distft_validation_top1_ratio", "Validation top-1 accuracy")
-        self.val_top5 = gauge("distft_validation_top5_ratio", "Validation top-5 accuracy")
+        self.val_top1 = gauge("distft_validation_top1_ratio", "Validation top-1 accuracy", per_head)
+        self.val_top5 = gauge("distft_validation_top5_ratio", "Validation top-5 accuracy", per_head)
         self.forward_rate = gauge("distft_forward_only_samples_per_second",
                                   "Forward-only (inference) samples/s of the same model and batch, "
                                   "measured at start-up: the limit of a head-only fine-tune")
@@ -194,7 +198,8 @@ class Metrics:
         self.forward = forward_rate
 
     def step(self, *, samples: int, seconds: float, data: float, allreduce: float, allreduce_bytes: int,
-             loss: float, lr: float, epoch: int) -> None:
+             loss: float, lr: float, epoch: int, heads: Optional[dict] = None) -> None:
+        """`heads` (a grid): {head: {loss, lr}}, the per-head series in place of loss and lr."""
         self.progressed_at = time.monotonic()
         self.child(self.samples).inc(samples)
         self.child(self.steps).inc()
@@ -203,15 +208,18 @@ class Metrics:
         self.child(self.phase, phase="allreduce").inc(allreduce)
         self.child(self.phase, phase="compute").inc(max(seconds - data - allreduce, 0.0))
         self.child(self.allreduce_bytes).inc(allreduce_bytes)
-        self.child(self.loss).set(loss)
-        self.child(self.lr).set(lr)
+        for labels, figures in ({(): {"loss": loss, "lr": lr}} if heads is None else
+                                {(("head", h),): v for h, v in heads.items()}).items():
+            self.child(self.loss, **dict(labels)).set(figures["loss"])
+            self.child(self.lr, **dict(labels)).set(figures["lr"])
         self.child(self.epoch).set(epoch)
         w = self._window
         w["samples"] += samples
         w["steps"] += 1
         w["step_seconds"] += seconds + data
 
-    def window(self, *, global_step: int, total_steps: int, epoch: int, loss: float, lr: float) -> dict:
+    def window(self, *, global_step: int, total_steps: int, epoch: int, loss: float, lr: float,
+               heads: Optional[dict] = None) -> dict:
         """Close a log window: every rank reports its rate and mean step time; rank 0 sets the
         job-wide figures. Collective: all ranks call it at the same steps."""
         w = self._window
@@ -227,7 +235,8 @@ class Metrics:
         self.child(self.rate).set(rate)
         job_rate = sum(rates)
         record = {"step": global_step, "epoch": epoch, "loss": loss, "lr": lr, "samples_per_sec": job_rate,
-                  "rank_samples_per_sec": rates, "rank_step_seconds": steps, "time": time.time()}
+                  "rank_samples_per_sec": rates, "rank_step_seconds": steps, "time": time.time(),
+                  **({"heads": heads} if heads is not None else {})}
         if self.world.rank == 0:
             self.child(self.job_rate).set(job_rate)
             slowest = int(np.argmax(steps))
@@ -256,10 +265,11 @@ class Metrics:
         if n:
             self.child(self.bad_samples).inc(n)
 
-    def evaluation(self, evals: dict, epoch: int, step: Optional[int] = None) -> None:
-        self.child(self.val_top1).set(evals["val_top1"])
-        self.child(self.val_top5).set(evals["val_top5"])
-        self.event("eval", epoch=epoch, step=step, **evals)
+    def evaluation(self, evals: dict, epoch: int, step: Optional[int] = None, head: Optional[str] = None) -> None:
+        labels = {"head": head} if head is not None else {}
+        self.child(self.val_top1, **labels).set(evals["val_top1"])
+        self.child(self.val_top5, **labels).set(evals["val_top5"])
+        self.event("eval", epoch=epoch, step=step, **labels, **evals)
 
     def event(self, name: str, **fields) -> None:
         """A line of the run's log.jsonl (rank 0): what summary.json is built from, across launches."""
@@ -324,12 +334,24 @@ def write_report(path: str, history: list, summary: dict) -> None:
 
     steps = [h["step"] for h in history]
     fig, ax = plt.subplots(2, 2, figsize=(11, 7))
-    ax[0, 0].plot(steps, [h["loss"] for h in history])
-    ax[0, 0].set(title="training loss", xlabel="step")
     evals = summary.get("val_history") or []
-    if evals:
-        ax[0, 1].plot([e["epoch"] + 1 for e in evals], [e["val_top1"] for e in evals], marker="o")
+    heads = [h["name"] for h in summary.get("heads") or []]
+    for head in heads or [None]:  # a grid: one curve per head
+        if head is None:
+            points = [(h["step"], h["loss"]) for h in history]
+            val = [(e["epoch"] + 1, e["val_top1"]) for e in evals]
+        else:
+            points = [(h["step"], h["heads"][head]["loss"]) for h in history if head in h.get("heads", {})]
+            val = [(e["epoch"] + 1, e["val_top1"]) for e in evals if e.get("head") == head]
+        if points:
+            ax[0, 0].plot(*zip(*points), label=head)
+        if val:
+            ax[0, 1].plot(*zip(*val), marker="o", label=head)
+    ax[0, 0].set(title="training loss" + (" per head" if heads else ""), xlabel="step")
     ax[0, 1].set(title="validation top-1", xlabel="epoch", ylim=(0, 1))
+    if heads:
+        ax[0, 0].legend(fontsize=7, ncol=2)
+        ax[0, 1].legend(fontsize=7, ncol=2)
     ax[1, 0].plot(steps, [h["samples_per_sec"] for h in history], label="job")
     ax[1, 0].set(title="samples/s", xlabel="step")
     # the world size may change between launches: each rank's line covers the steps it ran

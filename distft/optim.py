@@ -15,9 +15,9 @@ from .errors import CheckpointError
 NO_DECAY = ("bias", "gamma", "beta")
 
 
-def build_trainer(cfg, world, params: dict, trainable_names: list[str], lr_mults: dict):
-    """gluon.Trainer over the trainable parameters, with distft's gradient exchange."""
-    trainable = [params[n] for n in trainable_names]
+def build_trainer(cfg, trainable: list, trainable_names: list[str], lr_mults: dict, exchange=None):
+    """gluon.Trainer over `trainable` (named `trainable_names`), with distft's gradient exchange
+    (None: the caller runs the exchange, as a grid does for all of its heads at once)."""
     for name, p in zip(trainable_names, trainable):
         leaf = name.rpartition(".")[2]
         p.wd_mult = 1.0 if cfg.optimizer.decay_bias_and_bn or leaf not in NO_DECAY else 0.0
@@ -26,9 +26,13 @@ def build_trainer(cfg, world, params: dict, trainable_names: list[str], lr_mults
     kwargs = {"learning_rate": opt.lr, "wd": opt.weight_decay}
     if opt.name in ("sgd", "nag"):
         kwargs["momentum"] = opt.momentum
-    exchange = dist.GradientExchange(world, trainable, cfg.dist.bucket_bytes, cfg.dist.compression,
-                                     cfg.dist.gradient_predivide_factor)
-    return dist.Trainer(trainable, opt.name, kwargs, exchange), exchange
+    return dist.Trainer(trainable, opt.name, kwargs, exchange)
+
+
+def build_exchange(cfg, world, trainable: list, heads: int = 0):
+    """The fused gradient exchange over `trainable` (with `heads` per-head ballot slots)."""
+    return dist.GradientExchange(world, trainable, cfg.dist.bucket_bytes, cfg.dist.compression,
+                                 cfg.dist.gradient_predivide_factor, heads=heads)
 
 
 def trained_params(trainer) -> list:
@@ -61,6 +65,14 @@ class OptimizerState:
     arrays: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)
     loss_scale: dict = field(default_factory=dict)
+
+    @classmethod
+    def capture_all(cls, trainers: list, names: dict, loss_scale=None) -> "OptimizerState":
+        """One state for several trainers (the heads of a grid): their parameters' names differ."""
+        states = [cls.capture(t, names) for t in trainers]
+        return cls({k: v for s in states for k, v in s.arrays.items()},
+                   {k: v for s in states for k, v in s.counts.items()},
+                   loss_scale.state() if loss_scale is not None else {})
 
     @classmethod
     def capture(cls, trainer, names: dict, loss_scale=None) -> "OptimizerState":
@@ -133,5 +145,6 @@ class OptimizerState:
                     leaf[:] = self.arrays[key].as_in_context(leaf.context)
                 arrays[key] = leaf
         sent = world.broadcast_(list(arrays.values()), "distft.optimizer_state") if arrays else 0
-        self.arrays, self.counts, self.loss_scale = arrays, doc["counts"], doc["loss_scale"]
+        # kept beside what is there: called once per trainer of a grid, on one state
+        self.arrays, self.counts, self.loss_scale = {**self.arrays, **arrays}, doc["counts"], doc["loss_scale"]
         return sent

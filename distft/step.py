@@ -35,12 +35,15 @@ class TrainingStep:
         self.skipped = 0
         self.stop_verdict = False
 
-    def bind(self, runner, trainer, exchange, plan, cache, batching) -> None:
-        """The network, optimizer and plan in force (again after a freeze-plan switch)."""
-        self.runner, self.trainer, self.exchange, self.plan = runner, trainer, exchange, plan
+    def bind(self, runner, heads, plan, cache, batching) -> None:
+        """The network, heads (each with its optimizer; one exchange) and plan in force (again
+        after a freeze-plan switch)."""
+        self.runner, self.heads, self.exchange, self.plan = runner, heads, heads.exchange, plan
         self.cache, self.batching = cache, batching
-        self.params = trained_params(trainer)
-        self.deferred = self.cfg.train.on_nonfinite == "error" and not self.loss_scale.dynamic
+        self.params = [p for t in heads.trainers() for p in trained_params(t)]  # the exchange's order
+        # a grid reads each step's verdict before the update, so that a diverging head stops
+        # with finite weights
+        self.deferred = self.cfg.train.on_nonfinite == "error" and not self.loss_scale.dynamic and not heads.grid
         for p in self.params:  # gradients summed over micro-batches
             p.grad_req = "add" if batching.accumulate > 1 else "write"
             if batching.accumulate > 1:
@@ -58,26 +61,34 @@ class TrainingStep:
             self.cache.put(idx, out.asnumpy())
         return out
 
-    def __call__(self, idx, x, y, lr: float, stop: bool, step: int, epoch: int) -> float:
-        """Step `step` (1-based: the update it makes) over this rank's share. Returns the mean loss."""
-        self.trainer.set_learning_rate(lr)
+    def __call__(self, idx, x, y, lrs: list, stop: bool, step: int, epoch: int) -> list:
+        """Step `step` (1-based: the update it makes) over this rank's share, for every head
+        still training (`lrs`: each head's learning rate). Returns each head's mean loss (None
+        for a head that stopped)."""
+        heads = self.heads.active
+        for h in heads:
+            h.trainer.set_learning_rate(lrs[h.index])
         scale = self.loss_scale.scale
         micro = self.batching.micro
-        total = None
+        totals = {}
         for j in range(self.batching.accumulate):
             part = slice(j * micro, (j + 1) * micro)
             features = self.features(idx[part], None if x is None else x[part])
             if self.plan.input_grad:
                 features.attach_grad()  # so backward reaches a statistics-only BN (see FreezePlan)
-            with autograd.record():
-                loss = self.loss_fn(self.runner.suffix(features), mx.nd.array(y[part], ctx=self.ctx))
-                scaled = loss * scale if scale != 1.0 else loss
-            scaled.backward()
-            total = loss.sum() if total is None else total + loss.sum()
-        if faults.nonfinite_loss(self.world.rank, step):
-            total = total * float("nan")
-        self.exchange.vote(stop, total)
-        self.trainer.allreduce_grads()  # trainable gradients only, fused buckets, the ballot
+            labels = mx.nd.array(y[part], ctx=self.ctx)
+            for h in heads:  # one prefix pass (or cache read), every head's trainable part
+                with autograd.record():
+                    loss = h.loss_fn(h.suffix(features), labels)
+                    scaled = loss * scale if scale != 1.0 else loss
+                scaled.backward()
+                totals[h.index] = loss.sum() if j == 0 else totals[h.index] + loss.sum()
+        for h in heads:
+            if faults.nonfinite_loss(self.world.rank, step, h.name if self.heads.grid else None):
+                totals[h.index] = totals[h.index] * float("nan")
+        total = sum(totals.values()) if len(totals) > 1 else totals[heads[0].index]
+        self.exchange.vote(stop, total, [totals.get(h.index) for h in self.heads] if self.heads.grid else ())
+        self.exchange()  # trainable gradients of every head, fused buckets, the ballot
         ballot = self.exchange.last_ballot
         if ballot is None and self.world.size > 1:  # nothing exchanged: the ballot on its own
             ballot = dist.agree_verdict(self.world, self.exchange, self.ctx)
@@ -85,33 +96,41 @@ class TrainingStep:
         # one fused reduction: the sum of squares of each averaged gradient (queued, not read)
         sums = mx.nd.multi_sum_sq(*grads, num_arrays=len(grads)) if grads else None
         if self.deferred:
-            self.trainer.update(self.batching.per_rank)
+            trainer = self.heads[0].trainer
+            trainer.update(self.batching.per_rank)
             self._zero_accumulated()
             loss_value = float(total.asscalar()) / self.batching.per_rank
             self.settle()  # the previous step's verdict: computed by now
             self.pending = (sums, ballot, stop, loss_value, (step, epoch))
-            return loss_value
+            return [loss_value]
         self.exchange.wait()
-        loss_value = float(total.asscalar()) / self.batching.per_rank
-        verdict = self._verdict(ballot, stop, loss_value)
+        losses = {k: float(t.asscalar()) / self.batching.per_rank for k, t in totals.items()}
+        verdict = self._verdict(ballot, stop, losses)
         self.stop_verdict = self.stop_verdict or verdict.stop
-        if self._finite(sums, verdict, (step, epoch)):
-            self.trainer.update(self.batching.per_rank * scale)  # also undoes the loss scale
+        if self.heads.grid:
+            per_tensor = sums.asnumpy() if sums is not None else np.zeros(0)
+            for h in self.heads.judge(self.world, verdict, per_tensor, step, epoch):
+                h.trainer.update(self.batching.per_rank)
+        elif self._finite(sums, verdict, (step, epoch)):
+            self.heads[0].trainer.update(self.batching.per_rank * scale)  # also undoes the loss scale
             self.loss_scale.stepped()
         self._zero_accumulated()
-        return loss_value
+        return [losses.get(h.index) if h.diverged is None else None for h in self.heads]
 
     def _zero_accumulated(self) -> None:
         if self.batching.accumulate > 1:
             for p in self.params:
                 p.zero_grad()
 
-    def _verdict(self, ballot, stop: bool, loss_value: float) -> dist.Verdict:
+    def _verdict(self, ballot, stop: bool, losses) -> dist.Verdict:
+        """`losses`: this rank's mean loss, or {head index: mean loss}."""
         if isinstance(ballot, dist.Verdict):
             return ballot
         if ballot is None:  # one rank: its own word is the verdict
-            return dist.Verdict(stop, () if np.isfinite(loss_value) else (0,))
-        return dist.read_verdict(ballot.asnumpy())
+            losses = losses if isinstance(losses, dict) else {0: losses}
+            bad = tuple(k for k, v in losses.items() if not np.isfinite(v))
+            return dist.Verdict(stop, (0,) if bad else (), bad if self.heads.grid else ())
+        return dist.read_verdict(ballot.asnumpy(), self.exchange.heads)
 
     def settle(self) -> None:
         """Read the pending verdict (a no-op when none is pending). Everything that reads or

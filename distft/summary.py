@@ -167,7 +167,7 @@ def compose(job, stats: Stats, evals: dict, digests: list[str]) -> dict:
         "gpu_memory_used_bytes": gpu_memory_used(job.ctx),
         "seconds_to_first_step": (stats.first_step_at - process_start_time()) if stats.first_step_at else None,
         "freeze_switches": job.switches,
-        "lr_mult": trainer_lr_mults(job.trainer, job.names),
+        "lr_mult": trainer_lr_mults(job.heads[0].trainer, job.names),
         "resumed": state.step > stats.steps,
         "skipped_steps": job.step.skipped,
         "precision": job.compute_dtype,
@@ -187,10 +187,13 @@ def compose(job, stats: Stats, evals: dict, digests: list[str]) -> dict:
         # and checkpoints not); with the feature cache, epochs after the first show its effect
         "epoch_history": stats.epochs,
         "history": runs.get("history", []),
+        **({"heads": job.heads.summary(), "best_head": getattr(job.heads.best(), "name", None),
+            "heads_select": job.cfg.heads.select} if job.heads.grid else {}),
     }
 
 
-def write_outputs(out: str, net, summary: dict) -> None:
+def write_outputs(out: str, models: dict, summary: dict) -> None:
+    """`models`: {path: write(tmp path)}, model.params (and a grid's heads); then summary.json."""
     import shutil
 
     import mxnet as mx
@@ -198,12 +201,13 @@ def write_outputs(out: str, net, summary: dict) -> None:
     from .checkpoint import atomic_write
     from .errors import CheckpointError, mxnet_reason
 
-    for name, write in (("model.params", net.save_parameters), ("summary.json", lambda tmp: _write_json(tmp, summary))):
+    files = {**models, os.path.join(out, "summary.json"): lambda tmp: _write_json(tmp, summary)}
+    for path, write in files.items():
         try:
-            atomic_write(os.path.join(out, name), write)
+            atomic_write(path, write)
         except (OSError, mx.base.MXNetError) as exc:
             reason = getattr(exc, "strerror", None) or mxnet_reason(exc)
-            raise CheckpointError(f"train.output: writing {os.path.join(out, name)} failed ({reason}; "
+            raise CheckpointError(f"train.output: writing {path} failed ({reason}; "
                                   f"{shutil.disk_usage(out).free:,} bytes free there); the last checkpoint "
                                   "is intact: free space and run the same command again") from None
 

@@ -25,14 +25,12 @@ from .checkpointer import Checkpointer, check_relaunch
 from .config import Config
 from .console import log, warn
 from .errors import ConfigError, Preempted
-from .evaluate import evaluate
-from .freeze import lr_multipliers
+from .freeze import BN_STATS
+from .heads import build_heads, grid_points, table as heads_table
 from .metrics import Metrics, forward_probe
-from .optim import OptimizerState, build_trainer
 from .preprocess import Preprocess
 from .resilience import Resilience
 from .runfiles import write_run_files
-from .schedule import LRSchedule
 from .state import TrainState, split_global_batch
 from .step import TrainingStep
 from .summary import Stats, completed, compose, write_outputs
@@ -69,29 +67,34 @@ class Job:
             log(world, f"{self.out}: the job is complete (step {self.state.step} of {self.data.total_steps}); "
                        "nothing to do (raise train.epochs or train.max_steps to train on)")
             return {"complete": True, "steps": self.state.step}
-        self.metrics = Metrics(cfg.metrics, world, self.out, cfg.train.log_every, cfg.train.stall_timeout)
+        self.metrics = Metrics(cfg.metrics, world, self.out, cfg.train.log_every, cfg.train.stall_timeout,
+                               heads=[p.name for p in grid_points(cfg.heads.grid)] if cfg.heads.grid else None)
         self.compute_dtype = precision.enable(cfg.train.precision, self.ctx)  # before the model is built
         self.loss_scale = precision.LossScale(self.compute_dtype)
         self.net = agreed_everywhere(world, "building the model",
                                      lambda: model.create(cfg.model, self.ctx, seed=cfg.train.seed))
         self.spec = model.describe(self.net, cfg.model.name, cfg.model.head)
         self.params = model.structural_params(self.net)
-        self.names = {p: n for n, p in self.params.items()}
         self.network = build_network(cfg, world, self.net, self.spec, self.state.plan_epoch, self.ctx)
+        self.heads = agreed_everywhere(world, "building the heads", lambda: build_heads(
+            cfg, world, self.net, self.network, self.params, self.ctx))
+        self.params.update(self.heads.copies_params())  # a grid's other heads, by their state names
+        self.names = {p: n for n, p in self.params.items()}
         if meta:
-            self.checkpoints.restore_weights(self.params, self.network.plan)
+            self.checkpoints.restore_weights(self.params, self.heads.state_names())
+            self.heads.restore_meta(meta)
         exchanged, sent = agree_on_start_state(world, self.network.plan, self.params, cfg.dist.on_frozen_mismatch,
-                                               cfg.dist.trainable_start)
+                                               cfg.dist.trainable_start, self.heads.copies_state_names())
         self.bytes_control += exchanged + self.checkpoints.bytes_control
         self.bytes_broadcast += sent
-        self.lr_mults = lr_multipliers(self.spec, cfg.optimizer.lr_mult)
-        self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+        self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()  # validation: plain cross-entropy for every head
         self.step = TrainingStep(cfg, world, self.ctx, self.loss_fn, self.loss_scale, self.metrics, self.names)
         self.bind_network()
         if meta:
-            self.bytes_broadcast += self.checkpoints.restore_optimizer(self.trainer, self.names, self.loss_scale, meta)
-        self.schedule = LRSchedule.from_config(cfg.optimizer, self.data.steps_per_epoch, self.data.total_steps,
-                                               self.state.global_batch / cfg.data.batch_size)
+            self.bytes_broadcast += self.checkpoints.restore_optimizer(self.heads.trainers(), self.names,
+                                                                       self.loss_scale, meta)
+        self.heads.set_schedules(self.data.steps_per_epoch, self.data.total_steps,
+                                 self.state.global_batch / cfg.data.batch_size)
         self.start_outputs(meta)
         return None
 
@@ -108,15 +111,15 @@ class Job:
         agreed(self.world, "checking train.output", probe)
 
     def bind_network(self) -> None:
-        """The optimizer, gradient exchange, cache and step for the network as set up now."""
+        """The optimizers, gradient exchange, cache and step for the network as set up now."""
         plan, waited = self.network.plan, self.exchange.seconds_total if hasattr(self, "exchange") else 0.0
-        self.trainer, self.exchange = build_trainer(self.cfg, self.world, self.params, plan.trainable_names(),
-                                                    self.lr_mults)
+        self.heads.bind(self.world, self.spec)
+        self.exchange = self.heads.exchange
         self.exchange.seconds_total = waited  # a run's total, across plan switches
         if self.cache is not None:
             self.cache.close()
         self.cache = build_cache(self.cfg, self.network, self.data.sampler, self.world.rank)
-        self.step.bind(self.network.runner, self.trainer, self.exchange, plan, self.cache, self.batching)
+        self.step.bind(self.network.runner, self.heads, plan, self.cache, self.batching)
 
     def start_outputs(self, meta) -> None:
         cfg, world, b = self.cfg, self.world, self.batching
@@ -151,12 +154,12 @@ class Job:
             if any(self.network.plan_epoch < s["epoch"] <= state.epoch for s in cfg.freeze.schedule):
                 self.switch_plan(state.epoch)
             for _, idx, x, y in self.batches(stats):
-                lr = self.schedule(state.step)
+                lrs = self.heads.learning_rates(state.step)  # one per head (one without a grid)
                 stats.begin_step()
-                loss = self.step(idx, x, y, lr, self.guard.stop_requested, state.step + 1, state.epoch)
+                losses = self.step(idx, x, y, lrs, self.guard.stop_requested, state.step + 1, state.epoch)
                 state.advance()
                 stats.end_step(self.batching.global_batch)
-                self.record_step(stats, loss, lr)
+                self.record_step(stats, losses, lrs)
                 self.guard.poll(state.step)
                 if self.step.agreed_stop():
                     self.stop()
@@ -188,11 +191,13 @@ class Job:
         stats.start_epoch()
         return self.data.train_loader.iterate(plan, state.epoch, skip=skip)
 
-    def record_step(self, stats: Stats, loss: float, lr: float) -> None:
+    def record_step(self, stats: Stats, losses: list, lrs: list) -> None:
         state = self.state
+        loss, lr, per_head = self.heads.figures(losses, lrs)
         self.metrics.step(samples=self.batching.per_rank, seconds=stats.last_step, data=stats.last_wait,
                           allreduce=self.exchange.seconds_total - stats.exchange_seconds,
-                          allreduce_bytes=self.exchange.bytes_per_step, loss=loss, lr=lr, epoch=state.epoch)
+                          allreduce_bytes=self.exchange.bytes_per_step, loss=loss, lr=lr, epoch=state.epoch,
+                          heads=per_head)
         stats.exchange_seconds = self.exchange.seconds_total
         loader = self.data.train_loader
         self.metrics.bad(loader.bad - stats.bad_reported)
@@ -200,10 +205,12 @@ class Job:
         epoch_end = state.step_in_epoch == self.data.steps_per_epoch or state.step == self.data.total_steps
         if state.step % self.cfg.train.log_every == 0 or epoch_end:
             record = self.metrics.window(global_step=state.step, total_steps=self.data.total_steps,
-                                         epoch=state.epoch, loss=loss, lr=lr)
+                                         epoch=state.epoch, loss=loss, lr=lr, heads=per_head)
             if not self.metrics.shows_progress:
+                what = f"loss {loss:.4f} lr {lr:.4g}" if per_head is None else \
+                    f"loss {loss:.4f} (mean of {len(per_head)} heads)"
                 log(self.world, f"epoch {state.epoch} step {state.step_in_epoch}/{self.data.steps_per_epoch} "
-                                f"loss {loss:.4f} lr {lr:.4g} samples/s {record['samples_per_sec']:.1f}")
+                                f"{what} samples/s {record['samples_per_sec']:.1f}")
 
     def checkpoint_due(self, epoch_done: bool) -> bool:
         cfg, state = self.cfg, self.state
@@ -216,30 +223,35 @@ class Job:
 
     # --- what the loop calls --------------------------------------------------------------------
     def sync(self, where: str, names=None) -> list[str]:
-        return sync_point(self.world, self.step.settle, self.params,
-                          self.network.local_stats(self.cfg.dist.batchnorm), where, names)
+        local = self.network.local_stats(self.cfg.dist.batchnorm)
+        if local:  # a grid's other heads have moving statistics of their own
+            local = local + [n for n in self.heads.copies_state_names() if n.rpartition(".")[2] in BN_STATS]
+        return sync_point(self.world, self.step.settle, self.params, local, where, names)
 
     def validate(self, epoch: int) -> dict:
-        """Every rank evaluates the same model (the sync point first), each on its shard."""
+        """Every rank evaluates the same model (the sync point first), each on its shard; a
+        grid, every head from one pass of the frozen prefix. Returns the best head's figures."""
         with self.guard.together():
-            self.sync(f"validation at step {self.state.step}", self.network.plan.trainable_state_names())
-            evals = evaluate(self.world, self.network.runner, self.data.val_loader,
-                             self.cfg.data.val_batch_size or self.batching.micro, self.ctx, self.loss_fn,
-                             self.guard.beat)
-        log(self.world, f"epoch {epoch} val top1 {evals['val_top1']:.4f} top5 {evals['val_top5']:.4f} "
-                        f"loss {evals['val_loss']:.4f}")
-        self.metrics.evaluation(evals, epoch, self.state.step)
-        return evals
+            self.sync(f"validation at step {self.state.step}", self.heads.state_names())
+            results = self.heads.evaluate(self.world, self.network.runner, self.data.val_loader,
+                                          self.cfg.data.val_batch_size or self.batching.micro, self.ctx,
+                                          self.loss_fn, self.guard.beat)
+        for head, evals in results:
+            name = f" head {head.name}" if self.heads.grid else ""
+            log(self.world, f"epoch {epoch}{name} val top1 {evals['val_top1']:.4f} top5 {evals['val_top5']:.4f} "
+                            f"loss {evals['val_loss']:.4f}")
+            self.metrics.evaluation(evals, epoch, self.state.step, head=head.name if self.heads.grid else None)
+        return self.heads.best().evals
 
     def save_checkpoint(self, at: TrainState) -> None:
         with self.guard.together():
             digests = self.sync(f"checkpoint at step {at.step}")
             self.step.check_weights(at.step, self.state.epoch)
             at.plan_epoch, at.world_size = self.network.plan_epoch, self.world.size
-            self.checkpoints.save(at, self.params, self.network.plan.trainable_state_names(),
-                                  OptimizerState.capture(self.trainer, self.names, self.loss_scale), digests[0],
+            self.checkpoints.save(at, self.params, self.heads.state_names(),
+                                  self.heads.capture_optimizer(self.names, self.loss_scale), digests[0],
                                   {"model": self.cfg.model.name, "classes": self.cfg.model.classes,
-                                   "lr": self.schedule(max(at.step - 1, 0))})
+                                   "lr": self.heads[0].schedule(max(at.step - 1, 0)), **self.heads.checkpoint_meta()})
         self.metrics.event("checkpoint", step=at.step)
 
     def stop(self) -> None:
@@ -259,11 +271,15 @@ class Job:
         hence verified identical."""
         digests = self.sync(f"freeze-plan switch at epoch {epoch}")
         old = set(self.network.plan.trainable_names())
-        kept = OptimizerState.capture(self.trainer, self.names)
+        kept = self.heads.capture_optimizer(self.names, None)
         self.network = build_network(self.cfg, self.world, self.net, self.spec, epoch, self.ctx)
+        schedules = [h.schedule for h in self.heads]
+        self.heads = build_heads(self.cfg, self.world, self.net, self.network, self.params, self.ctx)  # no grid
+        for head, schedule in zip(self.heads, schedules):
+            head.schedule = schedule
         self.bind_network()
         new = set(self.network.plan.trainable_names())
-        kept.restore(self.trainer, self.names, only={self.params[n] for n in new & old})
+        kept.restore(self.heads[0].trainer, self.names, only={self.params[n] for n in new & old})
         self.switches.append({"epoch": epoch, "step": self.state.step, "trainable_tensors": len(new),
                               "unfrozen": sorted(new - old), "refrozen": sorted(old - new),
                               "rank_state_digests": digests})
@@ -276,7 +292,10 @@ class Job:
             self.metrics.event("end", step=self.state.step)
             summary = compose(self, stats, evals, digests)
             agreed(self.world, "writing model.params and summary.json",
-                   lambda: write_outputs(self.out, self.net, summary))
+                   lambda: write_outputs(self.out, self.heads.model_files(self.out, self.net), summary))
+        if self.heads.grid:
+            log(self.world, f"heads (heads.select: {self.cfg.heads.select}):\n"
+                            + heads_table(summary["heads"], summary["best_head"]))
         log(self.world, f"done: {self.state.step} steps, val top1 {summary['val_top1']}, "
                         f"{summary['samples_per_sec']:.1f} samples/s; wrote {os.path.join(self.out, 'model.params')}")
         self.guard.finished = True

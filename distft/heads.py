@@ -1,0 +1,430 @@
+"""Many heads, one backbone pass (`heads.grid`): K copies of the trainable part, each with its
+own optimizer settings, trained on the same batches from one frozen-prefix forward (or one
+feature-cache read), their gradients in one fused exchange.
+
+A run without a grid is the one-head case of the same objects: its head is the network's own
+trainable part and keeps `train.on_nonfinite`. In a grid, head h0 is the network's own
+trainable part as well (its tensors keep their structural names); h1, h2, ... are copies of
+it (their tensors are named `heads.h1.<structural name>` in checkpoints), initialised from it
+so that every head starts where a single run with the same seed starts.
+
+A head whose loss (on any rank, from its slot in the step's ballot) or averaged gradients are
+not finite is stopped alone: agreed data, so every rank stops it at the same step. It keeps
+its last finite weights and is marked `diverged`; the others go on.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import mxnet as mx
+import numpy as np
+from mxnet import gluon
+
+from . import freeze, model
+from .console import log, warn
+from .errors import ConfigError, NumericalError
+from .evaluate import evaluate_many
+from .freeze import lr_multipliers
+from .optim import OptimizerState, build_exchange, build_trainer
+from .schedule import LRSchedule
+
+COPY_PREFIX = "heads."
+
+
+# --- the grid, as plain data ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GridPoint:
+    name: str
+    overrides: dict  # config key -> value
+
+
+def grid_points(grid: dict) -> list[GridPoint]:
+    """One point per element of the product of the grid's lists, the last key fastest."""
+    if not grid:
+        return [GridPoint("h0", {})]
+    keys = list(grid)
+    return [GridPoint(f"h{i}", dict(zip(keys, values)))
+            for i, values in enumerate(itertools.product(*(grid[k] for k in keys)))]
+
+
+def head_config(cfg, overrides: dict):
+    """`cfg` as a single run with these overrides would have it (`--set key=value`)."""
+    out = copy.deepcopy(cfg)
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        value = {k: float(v) for k, v in value.items()} if isinstance(value, dict) else float(value)
+        setattr(getattr(out, section), name, value)
+    return out
+
+
+def loss_function(label_smoothing: float, classes: int):
+    """Cross-entropy; with label smoothing, against (1 - e) x one-hot + e / classes."""
+    plain = gluon.loss.SoftmaxCrossEntropyLoss()
+    if not label_smoothing:
+        return plain
+    dense = gluon.loss.SoftmaxCrossEntropyLoss(sparse_label=False)
+
+    def smoothed(logits, labels):
+        target = mx.nd.one_hot(labels, classes) * (1.0 - label_smoothing) + label_smoothing / classes
+        return dense(logits, target)
+
+    return smoothed
+
+
+# --- memory -------------------------------------------------------------------------------------
+
+def optimizer_slots(cfg) -> int:
+    """State arrays per trainable tensor: Adam's two moments, momentum's one."""
+    if cfg.optimizer.name == "adam":
+        return 2
+    momenta = [cfg.optimizer.momentum, *cfg.heads.grid.get("optimizer.momentum", [])]
+    return 1 if any(m > 0 for m in momenta) else 0
+
+
+def activation_bytes(runner: model.SplitNet, micro: int, image_size: int) -> int:
+    """Bytes of the trainable part's intermediate outputs for one micro-batch (what backward
+    keeps), from symbolic shape inference: an estimate (MXNet may share or free some)."""
+    data = mx.sym.var("data")
+    shape = (micro, 3, image_size, image_size)
+    if len(runner.prefix):
+        _, (shape,), _ = runner.prefix(data).infer_shape(data=shape)
+    internals = runner.suffix(data).get_internals()
+    _, out_shapes, _ = internals.infer_shape(data=shape)
+    outputs = [n for n in internals.list_outputs() if n.endswith("_output")]
+    sizes = dict(zip(internals.list_outputs(), out_shapes))
+    return 4 * (int(np.prod(shape)) + sum(int(np.prod(sizes[n])) for n in outputs))
+
+
+def memory_estimate(cfg, plan, runner: model.SplitNet, heads: int, micro: int) -> dict:
+    """Bytes one rank needs for `heads` copies of the trainable part: the whole network once,
+    the trainable part's other copies, and per head its gradients, optimizer state and the
+    activations backward keeps."""
+    t = plan.totals()
+    suffix_names = set(suffix_param_names(plan, [p.name for p in plan.params]))
+    suffix_bytes = sum(p.spec.nbytes for p in plan.params if p.name in suffix_names)
+    est = {
+        "heads": heads,
+        "weights": t["total_bytes"] + (heads - 1) * suffix_bytes,
+        "gradients": heads * t["trainable_bytes"],
+        "optimizer_state": heads * t["trainable_bytes"] * optimizer_slots(cfg),
+        "activations": heads * activation_bytes(runner, micro, cfg.model.image_size),
+        "micro_batch": micro,
+    }
+    est["total"] = sum(est[k] for k in ("weights", "gradients", "optimizer_state", "activations"))
+    return est
+
+
+def plan_memory(cfg, plan, runner) -> dict:
+    """What `distft plan` shows: K x the trainable bytes, and the memory estimate against this
+    machine's (its first GPU, else the host's available RAM)."""
+    k = len(grid_points(cfg.heads.grid))
+    est = memory_estimate(cfg, plan, runner, k, cfg.data.batch_size)
+    ctx = mx.gpu(0) if mx.context.num_gpus() else mx.cpu()
+    have, what = device_memory(ctx)
+    return {**est, "trainable_bytes": k * plan.totals()["trainable_bytes"], "device_bytes": have,
+            "device": what, "fits": est["total"] <= have}
+
+
+def memory_lines(m: dict) -> str:
+    def mib(n: int) -> str:
+        return f"{n / 2 ** 20:,.1f} MiB"
+
+    return (f"heads: {m['heads']} x trainable = {m['trainable_bytes']:,} B\n"
+            f"memory per rank (estimate, micro-batch {m['micro_batch']}): weights {mib(m['weights'])}, "
+            f"gradients {mib(m['gradients'])}, optimizer state {mib(m['optimizer_state'])}, activations of the "
+            f"trainable part {mib(m['activations'])} = {mib(m['total'])} of {mib(m['device_bytes'])} "
+            f"({m['device']}){'' if m['fits'] else ': does not fit'}")
+
+
+def device_memory(ctx, ranks_here: int = 1) -> tuple[int, str]:
+    """(bytes, what): the GPU's memory, or this rank's share of the host's available RAM."""
+    if ctx.device_type == "gpu":
+        _free, total = mx.context.gpu_memory_info(ctx.device_id)
+        return int(total), f"GPU {ctx.device_id} memory"
+    import psutil
+
+    rss = psutil.Process().memory_info().rss
+    return int(psutil.virtual_memory().available // max(ranks_here, 1) + rss), "host RAM available per rank"
+
+
+def suffix_param_names(plan, names: list[str]) -> list[str]:
+    """The parameters the trainable part runs (all of them when it is the whole network)."""
+    if plan.suffix is None:
+        return list(names)
+    return [n for n in names if any(n == s or n.startswith(s + ".") for s in plan.suffix)]
+
+
+# --- the heads ----------------------------------------------------------------------------------
+
+@dataclass
+class Head:
+    index: int
+    name: str
+    overrides: dict
+    cfg: object  # the job's config with this head's overrides
+    suffix: object  # runs the trainable part on the prefix's output
+    params: dict  # state name -> Parameter: trainable tensors and moving BN statistics
+    trainable: list  # state names of the trainable tensors, in exchange order
+    all_params: dict  # structural name -> Parameter, every tensor of the trainable part
+    loss_fn: object
+    prefix: str = ""  # state name = prefix + structural name
+    trainer: object = None
+    schedule: object = None
+    diverged: Optional[dict] = None
+    evals: dict = field(default_factory=dict)
+    loss: Optional[float] = None
+
+
+class HeadSet:
+    """The heads of a run (one without a grid), what the loop and the step call on them."""
+
+    def __init__(self, cfg, heads: list[Head], plan_state: list[str]):
+        self.cfg, self.heads = cfg, heads
+        self.plan_state = plan_state  # the network's own trainable state (head h0's, and any shared)
+        self.grid = bool(cfg.heads.grid)
+        self.exchange = None
+
+    def __iter__(self):
+        return iter(self.heads)
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def __getitem__(self, i: int) -> Head:
+        return self.heads[i]
+
+    @property
+    def active(self) -> list[Head]:
+        return [h for h in self.heads if h.diverged is None]
+
+    @property
+    def names(self) -> list[str]:
+        return [h.name for h in self.heads]
+
+    # --- state -----------------------------------------------------------------------------------
+    def state_names(self) -> list[str]:
+        """What every head trains (and its moving statistics): what checkpoints hold."""
+        return self.plan_state + self.copies_state_names()
+
+    def copies_state_names(self) -> list[str]:
+        return [n for h in self.heads[1:] for n in h.params]
+
+    def copies_params(self) -> dict:
+        return {n: p for h in self.heads[1:] for n, p in h.params.items()}
+
+    def trainable_params(self) -> list:
+        return [h.params[n] for h in self.heads for n in h.trainable]
+
+    def trainers(self) -> list:
+        return [h.trainer for h in self.heads]
+
+    # --- wiring ----------------------------------------------------------------------------------
+    def bind(self, world, spec) -> None:
+        """Each head's optimizer; one gradient exchange for all of them."""
+        cfg = self.cfg
+        self.exchange = build_exchange(cfg, world, self.trainable_params(), heads=len(self) if self.grid else 0)
+        for h in self.heads:
+            mults = {h.prefix + n: m for n, m in lr_multipliers(spec, h.cfg.optimizer.lr_mult).items()}
+            h.trainer = build_trainer(h.cfg, [h.params[n] for n in h.trainable], h.trainable, mults)
+
+    def set_schedules(self, steps_per_epoch: int, total_steps: int, scale: float) -> None:
+        for h in self.heads:
+            h.schedule = LRSchedule.from_config(h.cfg.optimizer, steps_per_epoch, total_steps, scale)
+
+    def learning_rates(self, step: int) -> list[float]:
+        return [h.schedule(step) for h in self.heads]
+
+    def capture_optimizer(self, names: dict, loss_scale) -> OptimizerState:
+        return OptimizerState.capture_all(self.trainers(), names, loss_scale)
+
+    def restore_meta(self, meta: Optional[dict]) -> None:
+        """Heads that had diverged before the checkpoint stay stopped."""
+        for name, info in ((meta or {}).get("diverged_heads") or {}).items():
+            for h in self.heads:
+                if h.name == name:
+                    h.diverged = info
+
+    def checkpoint_meta(self) -> dict:
+        return {"diverged_heads": {h.name: h.diverged for h in self.heads if h.diverged}} if self.grid else {}
+
+    # --- a step's verdict, per head --------------------------------------------------------------
+    def judge(self, world, verdict, sums: np.ndarray, step: int, epoch: int) -> list[Head]:
+        """Stop every head whose loss (on some rank) or averaged gradients are not finite
+        (agreed data: the same on every rank). Returns the heads that update."""
+        updating, start = [], 0
+        for h in self.heads:
+            mine = sums[start:start + len(h.trainable)]
+            start += len(h.trainable)
+            if h.diverged is not None:
+                continue
+            loss_bad = h.index in verdict.nonfinite_heads
+            grad_bad = not np.isfinite(mine).all()
+            if not (loss_bad or grad_bad):
+                updating.append(h)
+                continue
+            reason = "non-finite loss" + (f" on rank(s) {list(verdict.nonfinite_ranks)}" if
+                                          verdict.nonfinite_ranks else "") if loss_bad else "non-finite gradients"
+            h.diverged = {"step": step, "epoch": epoch, "reason": reason}
+            for n in h.trainable:
+                h.params[n].zero_grad()
+            warn(world, f"step {step} (epoch {epoch}): head {h.name} ({describe(h.overrides)}) diverged "
+                        f"({reason}); it is stopped, {len(self.active)} head(s) go on")
+        if not self.active:
+            raise NumericalError(f"step {step} (epoch {epoch}): every head of heads.grid diverged "
+                                 "(lower optimizer.lr in heads.grid)")
+        return updating
+
+    def figures(self, losses: list, lrs: list) -> tuple:
+        """(loss, lr, per head) for metrics: a run without a grid reports its head's figures
+        as before; a grid the mean loss over its active heads, and each head's."""
+        for h, loss in zip(self.heads, losses):
+            if loss is not None:
+                h.loss = loss
+        if not self.grid:
+            return losses[0], lrs[0], None
+        per_head = {h.name: {"loss": loss, "lr": lr} for h, loss, lr in zip(self.heads, losses, lrs)
+                    if h.diverged is None and loss is not None}
+        mean = float(np.mean([v["loss"] for v in per_head.values()])) if per_head else float("nan")
+        return mean, lrs[0], per_head
+
+    # --- validation and selection ----------------------------------------------------------------
+    def evaluate(self, world, runner, loader, batch_size: int, ctx, loss_fn, beat) -> list[tuple[Head, dict]]:
+        """Every active head on the validation set, from one pass of the frozen prefix."""
+        heads = self.active
+
+        def forward(x):
+            features = runner.features(x)
+            return [h.suffix(features) for h in heads]
+
+        results = evaluate_many(world, forward, len(heads), loader, batch_size, ctx, loss_fn, beat)
+        for h, evals in zip(heads, results):
+            h.evals = evals
+        return list(zip(heads, results))
+
+    def best(self) -> Optional[Head]:
+        """By heads.select among the heads that did not diverge; ties go to the first."""
+        judged = [h for h in self.heads if h.diverged is None and h.evals]
+        if not judged:
+            return None
+        if self.cfg.heads.select == "val_loss":
+            return min(judged, key=lambda h: h.evals["val_loss"])
+        return max(judged, key=lambda h: h.evals["val_top1"])
+
+    def summary(self) -> list[dict]:
+        out = []
+        for h in self.heads:
+            doc = {"name": h.name, "overrides": h.overrides,
+                   **{k: h.evals.get(k) for k in ("val_top1", "val_loss")}, "train_loss": h.loss}
+            if h.diverged:
+                doc["diverged"] = h.diverged
+            out.append(doc)
+        return out
+
+    # --- outputs ---------------------------------------------------------------------------------
+    def network_arrays(self, net, head: Head) -> dict:
+        """The full network's tensors with `head`'s trainable part (what save_parameters writes)."""
+        arrays = {n: p.data() for n, p in model.structural_params(net).items()}
+        arrays.update({n: p.data() for n, p in head.all_params.items()})
+        return arrays
+
+    def model_files(self, out: str, net) -> dict:
+        """{path: write(tmp path)} for model.params (the best head's) and, in a grid, every
+        head's heads/<name>/model.params."""
+        if not self.grid:
+            return {os.path.join(out, "model.params"): net.save_parameters}
+        best = self.best() or self.heads[0]
+        files = {}
+        for h in self.heads:
+            os.makedirs(os.path.join(out, "heads", h.name), exist_ok=True)
+            arrays = self.network_arrays(net, h)
+            files[os.path.join(out, "heads", h.name, "model.params")] = \
+                lambda tmp, a=arrays: mx.nd.save(tmp, a)
+        files[os.path.join(out, "model.params")] = files[os.path.join(out, "heads", best.name, "model.params")]
+        return files
+
+
+def table(heads: list[dict], best: Optional[str]) -> str:
+    """summary.json's `heads` as a Markdown table (what a grid run prints at its end)."""
+    keys = list(heads[0]["overrides"]) if heads else []
+
+    def fmt(v, spec=".4f"):
+        return "-" if v is None else format(v, spec)
+
+    rows = ["| head | " + " | ".join(keys) + " | val top-1 | val loss | train loss | |",
+            "|---|" + "---:|" * (len(keys) + 3) + "---|"]
+    for h in heads:
+        note = "best" if h["name"] == best else (f"diverged at step {h['diverged']['step']}" if h.get("diverged") else "")
+        rows.append(f"| {h['name']} | " + " | ".join(f"{h['overrides'][k]:g}" if not isinstance(h["overrides"][k], dict)
+                                                      else json.dumps(h["overrides"][k]) for k in keys)
+                    + f" | {fmt(h['val_top1'])} | {fmt(h['val_loss'])} | {fmt(h['train_loss'])} | {note} |")
+    return "\n".join(rows)
+
+
+def describe(overrides: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in overrides.items()) or "the config as it is"
+
+
+def build_heads(cfg, world, net, network, params: dict, ctx) -> HeadSet:
+    """Head h0 is the network's own trainable part; the grid's other points get copies of it,
+    initialised from it. A grid that would not fit in memory is refused here."""
+    plan = network.plan
+    points = grid_points(cfg.heads.grid)
+    structural = model.structural_params(net)
+    suffix_names = suffix_param_names(plan, list(structural))
+    state_names = plan.trainable_state_names()
+    trainable = plan.trainable_names()
+
+    def head(i, point, suffix, all_params, prefix):
+        head_cfg = head_config(cfg, point.overrides)
+        mine = [n for n in state_names if n in all_params]
+        return Head(i, point.name, point.overrides, head_cfg, suffix,
+                    {prefix + n: all_params[n] for n in mine}, [prefix + n for n in trainable], all_params,
+                    loss_function(head_cfg.train.label_smoothing, cfg.model.classes), prefix)
+
+    heads = [head(0, points[0], network.runner.suffix, {n: structural[n] for n in suffix_names}, "")]
+    if len(points) > 1:
+        if network.synchronized_bn:
+            raise ConfigError("heads.grid: the trainable part has BatchNorm layers synchronized across ranks "
+                              "(dist.batchnorm: sync), which a grid cannot copy; set dist.batchnorm: local")
+        check_fits(cfg, world, plan, network.runner, len(points), ctx)
+        for i, point in enumerate(points[1:], start=1):
+            suffix, all_params = _copy_trainable_part(cfg, net, plan, suffix_names, ctx)
+            heads.append(head(i, point, suffix, all_params, f"{COPY_PREFIX}{point.name}."))
+    return HeadSet(cfg, heads, state_names)
+
+
+def check_fits(cfg, world, plan, runner, heads: int, ctx) -> None:
+    est = memory_estimate(cfg, plan, runner, heads, cfg.data.batch_size)
+    have, what = device_memory(ctx, world.local_size)
+    if est["total"] > have:
+        raise ConfigError(f"heads.grid: {heads} heads need about {est['total'] / 2**30:.1f} GiB per rank "
+                          f"(weights {est['weights'] / 2**30:.2f}, gradients {est['gradients'] / 2**30:.2f}, "
+                          f"optimizer state {est['optimizer_state'] / 2**30:.2f}, activations "
+                          f"{est['activations'] / 2**30:.2f} GiB at a micro-batch of {est['micro_batch']}), more "
+                          f"than the {have / 2**30:.1f} GiB of {what}; use fewer points or a smaller data.batch_size")
+    log(world, f"heads.grid: {heads} heads, about {est['total'] / 2**30:.2f} GiB per rank "
+               f"of {have / 2**30:.1f} GiB ({what})")
+
+
+def _copy_trainable_part(cfg, net, plan, suffix_names: list[str], ctx):
+    """Another instance of the trainable part: the same model built again, only its trainable
+    part's tensors allocated (the frozen prefix stays unallocated), set to `net`'s values."""
+    twin = model.build(cfg.model.name, cfg.model.classes)
+    freeze.apply(twin, plan)
+    runner = model.SplitNet(twin, plan.prefix, plan.suffix)
+    source, mine = model.structural_params(net), model.structural_params(twin)
+    for n in suffix_names:
+        p = mine[n]
+        p.shape = source[n].shape
+        p.initialize(init=mx.init.Zero(), ctx=ctx)
+        p.set_data(source[n].data())
+    if cfg.train.hybridize:
+        unreliable_bn = model.cached_batchnorm_is_unreliable(ctx.device_type)
+        runner.hybridize(keep_imperative=lambda b: unreliable_bn and model.is_training_batchnorm(b))
+    return runner.suffix, {n: mine[n] for n in suffix_names}
