@@ -94,6 +94,16 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
             epochs = _summary(os.path.join(work, "cached"))["epoch_history"]
             results["cached"] = {"epoch_samples_per_sec": [e["samples_per_sec"] for e in epochs],
                                  "samples_per_sec": statistics.median(e["samples_per_sec"] for e in epochs[1:])}
+        sync_layers = summary.get("synchronized_bn_layers", 0)
+        if sync_layers:
+            floor = os.path.join(work, "syncbn.json")
+            spatial = max(1, -(-cfg.model.image_size // 32))  # a ResNet's last stage
+            _run(launcher + [sys.executable, "-m", "distft.syncbench", "--spatial", str(spatial), "--batches",
+                             f"{cfg.data.batch_size},{4 * cfg.data.batch_size}", "--out", floor],
+                 "synchronized BatchNorm floor", timeout)
+            with open(floor) as fh:
+                sync_bn = json.load(fh)
+            sync_bn["layers"] = sync_layers
     finally:
         shutil.rmtree(work, ignore_errors=True)
     d, b, lim = (results[k] for k in ("distft", "baseline", "limit"))
@@ -116,6 +126,14 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
         "rounds": {k: v["round_samples_per_sec"] for k, v in results.items() if "round_samples_per_sec" in v},
         "machine": _machine(),
     }
+    if sync_layers:
+        # the exchanges a step waits for, one after another: each layer's statistics in forward,
+        # its two gradient sums in backward, per micro-batch
+        exchanges = 2 * sync_layers * summary["accumulation"]
+        floor_s = exchanges * sync_bn["exchange_us"] / 1e6
+        baseline_step_s = np_ * cfg.data.batch_size / b["samples_per_sec"]
+        out["sync_bn"] = {**sync_bn, "exchanges_per_step": exchanges, "floor_ms_per_step": floor_s * 1e3,
+                          "floor_fraction_of_baseline_step": floor_s / baseline_step_s}
     if "cached" in results:
         c = results["cached"]
         # the baseline's steady rate is its epoch throughput (every epoch costs the same), warm-up excluded
@@ -174,7 +192,17 @@ def markdown(r: dict) -> str:
             + (f", cached epochs/baseline = {r['ratios']['cached_over_baseline']:.1f}" if "cache" in r else "")
             + ".\n\n")
     table = ["| | distft | baseline | limit |", "|---|---:|---:|---:|"] + [f"| {' | '.join(row)} |" for row in rows]
-    return head + "\n".join(table) + "\n"
+    return head + "\n".join(table) + "\n" + (_sync_bn_lines(r["sync_bn"]) if "sync_bn" in r else "")
+
+
+def _sync_bn_lines(f: dict) -> str:
+    layers = "; ".join(f"batch {b}: local {v['local']:.0f} us, synchronized {v['sync']:.0f} us"
+                       for b, v in f["layer_us"].items())
+    return (f"\nSynchronized BatchNorm: {f['layers']} layers, {f['exchanges_per_step']} exchanges per step, "
+            f"one exchange {f['exchange_us']:.0f} us ({f['exchange_fresh_names_us']:.0f} us with a new name per "
+            f"call): floor {f['floor_ms_per_step']:.1f} ms per step = {100 * f['floor_fraction_of_baseline_step']:.1f}% "
+            f"of the baseline's step. One layer forward + backward ({f['channels']} channels, "
+            f"{f['spatial']}x{f['spatial']}): {layers}.\n")
 
 
 # --- a grid: K heads in one run against one head -----------------------------------------------------

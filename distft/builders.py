@@ -81,7 +81,7 @@ class Network:
     plan: freeze.FreezePlan
     plan_epoch: int
     runner: model.SplitNet
-    synchronized_bn: bool  # some trainable BatchNorm is synchronized across ranks
+    synchronized_bn: int  # BatchNorm layers synchronized across ranks (0: none)
 
     def local_stats(self, dist_bn: str) -> list[str]:
         """BatchNorm statistics that drift apart between ranks (`dist.batchnorm: local`)."""
@@ -102,7 +102,7 @@ def build_network(cfg, world, net, spec, epoch: int, ctx) -> Network:
         unreliable_bn = model.cached_batchnorm_is_unreliable(ctx.device_type)
         runner.hybridize(keep_imperative=lambda b: syncbn.is_sync(b) or (
             unreliable_bn and model.is_training_batchnorm(b)))
-    return Network(plan, epoch, runner, bool(sync and moving_bn))
+    return Network(plan, epoch, runner, len(moving_bn) if sync else 0)
 
 
 def build_cache(cfg, network: Network, sampler: ShardSampler, rank: int) -> Optional[FeatureCache]:

@@ -186,7 +186,10 @@ class GradientExchange:
 
     Calling it only enqueues the allreduces: the update that follows is queued behind them and
     they overlap whatever the host does next (the next batch, the frozen prefix's forward).
-    `wait()` blocks until they are done, counting the time as exposed allreduce time.
+    `wait()` blocks until they are done. Only the time after backward has finished counts as
+    exposed allreduce time (`seconds_total`): first it waits, uncounted, for a one-value copy of
+    each bucket's first gradient (in forward order: the last one backward writes), queued
+    before the bucket's allreduce.
 
     It also carries each step's ballot, riding in the last bucket, so that ranks agree on
     decisions without a collective of their own: slot 0 is the rank's stop vote (e.g. it got
@@ -213,6 +216,7 @@ class GradientExchange:
         self._loss = None
         self._head_losses: list = []
         self._ballot = None  # the allreduced ballot of the last exchange
+        self._backward_done: list = []  # one value per bucket, written once backward has made it
 
     def vote(self, stop: bool, loss=None, head_losses=()) -> None:
         """`head_losses`: per head of a grid, its loss array (None: the head is stopped)."""
@@ -235,14 +239,20 @@ class GradientExchange:
         """The allreduced ballot of the last exchange (an engine array; None if it carried none)."""
         return self._ballot
 
+    @property
+    def backward_done(self) -> list:
+        """Engine arrays computed once backward has written the last exchange's gradients."""
+        return self._backward_done
+
     def wait(self) -> None:
+        wait_all(self._backward_done)  # not the exchange's time
         start = time.perf_counter()
         for p in self.params:
             p.list_grad()[0].wait_to_read()
         self.seconds_total += time.perf_counter() - start
 
     def __call__(self) -> None:
-        self._ballot = None
+        self._ballot, self._backward_done = None, []
         if self.world.size == 1 or not self.params:
             return
         # no wait for backward first: each bucket's allreduce starts as soon as its gradients
@@ -250,6 +260,7 @@ class GradientExchange:
         last = len(self.groups) - 1
         for gi, group in enumerate(self.groups):
             grads = [self.params[i].list_grad()[0] for i in group]
+            self._backward_done.append(mx.nd.slice_axis(grads[0].reshape((-1,)), axis=0, begin=0, end=1))
             wire = [g.astype(np.float16) for g in grads] if self.compression == "fp16" else list(grads)
             if gi == last:  # averaged: a slot is > 0 exactly when some rank put 1 there
                 self._ballot = self.ballot(grads[0].context, wire[0].dtype)
@@ -260,6 +271,11 @@ class GradientExchange:
                 for g, w in zip(grads, wire):
                     g[:] = w.astype(g.dtype)
         self.calls += 1
+
+
+def wait_all(arrays) -> None:
+    for arr in arrays:
+        arr.wait_to_read()
 
 
 def agree_verdict(world, exchange: GradientExchange, ctx) -> Verdict:

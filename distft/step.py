@@ -31,7 +31,7 @@ class TrainingStep:
     def __init__(self, cfg, world, ctx, loss_fn, loss_scale, metrics, names: dict):
         self.cfg, self.world, self.ctx = cfg, world, ctx
         self.loss_fn, self.loss_scale, self.metrics, self.names = loss_fn, loss_scale, metrics, names
-        self.pending: Optional[tuple] = None  # (sums, ballot, loss, (step, epoch)) not read yet
+        self.pending: Optional[tuple] = None  # (sums, ballot, stop, loss, (step, epoch), backward done) not read yet
         self.skipped = 0
         self.stop_verdict = False
 
@@ -101,7 +101,7 @@ class TrainingStep:
             self._zero_accumulated()
             loss_value = float(total.asscalar()) / self.batching.per_rank
             self.settle()  # the previous step's verdict: computed by now
-            self.pending = (sums, ballot, stop, loss_value, (step, epoch))
+            self.pending = (sums, ballot, stop, loss_value, (step, epoch), self.exchange.backward_done)
             return [loss_value]
         self.exchange.wait()
         losses = {k: float(t.asscalar()) / self.batching.per_rank for k, t in totals.items()}
@@ -138,7 +138,8 @@ class TrainingStep:
         first, so a non-finite update never reaches a file."""
         if self.pending is None:
             return
-        (sums, ballot, stop, loss_value, where), self.pending = self.pending, None
+        (sums, ballot, stop, loss_value, where, backward_done), self.pending = self.pending, None
+        dist.wait_all(backward_done)  # not the exchange's time
         start = time.perf_counter()
         verdict = self._verdict(ballot, stop, loss_value)
         self.stop_verdict = self.stop_verdict or verdict.stop

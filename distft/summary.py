@@ -160,6 +160,9 @@ def compose(job, stats: Stats, evals: dict, digests: list[str]) -> dict:
         "bytes_control": job.bytes_control,
         "bytes_full_broadcast": t["total_bytes"] * (world.size > 1),
         "allreduce_bytes_per_step": job.exchange.bytes_per_step,
+        "synchronized_bn_layers": job.network.synchronized_bn,
+        # the exchange left in flight while the next batch starts (off: read before the update)
+        "exchange_overlapped": job.step.deferred,
         "allreduce_seconds": job.exchange.seconds_total,
         "rank_state_digests": digests,
         "peak_rss_bytes": rss,  # per rank

@@ -64,6 +64,10 @@ def test_two_ranks_learn_what_one_rank_with_twice_the_batch_learns(tmp_path, pre
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = read_summary(tmp_path / "out")
     assert summary["world_size"] == 2 and summary["backend"] == backend
+    # the exchange overlaps the next batch with synchronized BNs too (this hung before the
+    # sync BN's backward stopped reading gamma: see distft/syncbn.py)
+    assert summary["exchange_overlapped"] is True
+    assert summary["synchronized_bn_layers"] == (4 if case == "sync-bn" else 0)
     one, two = load_params(single_runs[case] / "model.params"), load_params(tmp_path / "out" / "model.params")
     before = load_params(pretrained)
     trained = [n for n in two if n.startswith(tuple(p + "." for p in CASES[case]))]

@@ -1,0 +1,46 @@
+"""Synchronized BatchNorm pieces that need no second rank."""
+import mxnet as mx
+import numpy as np
+from mxnet import autograd
+from mxnet.gluon import nn
+
+from distft import syncbn
+
+
+def test_running_variance_folds_in_the_estimator_mxnets_own_batchnorm_uses_on_this_device():
+    """MXNet's CPU BatchNorm (and oneDNN's) folds the biased batch variance into its running
+    variance; cuDNN folds the unbiased one. The synchronized layer must do what the local one
+    does on the same device, or `dist.batchnorm: sync` and `local` would drift apart."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(2.0, 3.0, (6, 4, 3, 3)).astype(np.float32)
+    bn = nn.BatchNorm(in_channels=4, momentum=0.5)
+    bn.initialize()
+    with autograd.record():
+        y = bn(mx.nd.array(x))
+    y.backward()  # MXNet's CPU kernel moves the running statistics in backward
+    n = x.size // 4
+    biased = x.var(axis=(0, 2, 3))
+    mxnet_sample = (bn.running_var.data().asnumpy() - 0.5 * 1.0) / 0.5  # running_var started at 1
+    np.testing.assert_allclose(mxnet_sample, biased, rtol=1e-4)
+    assert not np.allclose(mxnet_sample, biased * n / (n - 1), rtol=1e-4)  # the test can tell them apart
+
+    var, count = mx.nd.array(biased), mx.nd.array([n])
+    np.testing.assert_allclose(syncbn.running_var_sample(var, count, "cpu").asnumpy(), biased, rtol=1e-6)
+    np.testing.assert_allclose(syncbn.running_var_sample(var, count, "gpu").asnumpy(), biased * n / (n - 1),
+                               rtol=1e-6)
+
+
+def test_after_orders_without_changing_values_even_behind_a_non_finite_array():
+    earlier = mx.nd.array([float("nan"), 1.0])
+    arr = mx.nd.array([1.0, -2.0, 3.5])
+    np.testing.assert_array_equal(syncbn._after(arr, earlier).asnumpy(), arr.asnumpy())
+    np.testing.assert_array_equal(syncbn._after(arr, mx.nd.array([float("inf")])).asnumpy(), arr.asnumpy())
+    assert syncbn._after(arr, None) is arr
+
+
+def test_affine_is_a_per_channel_scale_and_shift():
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 2, (2, 3, 2, 2)).astype(np.float32)
+    scale, shift = np.array([0.5, -2.0, 3.0], np.float32), np.array([1.0, 0.0, -4.0], np.float32)
+    got = syncbn._affine(mx.nd.array(x), mx.nd.array(scale), mx.nd.array(shift), 1e-5).asnumpy()
+    np.testing.assert_allclose(got, x * scale[None, :, None, None] + shift[None, :, None, None], rtol=1e-5, atol=1e-5)
