@@ -33,38 +33,123 @@ from mxnet import autograd
 from mxnet.gluon import nn
 
 
-def running_var_sample(var, count, device_type: str):
+def running_var_sample(var, count, device_type: str, F=mx.nd):
     """The variance a BatchNorm of MXNet on `device_type` folds into its running variance: the
     biased batch variance on CPU (MXNet's own and oneDNN kernels), the unbiased one on GPU
     (cuDNN, and MXNet's CUDA kernel). `count` is the global batch's values per channel."""
     if device_type == "gpu":
-        return var * (count / mx.nd.maximum(count - 1, mx.nd.ones_like(count)))
+        return F.broadcast_mul(var, F.broadcast_div(count, F.maximum(count - 1, F.ones_like(count))))
     return var
 
 
-def _after(arr, earlier):
-    """`arr` unchanged, but queued on the engine only once `earlier` is computed (0 * a finite
-    0/1 flag: NaN or Inf in `earlier` cannot leak into `arr`)."""
+def _after(arr, earlier, F=mx.nd):
+    """`arr` unchanged, but computed only once `earlier` is (0 * a finite 0/1 flag: NaN or Inf
+    in `earlier` cannot leak into `arr`)."""
     if earlier is None:
         return arr
-    flag = mx.nd.broadcast_equal(earlier[0:1], earlier[0:1])
-    return mx.nd.broadcast_add(arr, flag * 0)
+    first = F.slice_axis(earlier, axis=0, begin=0, end=1)
+    return F.broadcast_add(arr, F.broadcast_equal(first, first) * 0)
 
 
-def _affine(x, scale, shift, eps: float):
-    """x * scale + shift per channel, in one pass: MXNet's BatchNorm with fixed statistics
-    (mean 0, variance 1 - eps), far faster on CPU than a broadcast multiply and add."""
-    zero = mx.nd.zeros_like(scale)
-    return mx.nd.BatchNorm(x, scale, shift, zero, mx.nd.ones_like(scale) * (1.0 - eps), eps=eps,
-                           fix_gamma=False, use_global_stats=True)
+class _Fused(nn.HybridBlock):
+    """One stretch of the layer as one cached graph: one Python call and one engine operation
+    where imperative code makes a dozen. Each of those costs tens of microseconds of Python and
+    a hand-off to the engine's worker, and with a layer's few thousand values that, not the
+    arithmetic, was the layer's cost (measured with distft.syncbench)."""
+
+    def __init__(self, fn, **constants):
+        super().__init__()
+        self._fn, self._constants = fn, constants
+        self.hybridize(static_alloc=True, static_shape=True)
+
+    def hybrid_forward(self, F, *arrays):
+        return self._fn(F, *arrays, **self._constants)
+
+
+# MXNet's own BatchNorm kernel does every pass over the data: it is several times faster on CPU
+# than generic reductions over (N, H, W) and broadcast arithmetic. Used three ways: in training
+# mode for per-channel means (output_mean_var), with given statistics to normalise, and with
+# statistics (0, 1 - eps) as a per-channel affine map x * scale + shift.
+
+def _channel_stats(F, x, ones, zeros, scratch_mean, scratch_var, eps):
+    """(mean, 1 / sqrt(var + eps)) per channel, of this rank's batch."""
+    _, mean, inv_std = F.BatchNorm(x, ones, zeros, scratch_mean, scratch_var, eps=eps, fix_gamma=False,
+                                   output_mean_var=True)
+    return mean, inv_std
+
+
+def _affine(F, x, scale, shift, zeros, one_less_eps, eps):
+    return F.BatchNorm(x, scale, shift, zeros, one_less_eps, eps=eps, fix_gamma=False, use_global_stats=True)
+
+
+def _local_stats(F, x, shift, count, ones, zeros, scratch_mean, scratch_var, eps):
+    """This rank's contribution to the statistics exchange: per channel, the sum of (x - shift)
+    and of (x - shift)^2, then the count. Shifted by the running mean (the same on every rank),
+    the ranks' statistics combine without the cancellation of E[x^2] - E[x]^2 when the mean is
+    large against the spread."""
+    mean, inv_std = _channel_stats(F, x, ones, zeros, scratch_mean, scratch_var, eps)
+    offset = mean - shift
+    var = 1.0 / F.square(inv_std) - eps
+    return F.concat(F.broadcast_mul(offset, count), F.broadcast_mul(var + F.square(offset), count), count, dim=0)
+
+
+def _normalise(F, x, gamma, beta, totals, running_mean, running_var, zeros, one_less_eps, channels, eps, momentum,
+               device_type):
+    """y from the global statistics in `totals`; what backward needs; the new running statistics."""
+    n = F.slice_axis(totals, axis=0, begin=2 * channels, end=2 * channels + 1)
+    mean_offset = F.broadcast_div(F.slice_axis(totals, axis=0, begin=0, end=channels), n)
+    second = F.broadcast_div(F.slice_axis(totals, axis=0, begin=channels, end=2 * channels), n)
+    var = F.relu(second - F.square(mean_offset))
+    mean = running_mean + mean_offset  # the shift of _local_stats
+    scale = gamma * F.rsqrt(var + eps)  # what backward needs of gamma, taken now (see the module's doc)
+    y = _affine(F, x, scale, beta - mean * scale, zeros, one_less_eps, eps)
+    sample = running_var_sample(var, n, device_type, F)
+    return (y, mean, var, n, scale, running_mean * momentum + mean * (1 - momentum),
+            running_var * momentum + sample * (1 - momentum))
+
+
+def _local_grads(F, dy, x, mean, var, scale, count, earlier, ones, zeros, one_less_eps, s0, s1, s2, s3, eps):
+    """This rank's sums of dy (dbeta) and of dy * xhat (dgamma), packed for the exchange (queued
+    after the layer's previous one: `earlier`), and the part of dx with the statistics fixed."""
+    xhat = F.BatchNorm(x, ones, zeros, mean, var, eps=eps, fix_gamma=False, use_global_stats=True)
+    mean_dy, _ = _channel_stats(F, dy, ones, zeros, s0, s1, eps)
+    mean_dy_xhat, _ = _channel_stats(F, dy * xhat, ones, zeros, s2, s3, eps)
+    dbeta, dgamma = F.broadcast_mul(mean_dy, count), F.broadcast_mul(mean_dy_xhat, count)
+    dx_fixed = _affine(F, dy, scale, zeros, zeros, one_less_eps, eps)
+    return _after(F.concat(dbeta, dgamma, dim=0), earlier, F), dx_fixed, dgamma, dbeta
+
+
+def _input_grad(F, dx_fixed, x, totals, n, mean, var, scale, zeros, one_less_eps, channels, eps):
+    """dx = dx_fixed - scale * (mean(dy) + xhat * mean(dy * xhat)), the means over the global
+    batch: the terms through the global statistics, as a per-channel affine map of x."""
+    inv_std = F.rsqrt(var + eps)
+    mean_dy = F.broadcast_div(F.slice_axis(totals, axis=0, begin=0, end=channels), n)
+    slope = scale * inv_std * F.broadcast_div(F.slice_axis(totals, axis=0, begin=channels, end=2 * channels), n)
+    return dx_fixed + _affine(F, x, -slope, slope * mean - scale * mean_dy, zeros, one_less_eps, eps)
+
+
+class _Kernels:
+    """One layer's fused stretches and constant arrays, for one input shape and device."""
+
+    def __init__(self, channels: int, count: int, eps: float, momentum: float, ctx):
+        def arr(value, size=channels):
+            return mx.nd.full((size,), value, ctx=ctx)
+
+        self.ones, self.zeros, self.one_less_eps = arr(1.0), arr(0.0), arr(1.0 - eps)
+        self.count = arr(count, 1)
+        self.no_earlier = arr(0.0, 2 * channels)
+        # moving statistics the statistics-only BatchNorm calls are given (their values unused)
+        scratch = [arr(0.0), arr(1.0), arr(0.0), arr(1.0), arr(0.0), arr(1.0)]
+        self.local_stats = _Fused(_local_stats, eps=eps)
+        self.local_stats_args = (self.count, self.ones, self.zeros, scratch[0], scratch[1])
+        self.normalise = _Fused(_normalise, channels=channels, eps=eps, momentum=momentum,
+                                device_type=ctx.device_type)
+        self.local_grads = _Fused(_local_grads, eps=eps)
+        self.local_grads_args = (self.ones, self.zeros, self.one_less_eps, *scratch[2:])
+        self.input_grad = _Fused(_input_grad, channels=channels, eps=eps)
 
 
 class _SyncBNFunction(autograd.Function):
-    """MXNet's own BatchNorm kernel does the heavy passes over the data (per-channel statistics,
-    normalisation, and in backward the sums of dy and dy * xhat); this class adds the exchange and
-    the gradient through the global statistics. Generic reductions over (N, H, W) and broadcast
-    arithmetic are several times slower on CPU (measured by `distft.syncbench`)."""
-
     def __init__(self, layer: "SyncBatchNorm", running_mean, running_var):
         super().__init__()
         self.layer = layer
@@ -72,66 +157,41 @@ class _SyncBNFunction(autograd.Function):
 
     def forward(self, x, gamma, beta):
         layer = self.layer
-        eps, momentum = layer._kwargs["eps"], layer._kwargs["momentum"]  # noqa: SLF001
-        channels = x.shape[1]
-        ones, zeros = mx.nd.ones((channels,), ctx=x.context), mx.nd.zeros((channels,), ctx=x.context)
-        with autograd.train_mode():  # this rank's batch statistics (mean, 1/sqrt(var + eps))
-            _, local_mean, inv_std = mx.nd.BatchNorm(x, ones, zeros, zeros.copy(), ones.copy(), eps=eps,
-                                                     fix_gamma=False, output_mean_var=True)
-        local_var = 1.0 / mx.nd.square(inv_std) - eps
-        # shifted by the running mean (the same on every rank): the ranks' statistics combine
-        # without the cancellation of E[x^2] - E[x]^2 when the mean is large against the spread
-        shift = self.running_mean.copy()
-        count = x.size // channels
-        offset = local_mean - shift
-        totals = mx.nd.concat(offset * count, (local_var + mx.nd.square(offset)) * count,
-                              mx.nd.full((1,), count, ctx=x.context), dim=0)
+        k = layer._kernels_for(x)  # noqa: SLF001
+        gamma = k.ones if layer._kwargs["fix_gamma"] else gamma  # noqa: SLF001
+        # the running mean is read here and written below, after the exchange: the next call's
+        # exchange (the same name) cannot start before this one has finished
+        totals = k.local_stats(x, self.running_mean, *k.local_stats_args)
         layer._world.allreduce_([totals], name=f"distft.syncbn.{layer._layer_name}.stats",  # noqa: SLF001
                                 average=False)
-        n = totals[2 * channels:]
-        mean_offset = mx.nd.broadcast_div(totals[:channels], n)
-        var = mx.nd.relu(mx.nd.broadcast_div(totals[channels:2 * channels], n) - mx.nd.square(mean_offset))
-        mean = shift + mean_offset
-        g = ones if layer._kwargs["fix_gamma"] else gamma.copy()  # noqa: SLF001  (see the module's doc)
-        y = mx.nd.BatchNorm(x, g, beta, mean, var, eps=eps, fix_gamma=False, use_global_stats=True)
-        self.running_mean[:] = self.running_mean * momentum + mean * (1 - momentum)
-        sample = running_var_sample(var, n, x.context.device_type)
-        self.running_var[:] = self.running_var * momentum + sample * (1 - momentum)
-        self.save_for_backward(x, g, mean, var, n)
+        y, mean, var, n, scale, running_mean, running_var = k.normalise(
+            x, gamma, beta, totals, self.running_mean, self.running_var, k.zeros, k.one_less_eps)
+        self.running_mean[:] = running_mean
+        self.running_var[:] = running_var
+        self.save_for_backward(x, mean, var, n, scale)
         return y
 
     def backward(self, dy):
-        x, g, mean, var, n = self.saved_tensors
+        x, mean, var, n, scale = self.saved_tensors
         layer = self.layer
-        eps = layer._kwargs["eps"]  # noqa: SLF001
-        channels = dy.shape[1]
-        # MXNet's BatchNorm backward with the statistics held fixed: dx without the terms
-        # through the statistics, and this rank's sums of dy (dbeta) and dy * xhat (dgamma)
-        xd, gd, bd = x.detach(), g.detach(), mx.nd.zeros_like(g)
-        for arr in (xd, gd, bd):
-            arr.attach_grad()
-        with autograd.record():
-            y = mx.nd.BatchNorm(xd, gd, bd, mean, var, eps=eps, fix_gamma=False, use_global_stats=True)
-        y.backward(dy)
-        local_dbeta, local_dgamma, dx_fixed = bd.grad, gd.grad, xd.grad
-        totals = _after(mx.nd.concat(local_dbeta, local_dgamma, dim=0), layer._last_grad_totals)  # noqa: SLF001
+        k = layer._kernels_for(x)  # noqa: SLF001
+        earlier = layer._last_grad_totals  # noqa: SLF001
+        totals, dx_fixed, dgamma, dbeta = k.local_grads(dy, x, mean, var, scale, k.count,
+                                                        k.no_earlier if earlier is None else earlier,
+                                                        *k.local_grads_args)
         layer._world.allreduce_([totals], name=f"distft.syncbn.{layer._layer_name}.grad",  # noqa: SLF001
                                 average=False)
         layer._last_grad_totals = totals  # noqa: SLF001
-        # the terms through the global statistics: dx -= scale * (mean(dy) + xhat * mean(dy * xhat))
-        inv_std = mx.nd.rsqrt(var + eps)
-        scale = g * inv_std
-        mean_dy = mx.nd.broadcast_div(totals[:channels], n)
-        slope = scale * inv_std * mx.nd.broadcast_div(totals[channels:], n)
-        dx = dx_fixed - _affine(x, slope, scale * mean_dy - slope * mean, eps)
-        dgamma = mx.nd.zeros_like(local_dgamma) if layer._kwargs["fix_gamma"] else local_dgamma  # noqa: SLF001
+        dx = k.input_grad(dx_fixed, x, totals, n, mean, var, scale, k.zeros, k.one_less_eps)
+        if layer._kwargs["fix_gamma"]:  # noqa: SLF001
+            dgamma = mx.nd.zeros_like(dgamma)
         # MXNet 1.9.1 takes the values we return as final once this callback returns: left
         # queued behind the exchange, they are read unwritten (non-finite gradients at the
         # second step, measured). This waits on the custom-operator thread only; the main
         # thread is already queueing the rest of the step.
-        for arr in (dx, dgamma, local_dbeta):
+        for arr in (dx, dgamma, dbeta):
             arr.wait_to_read()
-        return dx, dgamma, local_dbeta
+        return dx, dgamma, dbeta
 
 
 class SyncBatchNorm(nn.BatchNorm):
@@ -143,6 +203,18 @@ class SyncBatchNorm(nn.BatchNorm):
     _world = None
     _layer_name = ""
     _last_grad_totals = None
+    _kernels = None
+
+    def _kernels_for(self, x) -> _Kernels:
+        """This layer's fused arithmetic for x's shape and device (not child blocks: the
+        network's hybridize must not reach them)."""
+        key = (x.shape, x.context)
+        if self._kernels is None:
+            self._kernels = {}
+        if key not in self._kernels:
+            self._kernels[key] = _Kernels(x.shape[1], x.size // x.shape[1], self._kwargs["eps"],
+                                          self._kwargs["momentum"], x.context)
+        return self._kernels[key]
 
     def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var):
         if not autograd.is_training() or self._kwargs["use_global_stats"] or self._world is None:

@@ -42,5 +42,6 @@ def test_affine_is_a_per_channel_scale_and_shift():
     rng = np.random.default_rng(4)
     x = rng.normal(0, 2, (2, 3, 2, 2)).astype(np.float32)
     scale, shift = np.array([0.5, -2.0, 3.0], np.float32), np.array([1.0, 0.0, -4.0], np.float32)
-    got = syncbn._affine(mx.nd.array(x), mx.nd.array(scale), mx.nd.array(shift), 1e-5).asnumpy()
+    got = syncbn._affine(mx.nd, mx.nd.array(x), mx.nd.array(scale), mx.nd.array(shift), mx.nd.zeros(3),
+                         mx.nd.full((3,), 1 - 1e-5), 1e-5).asnumpy()
     np.testing.assert_allclose(got, x * scale[None, :, None, None] + shift[None, :, None, None], rtol=1e-5, atol=1e-5)
