@@ -16,7 +16,7 @@ import yaml
 from distft import checkpoint, launcher
 from distft.config import load_config
 
-from conftest import MPI_ENV, ROOT, read_summary, small_config, write_config
+from conftest import MPI_ENV, ROOT, kustomize, read_summary, small_config, write_config
 from processes import kill_tree, logged_steps, wait_for
 import slurm
 from slurm import free_port
@@ -75,12 +75,6 @@ def test_dockerfiles_lint_clean_and_install_with_the_install_script(name, base, 
 
 
 # --- Kubernetes -----------------------------------------------------------------------------------
-
-def kustomize(overlay):
-    out = subprocess.run([os.path.join(BIN, "kubectl"), "kustomize", os.path.join(ROOT, "k8s", "overlays", overlay)],
-                         capture_output=True, text=True, check=True).stdout
-    return [d for d in yaml.safe_load_all(out) if d]
-
 
 def mpijob_schema():
     crd = yaml.safe_load(open(os.path.join(ROOT, "tests", "data", "kubeflow.org_mpijobs.yaml")))
