@@ -335,7 +335,8 @@ def test_the_rendered_mpijob_runs_replicas_times_slots_ranks_as_uid_1000_over_th
     docs = kustomize(overlay)
     (job,) = [d for d in docs if d["kind"] == "MPIJob"]
     configs = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
-    pods = mpijob.MPIJobCluster(job, configs, str(tmp_path / "pods"))
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    pods = mpijob.MPIJobCluster(job, configs, claims, str(tmp_path / "pods"))
     try:
         pods.start()  # the worker pods, until every one is ready
         for worker in pods.nodes[:-1]:  # PID 1 of each is the Worker container's command, as runAsUser
