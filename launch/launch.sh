@@ -8,6 +8,7 @@
 # Tuning defaults (override by exporting them): HOROVOD_FUSION_THRESHOLD=64 MiB (one fused
 # allreduce per bucket), HOROVOD_CYCLE_TIME=1 ms (how often Horovod batches ready tensors),
 # NCCL_DEBUG=WARN. Arguments go to distft (e.g. --config X --set k=v).
+#   DISTFT_RUNNER      horovodrun (default), or srun inside a Slurm job: one rank per task
 # Exit status: the ranks' (0 done, 75 stopped and resumable, 2 user error, ...), not horovodrun's.
 # SIGTERM: the ranks checkpoint at the next step and exit 75 (see distft/launcher.py).
 set -euo pipefail
@@ -24,6 +25,16 @@ if [ -n "${DISTFT_IFACE:-}" ]; then
 fi
 if [ -n "${DISTFT_SSH_PORT:-}" ]; then
   extra+=(--ssh-port "$DISTFT_SSH_PORT")
+fi
+
+if [ "${DISTFT_RUNNER:-horovodrun}" = srun ]; then
+  # inside a Slurm job (launch/slurm/distft.sbatch): Slurm starts one rank per task on every node
+  # and signals and kills them itself; MPI (PMIx) wires them up, so no horovodrun and no ssh
+  if [ -n "${DISTFT_IFACE:-}" ]; then
+    export OMPI_MCA_btl_tcp_if_include=$DISTFT_IFACE OMPI_MCA_oob_tcp_if_include=$DISTFT_IFACE
+  fi
+  echo "[launch] srun --mpi=${DISTFT_SRUN_MPI:-pmix} ($SLURM_NTASKS tasks on $SLURM_JOB_NODELIST)" >&2
+  exec srun --mpi="${DISTFT_SRUN_MPI:-pmix}" python -m distft "$@"
 fi
 
 if [ -n "${DISTFT_HOSTFILE:-}" ]; then

@@ -94,6 +94,14 @@ def horovodrun(np_, backend):
     return [exe, "-np", str(np_), f"--{backend}"]
 
 
+def kustomize(overlay):
+    """The objects `kubectl kustomize k8s/overlays/OVERLAY` renders."""
+    kubectl = os.path.join(os.path.dirname(sys.executable), "kubectl")
+    out = subprocess.run([kubectl, "kustomize", os.path.join(ROOT, "k8s", "overlays", overlay)],
+                         capture_output=True, text=True, check=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
 def read_summary(out_dir):
     with open(os.path.join(out_dir, "summary.json")) as fh:
         return json.load(fh)

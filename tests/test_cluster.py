@@ -1,6 +1,7 @@
 """Multi-node launches over real ssh, on a cluster of namespaced nodes (tests/cluster.py):
-launch/launch.sh with a hostfile, Gloo and MPI, and the stop paths of an MPIJob (the launcher
-pod's SIGTERM, a worker pod's SIGTERM). Skipped, with the reason, where the machine cannot host
+launch/launch.sh with a hostfile, Gloo and MPI, the stop paths of an MPIJob (the launcher
+pod's SIGTERM, a worker pod's SIGTERM), and a two-node Slurm (tests/slurm.py): its time-limit
+signal, `scontrol requeue` and `scancel`. Skipped, with the reason, where the machine cannot host
 the cluster (not root, no `ip netns`); CI runs as root, so they run there."""
 import json
 import os
@@ -13,7 +14,9 @@ import pytest
 import yaml
 
 import cluster
-from conftest import MPI_ENV, ROOT, read_summary, small_config, write_config
+import mpijob
+import slurm
+from conftest import MPI_ENV, ROOT, kustomize, read_summary, small_config, write_config
 from processes import logged_steps, wait_for
 from distft import checkpoint
 
@@ -214,3 +217,142 @@ def test_prometheus_scrapes_every_rank_on_metrics_port_plus_local_rank(tmp_path,
                    for m in seen)
     assert where == [("node1", "0", "0", "node1:9400"), ("node1", "1", "1", "node1:9401"),
                      ("node2", "0", "2", "node2:9400"), ("node2", "1", "3", "node2:9401")]
+
+
+# --- Slurm on two nodes ------------------------------------------------------------------------
+
+@pytest.fixture
+def slurm_on(tmp_path, cluster_of):
+    """slurm_on(n): n namespace nodes, each with a slurmd (slurmctld on node1), torn down after
+    the test (the Slurm daemons first, then the nodes)."""
+    made = []
+
+    def make(n):
+        nodes = cluster_of(n)
+        made.append(slurm.Slurm(str(tmp_path / "slurm"), [slurm.Place(node.name, node.address, node.enter, cluster.RUN_DIR)
+                                                          for node in nodes.nodes]))
+        return made[-1].start()
+
+    try:
+        yield make
+    finally:
+        for s in made:
+            s.close()
+
+
+def sbatch(s, tmp_path, args, *options, env=None):
+    """launch/slurm/distft.sbatch on 2 nodes x 2 tasks; returns the job id."""
+    done = s.client(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=2", f"--output={tmp_path / 'slurm-%j.out'}",
+                     *options, "launch/slurm/distft.sbatch"] + args, cwd=ROOT,
+                    env={**MPI_ENV, "DISTFT_VENV": sys.prefix, "DISTFT_IFACE": "eth0", **(env or {})})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY"}
+
+
+def wait_for_end(s, job_id, timeout):
+    wait_for(lambda: s.job(job_id).get("JobState") in ENDED, timeout, f"slurm job {job_id} to end")
+    return s.job(job_id)
+
+
+def slurm_log(tmp_path):
+    return "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+
+
+def test_slurm_time_limit_signal_on_two_nodes_waits_for_a_slow_checkpoint_and_exits_75(tmp_path, pretrained, slurm_on):
+    """distft.sbatch's ranks are srun tasks, so the time-limit signal (--signal=TERM@N, no B:)
+    reaches every rank on both nodes from Slurm itself. slurmctld looks every 30 s and signals
+    once the limit is at most N + 30 s away (measured): @60 in a 2-minute job signals 30-60 s
+    after the start, once the ranks are up (a SIGTERM before distft's handler would kill a
+    rank), and the checkpoint, slowed to 20 s, is written before the limit."""
+    s = slurm_on(2)
+    cfg = write_config(tmp_path / "job.yaml", small_config(tmp_path, pretrained, **LONG_RUN))
+    out = tmp_path / "out"
+    job_id = sbatch(s, tmp_path, ["--config", cfg, "--set", f"train.output={out}"], "--time=2", "--signal=TERM@60",
+                    env={"DISTFT_FAULT_CHECKPOINT_DELAY": "20"})
+    job = wait_for_end(s, job_id, 300)
+    logs = slurm_log(tmp_path)
+    assert job["ExitCode"] == "75:0" and job["JobState"] == "FAILED", f"{job}\n{logs[-3000:]}"  # not TIMEOUT
+    step = stopped_at(logs)
+    assert checkpoint.latest(str(out)).meta["step"] == step
+    assert "node1: tasks 0-1: Exited with exit code 75" in logs and "node2: tasks 2-3: Exited with exit code 75" in logs
+
+
+def test_scontrol_requeue_checkpoints_exits_75_the_requeued_job_resumes_and_scancel_ends_it_in_bounded_time(
+        tmp_path, pretrained, slurm_on):
+    s = slurm_on(2)
+    cfg = write_config(tmp_path / "job.yaml", small_config(tmp_path, pretrained, **LONG_RUN))
+    out = tmp_path / "out"
+    job_id = sbatch(s, tmp_path, ["--config", cfg, "--set", f"train.output={out}"])
+    wait_for(lambda: logged_steps(out), 240, "training steps")
+    assert s.client(["scontrol", "requeue", job_id]).returncode == 0
+    # the first run stops at an agreed step with a checkpoint, every task exits 75 ...
+    wait_for(lambda: "node2: tasks 2-3: Exited with exit code 75" in slurm_log(tmp_path), 120, "the first run's exit")
+    first = stopped_at(slurm_log(tmp_path))
+    assert checkpoint.latest(str(out)).meta["step"] == first
+    assert "node1: tasks 0-1: Exited with exit code 75" in slurm_log(tmp_path)
+
+    # ... and the requeued job (same id, --requeue) resumes there: its steps follow on
+    def events():
+        return [json.loads(line) for line in open(out / "log.jsonl")]
+
+    wait_for(lambda: [e["step"] for e in events() if e.get("event") == "start"] == [0, first]
+             and logged_steps(out)[-1] > first, 240, "the requeued job's steps")
+    assert s.job(job_id)["Restarts"] == "1"
+    records = events()
+    resumed_at = [i for i, e in enumerate(records) if e.get("event") == "start"][1]
+    after = [e["step"] for e in records[resumed_at:] if "step" in e and "event" not in e]
+    assert first < after[0] <= first + 2 and after == sorted(after)  # log_every 2: none lost or repeated
+
+    # scancel: Slurm SIGTERMs every task; they stop at the next step with a checkpoint, well
+    # before KillWait's SIGKILL
+    sent = time.monotonic()
+    assert s.client(["scancel", job_id]).returncode == 0
+    job = wait_for_end(s, job_id, s.kill_wait + 60)
+    took = time.monotonic() - sent
+    assert job["JobState"] == "CANCELLED"
+    assert took < s.kill_wait, f"scancel took {took:.1f} s"
+    assert checkpoint.latest(str(out)).meta["step"] > first
+
+
+# --- the MPIJob, rendered, with the operator's part played here -------------------------------
+
+# gpu-2x4's job (resnet50 on /data/train.rec, pretrained weights on the volume) has no data here:
+# its 8 ranks run two steps of the demo digits on a small model instead, on CPU
+TINY_JOB = ["--set", "model.name=resnet18_v2", "--set", "model.classes=5", "--set", "model.pretrained=false",
+            "--set", "model.image_size=32", "--set", "data.train=demo", "--set", "data.val=null",
+            "--set", "data.batch_size=2", "--set", "data.augment=false", "--set", "train.max_steps=2",
+            "--set", "optimizer.warmup_steps=0", "--set", "train.checkpoint_every_steps=null"]
+
+
+@pytest.mark.parametrize("overlay, extra", [("cpu-smoke", []), ("gpu-2x4", TINY_JOB)])
+def test_the_rendered_mpijob_runs_replicas_times_slots_ranks_as_uid_1000_over_the_operators_ssh_keys(
+        tmp_path, overlay, extra):
+    reason = cluster.why_not()
+    if reason:
+        pytest.skip(reason)
+    docs = kustomize(overlay)
+    (job,) = [d for d in docs if d["kind"] == "MPIJob"]
+    configs = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    pods = mpijob.MPIJobCluster(job, configs, claims, str(tmp_path / "pods"))
+    try:
+        pods.start()  # the worker pods, until every one is ready
+        for worker in pods.nodes[:-1]:  # PID 1 of each is the Worker container's command, as runAsUser
+            status = open(f"/proc/{worker.pid1}/status").read()
+            assert f"\nUid:\t{pods.uid}\t" in status and "worker.sh" in open(f"/proc/{worker.pid1}/cmdline").read()
+        launcher = pods.run_launcher(extra)
+        text, _ = launcher.communicate(timeout=400)
+    finally:
+        pods.close()
+    assert launcher.returncode == 0, text[-4000:]
+    cfg = yaml.safe_load(next(iter(configs.values()))["job.yaml"])
+    out = tmp_path / "pods" / "data" / os.path.relpath(cfg["train"]["output"], "/data")
+    s = read_summary(out)
+    assert s["world_size"] == pods.replicas * pods.slots == {"cpu-smoke": 2, "gpu-2x4": 8}[overlay]
+    assert sorted({p["host"] for p in s["rank_placement"]}) == [f"{job['metadata']['name']}-worker-{i}"
+                                                                 for i in range(pods.replicas)]
+    assert os.stat(out / "summary.json").st_uid == pods.uid  # rank 0 wrote it as the pods' user
+    assert f"[launch] horovodrun -np {s['world_size']} -H " in text

@@ -16,8 +16,10 @@ import yaml
 from distft import checkpoint, launcher
 from distft.config import load_config
 
-from conftest import MPI_ENV, ROOT, read_summary, small_config, write_config
+from conftest import MPI_ENV, ROOT, kustomize, read_summary, small_config, write_config
 from processes import kill_tree, logged_steps, wait_for
+import slurm
+from slurm import free_port
 
 spec = importlib.util.spec_from_file_location("hosts", os.path.join(ROOT, "launch", "hosts.py"))
 hosts = importlib.util.module_from_spec(spec)
@@ -73,12 +75,6 @@ def test_dockerfiles_lint_clean_and_install_with_the_install_script(name, base, 
 
 
 # --- Kubernetes -----------------------------------------------------------------------------------
-
-def kustomize(overlay):
-    out = subprocess.run([os.path.join(BIN, "kubectl"), "kustomize", os.path.join(ROOT, "k8s", "overlays", overlay)],
-                         capture_output=True, text=True, check=True).stdout
-    return [d for d in yaml.safe_load_all(out) if d]
-
 
 def mpijob_schema():
     crd = yaml.safe_load(open(os.path.join(ROOT, "tests", "data", "kubeflow.org_mpijobs.yaml")))
@@ -289,102 +285,27 @@ def test_exit_codes_are_read_from_horovodrun_and_mpirun_reports_not_from_rank_ou
     assert launcher.job_hosts(["horovodrun", "-np", "4", "-H", "node1:2,node2:2", "--gloo"]) == ["node1", "node2"]
 
 
-# --- Slurm -----------------------------------------------------------------------------------------
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+# --- Slurm ---------------------------------------------------------------------------------------
 
 @pytest.fixture
 def slurm_cluster(tmp_path):
-    """A real single-node Slurm: munged, slurmctld and slurmd with a config written here."""
-    d = tmp_path / "slurm"
-    for sub in ("state", "spool", "munge"):
-        (d / sub).mkdir(parents=True)
-    key = d / "munge" / "munge.key"
-    subprocess.run(["mungekey", "--create", "--keyfile", str(key)], check=True)
-    os.chmod(key, 0o600)
-    sock = d / "munge" / "munge.socket"
-    subprocess.run(["munged", "--force", f"--socket={sock}", f"--key-file={key}", f"--pid-file={d / 'munge' / 'pid'}",
-                    f"--log-file={d / 'munge' / 'log'}", f"--seed-file={d / 'munge' / 'seed'}"], check=True)
-    node = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
-    conf = d / "slurm.conf"
-    conf.write_text(f"""ClusterName=distfttest
-SlurmctldHost={socket.gethostname()}
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket={sock}
-StateSaveLocation={d / 'state'}
-SlurmdSpoolDir={d / 'spool'}
-SlurmctldPidFile={d / 'slurmctld.pid'}
-SlurmdPidFile={d / 'slurmd.pid'}
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-MpiDefault=none
-ReturnToService=2
-JobAcctGatherType=jobacct_gather/none
-SlurmctldLogFile={d / 'slurmctld.log'}
-SlurmdLogFile={d / 'slurmd.log'}
-{node} State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-""")
-    env = {**os.environ, "SLURM_CONF": str(conf)}
-    subprocess.run(["slurmctld", "-c", "-i"], env=env, check=True)
-    subprocess.run(["slurmd"], env=env, check=True)
+    """A real single-node Slurm (tests/slurm.py): munged, slurmctld and slurmd on this machine."""
+    nodes = slurm.Slurm(str(tmp_path / "slurm"), [slurm.here(str(tmp_path / "slurm" / "spool"))])
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout.strip()
-            if state == "idle":
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"slurm node never became idle: {state!r}\n" + (d / "slurmctld.log").read_text()[-2000:])
-        yield env
+        yield nodes.start()
     finally:
-        for pid_file in ("slurmd.pid", "slurmctld.pid", "munge/pid"):
-            try:
-                os.kill(int((d / pid_file).read_text()), 15)
-            except (OSError, ValueError):
-                pass
+        nodes.close()
 
 
 @pytest.mark.horovod
 def test_sbatch_runs_a_two_task_job_to_completion(tmp_path, pretrained, slurm_cluster):
     cfg = write_config(tmp_path / "job.yaml", small_config(tmp_path, pretrained, train={"max_steps": 5}))
     log = tmp_path / "slurm-%j.out"
-    proc = subprocess.run(["sbatch", "--wait", f"--chdir={ROOT}", f"--output={log}", "launch/slurm/distft.sbatch",
-                           "--config", cfg, "--set", f"train.output={tmp_path / 'out'}"],
-                          env={**slurm_cluster, **MPI_ENV}, capture_output=True, text=True, timeout=300)
+    proc = slurm_cluster.client(["sbatch", "--wait", f"--chdir={ROOT}", f"--output={log}", "launch/slurm/distft.sbatch",
+                                 "--config", cfg, "--set", f"train.output={tmp_path / 'out'}"],
+                                cwd=ROOT, env={**MPI_ENV, "DISTFT_VENV": sys.prefix}, timeout=300)
     logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
     assert proc.returncode == 0, proc.stdout + proc.stderr + logs[-3000:]
     s = read_summary(tmp_path / "out")
     assert s["world_size"] == 2 and s["steps"] == 5
-    assert "[launch] horovodrun -np 2 -H " in logs
-
-
-@pytest.mark.horovod
-def test_slurm_time_limit_signal_makes_the_job_checkpoint_and_exit_75(tmp_path, pretrained, slurm_cluster):
-    """The batch script's own --signal=B:TERM (here 40 s before a 1-minute limit) reaches
-    launch.sh; the checkpoint (slowed to 10 s) is written before the limit and the job's exit
-    code is 75."""
-    cfg = write_config(tmp_path / "job.yaml", small_config(tmp_path, pretrained, **LONG_RUN))
-    out = tmp_path / "out"
-    proc = subprocess.run(["sbatch", "--wait", "--time=1", "--signal=B:TERM@40", f"--chdir={ROOT}",
-                           f"--output={tmp_path / 'slurm-%j.out'}", "launch/slurm/distft.sbatch",
-                           "--config", cfg, "--set", f"train.output={out}"],
-                          env={**slurm_cluster, **MPI_ENV, "DISTFT_FAULT_CHECKPOINT_DELAY": "10"},
-                          capture_output=True, text=True, timeout=300)
-    logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
-    assert proc.returncode == 75, proc.stdout + proc.stderr + logs[-3000:]
-    step = int(logs.split("preempted (SIGTERM) at step ")[1].split(";")[0])
-    assert checkpoint.latest(str(out)).meta["step"] == step
-    assert "[launch] SIGTERM: stop requested" in logs
+    assert "[launch] srun --mpi=pmix (2 tasks on " in logs
