@@ -7,6 +7,8 @@ environment variables (read where the fault would strike). Inert unless a variab
     DISTFT_FAULT_STOP_AT_STEP=S[@R]   a stop request (as SIGTERM would make) on rank R (default
                                       0) once global step S is done
     DISTFT_FAULT_CHECKPOINT_DELAY=T   writing a checkpoint takes T seconds longer (rank 0)
+    DISTFT_FAULT_SYNCBN_BACKWARD_DELAY=T  each synchronized BatchNorm's backward starts T seconds
+                                      late (every rank): the main thread runs a step ahead of it
 """
 from __future__ import annotations
 
@@ -37,3 +39,7 @@ def stop_requested(rank: int, step: int) -> bool:
 
 def checkpoint_delay() -> float:
     return float(os.environ.get("DISTFT_FAULT_CHECKPOINT_DELAY", "0") or 0)
+
+
+def syncbn_backward_delay() -> float:
+    return float(os.environ.get("DISTFT_FAULT_SYNCBN_BACKWARD_DELAY", "0") or 0)

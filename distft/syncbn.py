@@ -17,7 +17,8 @@ Two engine-ordering rules keep that deadlock-free and correct:
   have queued the optimizer update that writes gamma. A read of gamma pushed from backward would
   queue behind that update, which waits for this very backward's gradients: a cycle (the hang
   that once forced the gradient exchange to be waited for with a synchronized BN). So backward
-  reads only arrays made in forward (`scale` = gamma / sigma, xhat), never a parameter;
+  reads only arrays made in forward (`scale` = gamma / sigma, the statistics), never a
+  parameter, and touches no array that the next forward writes (`_Kernels`);
 - one name is never in flight twice: a layer's forward exchange reads the running mean (its
   shift) that the previous forward wrote after its own exchange, and each backward exchange is
   queued after the layer's previous one (`_after`).
@@ -27,10 +28,14 @@ imperatively (it is never hybridized).
 """
 from __future__ import annotations
 
+import time
+
 import mxnet as mx
 import numpy as np
 from mxnet import autograd
 from mxnet.gluon import nn
+
+from . import faults
 
 
 def running_var_sample(var, count, device_type: str, F=mx.nd):
@@ -108,14 +113,15 @@ def _normalise(F, x, gamma, beta, totals, running_mean, running_var, zeros, one_
             running_var * momentum + sample * (1 - momentum))
 
 
-def _local_grads(F, dy, x, mean, var, scale, count, earlier, ones, zeros, one_less_eps, s0, s1, s2, s3, eps):
+def _local_grads(F, dy, x, mean, var, scale, earlier, count, ones, zeros, no_shift, one_less_eps, s0, s1, s2, s3,
+                 eps):
     """This rank's sums of dy (dbeta) and of dy * xhat (dgamma), packed for the exchange (queued
     after the layer's previous one: `earlier`), and the part of dx with the statistics fixed."""
     xhat = F.BatchNorm(x, ones, zeros, mean, var, eps=eps, fix_gamma=False, use_global_stats=True)
     mean_dy, _ = _channel_stats(F, dy, ones, zeros, s0, s1, eps)
     mean_dy_xhat, _ = _channel_stats(F, dy * xhat, ones, zeros, s2, s3, eps)
     dbeta, dgamma = F.broadcast_mul(mean_dy, count), F.broadcast_mul(mean_dy_xhat, count)
-    dx_fixed = _affine(F, dy, scale, zeros, zeros, one_less_eps, eps)
+    dx_fixed = _affine(F, dy, scale, no_shift, zeros, one_less_eps, eps)
     return _after(F.concat(dbeta, dgamma, dim=0), earlier, F), dx_fixed, dgamma, dbeta
 
 
@@ -129,24 +135,28 @@ def _input_grad(F, dx_fixed, x, totals, n, mean, var, scale, zeros, one_less_eps
 
 
 class _Kernels:
-    """One layer's fused stretches and constant arrays, for one input shape and device."""
+    """One layer's fused stretches, for one input shape and device, each with constant arrays
+    of its own. The BatchNorm kernel writes its moving statistics even when it only reads them,
+    so an array given to two stretches orders them on the engine; shared between forward and
+    backward, it would queue a backward behind the next step's forward (see the module's doc)."""
 
     def __init__(self, channels: int, count: int, eps: float, momentum: float, ctx):
         def arr(value, size=channels):
             return mx.nd.full((size,), value, ctx=ctx)
 
-        self.ones, self.zeros, self.one_less_eps = arr(1.0), arr(0.0), arr(1.0 - eps)
-        self.count = arr(count, 1)
-        self.no_earlier = arr(0.0, 2 * channels)
-        # moving statistics the statistics-only BatchNorm calls are given (their values unused)
-        scratch = [arr(0.0), arr(1.0), arr(0.0), arr(1.0), arr(0.0), arr(1.0)]
+        # moving statistics of the statistics-only BatchNorm calls: written, never used
         self.local_stats = _Fused(_local_stats, eps=eps)
-        self.local_stats_args = (self.count, self.ones, self.zeros, scratch[0], scratch[1])
+        self.local_stats_args = (arr(count, 1), arr(1.0), arr(0.0), arr(0.0), arr(1.0))
         self.normalise = _Fused(_normalise, channels=channels, eps=eps, momentum=momentum,
                                 device_type=ctx.device_type)
+        self.normalise_args = (arr(0.0), arr(1.0 - eps))
+        self.no_earlier = arr(0.0, 2 * channels)
         self.local_grads = _Fused(_local_grads, eps=eps)
-        self.local_grads_args = (self.ones, self.zeros, self.one_less_eps, *scratch[2:])
+        self.local_grads_args = (arr(count, 1), arr(1.0), arr(0.0), arr(0.0), arr(1.0 - eps),
+                                 arr(0.0), arr(1.0), arr(0.0), arr(1.0))
         self.input_grad = _Fused(_input_grad, channels=channels, eps=eps)
+        self.input_grad_args = (arr(0.0), arr(1.0 - eps))
+        self.ones = arr(1.0)  # gamma, with fix_gamma
 
 
 class _SyncBNFunction(autograd.Function):
@@ -165,24 +175,27 @@ class _SyncBNFunction(autograd.Function):
         layer._world.allreduce_([totals], name=f"distft.syncbn.{layer._layer_name}.stats",  # noqa: SLF001
                                 average=False)
         y, mean, var, n, scale, running_mean, running_var = k.normalise(
-            x, gamma, beta, totals, self.running_mean, self.running_var, k.zeros, k.one_less_eps)
+            x, gamma, beta, totals, self.running_mean, self.running_var, *k.normalise_args)
         self.running_mean[:] = running_mean
         self.running_var[:] = running_var
         self.save_for_backward(x, mean, var, n, scale)
         return y
 
     def backward(self, dy):
+        delay = faults.syncbn_backward_delay()
+        if delay:
+            time.sleep(delay)
         x, mean, var, n, scale = self.saved_tensors
         layer = self.layer
         k = layer._kernels_for(x)  # noqa: SLF001
         earlier = layer._last_grad_totals  # noqa: SLF001
-        totals, dx_fixed, dgamma, dbeta = k.local_grads(dy, x, mean, var, scale, k.count,
+        totals, dx_fixed, dgamma, dbeta = k.local_grads(dy, x, mean, var, scale,
                                                         k.no_earlier if earlier is None else earlier,
                                                         *k.local_grads_args)
         layer._world.allreduce_([totals], name=f"distft.syncbn.{layer._layer_name}.grad",  # noqa: SLF001
                                 average=False)
         layer._last_grad_totals = totals  # noqa: SLF001
-        dx = k.input_grad(dx_fixed, x, totals, n, mean, var, scale, k.zeros, k.one_less_eps)
+        dx = k.input_grad(dx_fixed, x, totals, n, mean, var, scale, *k.input_grad_args)
         if layer._kwargs["fix_gamma"]:  # noqa: SLF001
             dgamma = mx.nd.zeros_like(dgamma)
         # MXNet 1.9.1 takes the values we return as final once this callback returns: left

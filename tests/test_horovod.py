@@ -81,6 +81,22 @@ def test_two_ranks_learn_what_one_rank_with_twice_the_batch_learns(tmp_path, pre
     assert [n for n in frozen if not np.array_equal(before[n], two[n])] == []
 
 
+def test_sync_batchnorm_backward_running_a_step_behind_neither_hangs_nor_changes_what_is_learned(
+        tmp_path, pretrained, single_runs):
+    """The exchange overlaps the next batch, so the main thread queues step t+1's forward while
+    step t's sync BN backward still runs on MXNet's custom-operator thread (made late here by a
+    test hook, so that it always does). Backward must read nothing that the update or the next
+    forward writes: when it did (gamma; constants shared with forward), this run hung."""
+    proc = run_cli(["--config", job(tmp_path, pretrained, "out", CASES["sync-bn"], B, dist={"batchnorm": "sync"})],
+                   launcher=horovodrun(2, "gloo"), env={"DISTFT_FAULT_SYNCBN_BACKWARD_DELAY": "0.05"}, timeout=150)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = read_summary(tmp_path / "out")
+    assert summary["exchange_overlapped"] is True and summary["synchronized_bn_layers"] == 4
+    one, two = load_params(single_runs["sync-bn"] / "model.params"), load_params(tmp_path / "out" / "model.params")
+    for n in one:
+        np.testing.assert_allclose(two[n], one[n], rtol=1e-4, atol=1e-4 * float(np.abs(one[n]).max()), err_msg=n)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sync_batchnorm_matches_one_bn_over_the_union_batch(tmp_path, backend):
     import mxnet as mx
