@@ -87,7 +87,8 @@ def test_sync_batchnorm_backward_running_a_step_behind_neither_hangs_nor_changes
     step t's sync BN backward still runs on MXNet's custom-operator thread (made late here by a
     test hook, so that it always does). Backward must read nothing that the update or the next
     forward writes: when it did (gamma; constants shared with forward), this run hung."""
-    proc = run_cli(["--config", job(tmp_path, pretrained, "out", CASES["sync-bn"], B, dist={"batchnorm": "sync"})],
+    proc = run_cli(["--config", job(tmp_path, pretrained, "out", CASES["sync-bn"], B, dist={"batchnorm": "sync"}),
+                    "--set", "train.stall_timeout=60"],  # a hang ends the job, ranks and all
                    launcher=horovodrun(2, "gloo"), env={"DISTFT_FAULT_SYNCBN_BACKWARD_DELAY": "0.05"}, timeout=150)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = read_summary(tmp_path / "out")
