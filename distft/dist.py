@@ -142,10 +142,11 @@ class HorovodWorld(LocalWorld):
 def init_world(stall_timeout: float = 0.0) -> LocalWorld:
     if not launched_by_scheduler():
         return LocalWorld()
-    # Horovod's background thread looks for ready tensors every cycle; its default of 5 ms is
-    # latency on a synchronized BatchNorm's critical path (each layer waits for one exchange
-    # forward and one backward). 1 ms, as launch.sh sets it: one exchange measured 3.6 ms at
-    # the default, 1.7 ms at 1 ms (distft.syncbench, 2 ranks on 2 cores).
+    # Horovod's background thread looks for ready tensors every cycle: latency on a synchronized
+    # BatchNorm's critical path (each layer waits for one exchange forward and one backward).
+    # 1 ms, as launch.sh sets it: one exchange measured 3.6 ms with the variable unset, 1.7 ms
+    # at 1 ms (distft.syncbench, 2 ranks on 2 cores; the library's own default is not documented
+    # in one place: horovodrun's help says 1 ms)
     os.environ.setdefault("HOROVOD_CYCLE_TIME", "1")
     if stall_timeout:
         # Horovod's stall inspector names the ranks that never joined a collective, then
