@@ -131,7 +131,8 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
         # its two gradient sums in backward, per micro-batch
         exchanges = 2 * sync_layers * summary["accumulation"]
         floor_s = exchanges * sync_bn["exchange_us"] / 1e6
-        baseline_step_s = np_ * cfg.data.batch_size / b["samples_per_sec"]
+        # the baseline's time for the samples of one distft step (which may hold several micro-batches)
+        baseline_step_s = summary["global_batch"] / b["samples_per_sec"]
         out["sync_bn"] = {**sync_bn, "exchanges_per_step": exchanges, "floor_ms_per_step": floor_s * 1e3,
                           "floor_fraction_of_baseline_step": floor_s / baseline_step_s}
     if "cached" in results:

@@ -40,8 +40,10 @@ from . import faults
 
 def running_var_sample(var, count, device_type: str, F=mx.nd):
     """The variance a BatchNorm of MXNet on `device_type` folds into its running variance: the
-    biased batch variance on CPU (MXNet's own and oneDNN kernels), the unbiased one on GPU
-    (cuDNN, and MXNet's CUDA kernel). `count` is the global batch's values per channel."""
+    biased batch variance on CPU (MXNet's own and oneDNN kernels), the unbiased one on GPU with
+    cuDNN (MXNet's choice there for 4-D input unless cudnn_off; its own CUDA kernel, used
+    otherwise, folds the biased one: not handled). `count` is the global batch's values per
+    channel. The GPU rule is from cuDNN's documentation and has not run."""
     if device_type == "gpu":
         return F.broadcast_mul(var, F.broadcast_div(count, F.maximum(count - 1, F.ones_like(count))))
     return var
@@ -165,9 +167,11 @@ class _SyncBNFunction(autograd.Function):
         self.layer = layer
         self.running_mean, self.running_var = running_mean, running_var
 
-    def forward(self, x, gamma, beta):
+    def forward(self, x, gamma_beta):
         layer = self.layer
         k = layer._kernels_for(x)  # noqa: SLF001
+        channels = x.shape[1]
+        gamma, beta = gamma_beta[:channels], gamma_beta[channels:]
         gamma = k.ones if layer._kwargs["fix_gamma"] else gamma  # noqa: SLF001
         # the running mean is read here and written below, after the exchange: the next call's
         # exchange (the same name) cannot start before this one has finished
@@ -202,9 +206,10 @@ class _SyncBNFunction(autograd.Function):
         # queued behind the exchange, they are read unwritten (non-finite gradients at the
         # second step, measured). This waits on the custom-operator thread only; the main
         # thread is already queueing the rest of the step.
-        for arr in (dx, dgamma, dbeta):
+        dgamma_beta = mx.nd.concat(dgamma, dbeta, dim=0)
+        for arr in (dx, dgamma_beta):
             arr.wait_to_read()
-        return dx, dgamma, dbeta
+        return dx, dgamma_beta
 
 
 class SyncBatchNorm(nn.BatchNorm):
@@ -235,7 +240,12 @@ class SyncBatchNorm(nn.BatchNorm):
         if np.dtype(x.dtype) != np.float32:
             # mixed precision (train.precision: amp): statistics are summed in float32
             x = mx.nd.amp_cast(x, dtype="float32")
-        return _SyncBNFunction(self, running_mean, running_var)(x, gamma, beta)
+        # gamma and beta enter as one recorded array: MXNet 1.9.1's Function.backward writes
+        # nothing for an input whose gradient request is 'add' (gradient accumulation over
+        # micro-batches) and nothing after an input whose request is 'null'. An intermediate
+        # array's request is 'write'; autograd then hands each parameter its share under its own
+        # request. x comes first: in training it always needs its gradient (FreezePlan.input_grad).
+        return _SyncBNFunction(self, running_mean, running_var)(x, F.concat(gamma, beta, dim=0))
 
     def hybridize(self, active=True, **kwargs):
         super().hybridize(False)  # its allreduce cannot live inside a cached graph

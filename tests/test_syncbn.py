@@ -45,3 +45,45 @@ def test_affine_is_a_per_channel_scale_and_shift():
     got = syncbn._affine(mx.nd, mx.nd.array(x), mx.nd.array(scale), mx.nd.array(shift), mx.nd.zeros(3),
                          mx.nd.full((3,), 1 - 1e-5), 1e-5).asnumpy()
     np.testing.assert_allclose(got, x * scale[None, :, None, None] + shift[None, :, None, None], rtol=1e-5, atol=1e-5)
+
+
+def _two_passes(bn, batches, grad_req):
+    for p in (bn.gamma, bn.beta):
+        p.grad_req = grad_req
+    grads = []
+    for x, w in batches:
+        x = mx.nd.array(x)
+        x.attach_grad()
+        with autograd.record():
+            loss = (bn(x) * mx.nd.array(w)).sum()
+        loss.backward()
+        grads.append(x.grad.asnumpy())
+    return grads, bn.gamma.grad().asnumpy(), bn.beta.grad().asnumpy()
+
+
+def test_gamma_and_beta_gradients_accumulate_over_micro_batches_as_mxnets_batchnorm_does():
+    """With micro-batches the trainer sets grad_req 'add'. MXNet 1.9.1's autograd.Function writes
+    nothing for an input whose request is 'add' (and nothing after one whose request is 'null'):
+    the synchronized layer's gamma/beta gradients were dropped. One process: the exchange is
+    the identity, so the layer must match MXNet's BatchNorm exactly."""
+    from distft.dist import LocalWorld
+
+    rng = np.random.default_rng(5)
+    batches = [(rng.normal(1.0, 2.0, (4, 3, 2, 2)).astype(np.float32),
+                rng.normal(0, 1, (4, 3, 2, 2)).astype(np.float32)) for _ in range(2)]
+    for grad_req in ("add", "write"):
+        nets = []
+        for _ in range(2):
+            net = nn.HybridSequential()
+            net.add(nn.BatchNorm(in_channels=3))
+            net.initialize()
+            net[0].gamma.set_data(mx.nd.array([0.5, 1.5, 2.0]))
+            nets.append(net)
+        assert syncbn.convert(nets[1], ["0"], LocalWorld()) == 1
+        plain, synced = nets[0][0], nets[1][0]
+        want, got = _two_passes(plain, batches, grad_req), _two_passes(synced, batches, grad_req)
+        for a, b in zip(got[0], want[0]):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-5, err_msg=f"gamma, {grad_req}")
+        np.testing.assert_allclose(got[2], want[2], rtol=1e-4, atol=1e-5, err_msg=f"beta, {grad_req}")
+        assert np.abs(got[1]).sum() > 0 and np.abs(got[2]).sum() > 0
