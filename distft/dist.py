@@ -253,8 +253,7 @@ class GradientExchange:
     def wait(self) -> None:
         wait_all(self._backward_done)  # not the exchange's time
         start = time.perf_counter()
-        for p in self.params:
-            p.list_grad()[0].wait_to_read()
+        wait_all(p.list_grad()[0] for p in self.params)
         self.seconds_total += time.perf_counter() - start
 
     def __call__(self) -> None:

@@ -23,8 +23,9 @@ Two engine-ordering rules keep that deadlock-free and correct:
   shift) that the previous forward wrote after its own exchange, and each backward exchange is
   queued after the layer's previous one (`_after`).
 
-Horovod's allreduce is not differentiable, so the layer is an mx.autograd.Function and runs
-imperatively (it is never hybridized).
+Horovod's allreduce is not differentiable, so the layer is an mx.autograd.Function: it is never
+part of the network's cached graph and its exchanges are called imperatively; only the
+per-channel stretches between them run as small cached graphs of their own (`_Fused`).
 """
 from __future__ import annotations
 
