@@ -128,13 +128,14 @@ class Cluster:
     def boot(self, node: Node, wait: bool = True) -> None:
         """Start the node's first process, worker.sh (again: a pod that was rescheduled)."""
         os.makedirs(os.path.join(self.dir, node.name, "run"), exist_ok=True)
-        log = open(os.path.join(self.dir, f"{node.name}-sshd.log"), "a")
+        log_path = os.path.join(self.dir, f"{node.name}-sshd.log")
+        log = open(log_path, "a")
         node.init = subprocess.Popen(
             node.wrap(["bash", os.path.join(ROOT, "launch", "worker.sh"),
                        "-o", f"AuthorizedKeysFile={self.dir}/dotssh/authorized_keys"]),
             env={**os.environ, "DISTFT_SSHD_DIR": os.path.join(self.dir, node.name), "DISTFT_STOP_FILE": STOP_FILE},
             stdout=log, stderr=subprocess.STDOUT)
-        node.pid1 = self._child_of(node.init.pid)
+        node.pid1 = self._child_of(node.init, log_path)
         if wait:
             self._wait_for_sshd(node)
 
@@ -151,9 +152,13 @@ class Cluster:
         shutil.copy(os.path.join(ROOT, "launch", "ssh", "ssh_config"), os.path.join(dotssh, "config"))
 
     @staticmethod
-    def _child_of(pid: int, seconds: float = 10) -> int:
+    def _child_of(proc: subprocess.Popen, log: str = "", seconds: float = 10) -> int:
+        """The pid of `proc`'s first child (the node's process under unshare/nsenter). If there is
+        none, the error says whether `proc` exited (and how) or hung, with its log's tail: seen
+        once in CI, not reproduced since."""
+        pid = proc.pid
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and proc.poll() is None:
             try:
                 with open(f"/proc/{pid}/task/{pid}/children") as fh:
                     children = fh.read().split()
@@ -162,7 +167,12 @@ class Cluster:
             if children:
                 return int(children[0])
             time.sleep(0.05)
-        raise RuntimeError(f"unshare (pid {pid}) started no node process")
+        state = f"exited {proc.returncode}" if proc.poll() is not None else f"still running after {seconds:.0f} s"
+        try:
+            tail = open(log).read()[-1500:] if log else ""
+        except OSError:
+            tail = ""
+        raise RuntimeError(f"{proc.args[0]} (pid {pid}) started no node process ({state}): {proc.args}\n{tail}")
 
     def _wait_for_sshd(self, node: Node, seconds: float = 30) -> None:
         deadline = time.monotonic() + seconds
@@ -187,7 +197,7 @@ class Cluster:
         """Start `command` on `node`. It runs as a child of nsenter (which waits for it and
         returns its status); `.command_pid` is its own pid, for signals meant for it alone."""
         proc = subprocess.Popen(node.enter(command), **kw)
-        proc.command_pid = self._child_of(proc.pid)
+        proc.command_pid = self._child_of(proc)
         return proc
 
     def close(self) -> None:

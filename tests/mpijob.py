@@ -185,10 +185,11 @@ class MPIJobCluster(cluster.Cluster):
         if node is self.launcher:
             return  # WaitForWorkersReady: run_launcher starts it
         (container,) = pod_spec(self.job, "Worker")["containers"]
-        log = open(os.path.join(self.dir, f"{node.name}.log"), "a")
+        log_path = os.path.join(self.dir, f"{node.name}.log")
+        log = open(log_path, "a")
         node.init = subprocess.Popen(self.pod_command(node, "Worker", container["command"] + container.get("args", [])),
                                      env=self.pod_env("Worker"), stdout=log, stderr=subprocess.STDOUT)
-        node.pid1 = self._child_of(node.init.pid)
+        node.pid1 = self._child_of(node.init, log_path)
         if wait:
             self._wait_for_sshd(node)
 
