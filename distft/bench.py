@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 
+from . import timeline
 from .config import dump_config, load_config
 from .errors import DistftError
 
@@ -33,8 +34,9 @@ def _machine() -> dict:
             "mxnet": mx.__version__, "platform": platform.platform()}
 
 
-def _run(cmd: list, what: str, timeout: int) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+def _run(cmd: list, what: str, timeout: int, env: dict | None = None) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-3000:]
         raise DistftError(f"bench: the {what} run failed (exit {proc.returncode}):\n{tail}")
@@ -104,6 +106,14 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
             with open(floor) as fh:
                 sync_bn = json.load(fh)
             sync_bn["layers"] = sync_layers
+            # the same job once more with Horovod's timeline on (not timed: the timeline slows it)
+            trace = os.path.join(work, "timeline.json")
+            dump_config(load_config(config, common + [f"train.max_steps={steps}", "train.epochs=100000",
+                                                      f"train.log_every={window}",
+                                                      f"train.output={os.path.join(work, 'traced')}"]), job)
+            _run(launcher + [sys.executable, "-m", "distft", "--config", job], "distft (timeline)", timeout,
+                 env={"HOROVOD_TIMELINE": trace})
+            sync_bn["in_training"] = timeline.summarise(timeline.load(trace), skip=min(5, steps // 3))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     d, b, lim = (results[k] for k in ("distft", "baseline", "limit"))
@@ -133,8 +143,13 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
         floor_s = exchanges * sync_bn["exchange_us"] / 1e6
         # the baseline's time for the samples of one distft step (which may hold several micro-batches)
         baseline_step_s = summary["global_batch"] / b["samples_per_sec"]
+        fraction = floor_s / baseline_step_s
         out["sync_bn"] = {**sync_bn, "exchanges_per_step": exchanges, "floor_ms_per_step": floor_s * 1e3,
-                          "floor_fraction_of_baseline_step": floor_s / baseline_step_s}
+                          "floor_fraction_of_baseline_step": fraction,
+                          # a step waits for its exchanges one after another (each layer needs
+                          # the one before): with nothing else running meanwhile, distft can at
+                          # best take the baseline's step plus the floor
+                          "bound_distft_over_baseline": 1 / (1 + fraction)}
     if "cached" in results:
         c = results["cached"]
         # the baseline's steady rate is its epoch throughput (every epoch costs the same), warm-up excluded
@@ -202,8 +217,23 @@ def _sync_bn_lines(f: dict) -> str:
     return (f"\nSynchronized BatchNorm: {f['layers']} layers, {f['exchanges_per_step']} exchanges per step, "
             f"one exchange {f['exchange_us']:.0f} us ({f['exchange_fresh_names_us']:.0f} us with a new name per "
             f"call): floor {f['floor_ms_per_step']:.1f} ms per step = {100 * f['floor_fraction_of_baseline_step']:.1f}% "
-            f"of the baseline's step. One layer forward + backward ({f['channels']} channels, "
-            f"{f['spatial']}x{f['spatial']}): {layers}.\n")
+            f"of the baseline's step, so distft/baseline <= 1 / (1 + {f['floor_fraction_of_baseline_step']:.3f}) = "
+            f"{f['bound_distft_over_baseline']:.2f} while nothing else runs during an exchange. One layer forward + "
+            f"backward ({f['channels']} channels, {f['spatial']}x{f['spatial']}): {layers}.\n"
+            + (_timeline_lines(f["in_training"]) if "in_training" in f else ""))
+
+
+def _timeline_lines(t: dict) -> str:
+    g = t["groups"]
+    rows = [(what, g[k]) for what, k in (("synchronized BN, forward", "bn_forward"),
+                                         ("synchronized BN, backward", "bn_backward"),
+                                         ("gradient buckets", "gradients"))]
+    table = ["| per step | collectives | waiting for every rank (ms) | transferring (ms) | one transfer, median (ms) |",
+             "|---|---:|---:|---:|---:|"]
+    table += [f"| {what} | {v['per_step']:.0f} | {v['negotiate_ms_per_step']:.1f} | {v['transfer_ms_per_step']:.1f} | "
+              f"{v['transfer_median_ms']:.2f} |" for what, v in rows]
+    return (f"\nInside training (Horovod's timeline, rank 0, one more run, {t['steps']} steps of {t['step_ms']:.0f} ms; "
+            "the timeline itself slows the run):\n\n" + "\n".join(table) + "\n")
 
 
 # --- a grid: K heads in one run against one head -----------------------------------------------------

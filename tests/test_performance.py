@@ -118,5 +118,66 @@ def test_bench_command_reports_every_field(tmp_path, pretrained):
     assert len(r["cache"]["epoch_samples_per_sec"]) == 2
     assert r["ratios"]["cached_over_baseline"] == pytest.approx(
         r["samples_per_sec"]["distft_cached"] / r["samples_per_sec"]["baseline"])
+    # the default mode synchronizes the trainable stage's BatchNorms: the floor, and the
+    # exchanges as they ran inside training (Horovod's timeline of one more run)
+    sync = r["sync_bn"]
+    assert sync["exchanges_per_step"] == 2 * sync["layers"] > 0
+    assert sync["bound_distft_over_baseline"] == pytest.approx(1 / (1 + sync["floor_fraction_of_baseline_step"]))
+    traced = sync["in_training"]
+    assert traced["steps"] >= 5 and traced["step_ms"] > 0
+    assert traced["groups"]["bn_forward"]["per_step"] == traced["groups"]["bn_backward"]["per_step"] == sync["layers"]
+    assert traced["groups"]["gradients"]["per_step"] >= 1
+    assert all(g["transfer_ms_per_step"] > 0 for k, g in traced["groups"].items() if k != "other")
     table = (tmp_path / "bench.md").read_text()
     assert "| samples/s (all ranks) |" in table and "with the feature cache" in table
+    assert "| synchronized BN, backward |" in table
+
+
+def _timeline(steps: int, step_us: int = 1000) -> list:
+    """A Horovod timeline as rank 0 writes it: per step one synchronized BN layer (forward
+    exchange waiting 100 us, moving 50; backward waiting 30, moving 20) and two gradient buckets
+    (bucket 1: two tensors sharing one operation; bucket 0 last) fused into one 300 us operation."""
+    names = ["distft.syncbn.features.8.0.bn1.stats", "distft.syncbn.features.8.0.bn1.grad",
+             "distft.grad.1_1of2", "distft.grad.1_2of2", "distft.grad.0"]
+    events = [{"name": "process_name", "ph": "M", "pid": i, "args": {"name": f"horovod_allreduce.{n}"}}
+              for i, n in enumerate(names)]
+
+    def span(pid, phase, start, stop):
+        events.extend([{"ph": "B", "name": phase, "ts": start, "pid": pid},
+                       {"ph": "B", "name": "GLOO_ALLREDUCE", "ts": start + 1, "pid": pid},  # nested: not counted
+                       {"ph": "E", "ts": stop - 1, "pid": pid}, {"ph": "E", "ts": stop, "pid": pid}])
+
+    for k in range(steps):
+        t = k * step_us
+        span(0, "NEGOTIATE_ALLREDUCE", t, t + 100)
+        span(0, "ALLREDUCE", t + 100, t + 150)
+        span(1, "NEGOTIATE_ALLREDUCE", t + 200, t + 230)
+        span(1, "ALLREDUCE", t + 230, t + 250)
+        for pid in (2, 3, 4):
+            span(pid, "NEGOTIATE_ALLREDUCE", t + 300 + pid, t + 400)
+            span(pid, "ALLREDUCE", t + 400, t + 700)
+    return events
+
+
+def test_timeline_summary_counts_each_operation_once_per_step(tmp_path):
+    from distft import timeline
+
+    events = _timeline(12)
+    s = timeline.summarise(events, skip=3)
+    assert s["steps"] == 8 and s["step_ms"] == pytest.approx(1.0)  # between the 4th and the last bucket 0
+    fwd, bwd, grads = (s["groups"][g] for g in ("bn_forward", "bn_backward", "gradients"))
+    assert (fwd["per_step"], fwd["negotiate_ms_per_step"], fwd["transfer_ms_per_step"]) == pytest.approx((1, 0.1, 0.05))
+    assert (bwd["per_step"], bwd["transfer_median_ms"]) == pytest.approx((1, 0.02))
+    # two buckets (the second tensor of bucket 1 is the same operation), one fused 300 us transfer
+    assert grads["per_step"] == 2 and grads["transfer_ms_per_step"] == pytest.approx(0.3)
+    assert grads["negotiate_ms_per_step"] == pytest.approx(0.098)  # the union of 98 and 97 us spans
+    with pytest.raises(ValueError, match="holds 4 steps"):
+        timeline.summarise(_timeline(4), skip=3)
+    # Horovod closes the array only at shutdown; a killed rank leaves half an event
+    text = json.dumps(events)
+    cut = tmp_path / "cut.json"
+    cut.write_text(text[:-1] + ",\n" + text[1:len(text) // 2])
+    assert len(timeline.load(str(cut))) > len(events)
+    (tmp_path / "bad.json").write_text("not a timeline")
+    with pytest.raises(ValueError, match="bad.json"):
+        timeline.load(str(tmp_path / "bad.json"))
