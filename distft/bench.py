@@ -150,6 +150,8 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
                           # the one before): with nothing else running meanwhile, distft can at
                           # best take the baseline's step plus the floor
                           "bound_distft_over_baseline": 1 / (1 + fraction)}
+        if "in_training" in sync_bn:
+            out["sync_bn"]["in_training"]["untraced_step_ms"] = summary["global_batch"] / d["samples_per_sec"] * 1e3
     if "cached" in results:
         c = results["cached"]
         # the baseline's steady rate is its epoch throughput (every epoch costs the same), warm-up excluded
@@ -232,8 +234,8 @@ def _timeline_lines(t: dict) -> str:
              "|---|---:|---:|---:|---:|"]
     table += [f"| {what} | {v['per_step']:.0f} | {v['negotiate_ms_per_step']:.1f} | {v['transfer_ms_per_step']:.1f} | "
               f"{v['transfer_median_ms']:.2f} |" for what, v in rows]
-    return (f"\nInside training (Horovod's timeline, rank 0, one more run, {t['steps']} steps of {t['step_ms']:.0f} ms; "
-            "the timeline itself slows the run):\n\n" + "\n".join(table) + "\n")
+    return (f"\nInside training (Horovod's timeline, rank 0, one more run, {t['steps']} steps of {t['step_ms']:.0f} ms: "
+            f"the timeline itself slows the run, whose step took {t['untraced_step_ms']:.0f} ms untraced):\n\n" + "\n".join(table) + "\n")
 
 
 # --- a grid: K heads in one run against one head -----------------------------------------------------

@@ -124,7 +124,7 @@ def test_bench_command_reports_every_field(tmp_path, pretrained):
     assert sync["exchanges_per_step"] == 2 * sync["layers"] > 0
     assert sync["bound_distft_over_baseline"] == pytest.approx(1 / (1 + sync["floor_fraction_of_baseline_step"]))
     traced = sync["in_training"]
-    assert traced["steps"] >= 5 and traced["step_ms"] > 0
+    assert traced["steps"] >= 5 and traced["step_ms"] > 0 and traced["untraced_step_ms"] > 0
     assert traced["groups"]["bn_forward"]["per_step"] == traced["groups"]["bn_backward"]["per_step"] == sync["layers"]
     assert traced["groups"]["gradients"]["per_step"] >= 1
     assert all(g["transfer_ms_per_step"] > 0 for k, g in traced["groups"].items() if k != "other")
