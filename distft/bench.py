@@ -35,15 +35,16 @@ def _machine() -> dict:
 
 
 def _run(cmd: list, what: str, timeout: int, env: dict | None = None) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env=None if env is None else {**os.environ, **env})
+    # a timeline is only taken where asked for: it slows the run it traces
+    base = {k: v for k, v in os.environ.items() if k != "HOROVOD_TIMELINE"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**base, **(env or {})})
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-3000:]
         raise DistftError(f"bench: the {what} run failed (exit {proc.returncode}):\n{tail}")
 
 
 def run(config: str, overrides: list, np_: int, steps: int, window: int, controller: str = "gloo",
-        timeout: int = 3600, cache_epochs: int = 3, repeats: int = 1) -> dict:
+        timeout: int = 3600, cache_epochs: int = 3, repeats: int = 1, trace: bool = True) -> dict:
     if steps < 3 * window:
         raise DistftError(f"bench: --steps {steps} must be at least 3 windows of {window}")
     if repeats < 1:
@@ -106,14 +107,8 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
             with open(floor) as fh:
                 sync_bn = json.load(fh)
             sync_bn["layers"] = sync_layers
-            # the same job once more with Horovod's timeline on (not timed: the timeline slows it)
-            trace = os.path.join(work, "timeline.json")
-            dump_config(load_config(config, common + [f"train.max_steps={steps}", "train.epochs=100000",
-                                                      f"train.log_every={window}",
-                                                      f"train.output={os.path.join(work, 'traced')}"]), job)
-            _run(launcher + [sys.executable, "-m", "distft", "--config", job], "distft (timeline)", timeout,
-                 env={"HOROVOD_TIMELINE": trace})
-            sync_bn["in_training"] = timeline.summarise(timeline.load(trace), skip=min(5, steps // 3))
+            if trace:
+                sync_bn["in_training"] = _traced(config, common, steps, window, work, launcher, timeout)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     d, b, lim = (results[k] for k in ("distft", "baseline", "limit"))
@@ -150,7 +145,7 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
                           # the one before): with nothing else running meanwhile, distft can at
                           # best take the baseline's step plus the floor
                           "bound_distft_over_baseline": 1 / (1 + fraction)}
-        if "in_training" in sync_bn:
+        if "steps" in sync_bn.get("in_training", {}):
             out["sync_bn"]["in_training"]["untraced_step_ms"] = summary["global_batch"] / d["samples_per_sec"] * 1e3
     if "cached" in results:
         c = results["cached"]
@@ -160,6 +155,21 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
         out["samples_per_sec"]["distft_cached"] = c["samples_per_sec"]
         out["ratios"]["cached_over_baseline"] = c["samples_per_sec"] / b["samples_per_sec"]
     return out
+
+
+def _traced(config, common, steps, window, work, launcher, timeout) -> dict:
+    """The same job once more with Horovod's timeline on (not timed: the timeline slows it),
+    summarised per step; what went wrong instead, so that the timed figures are not lost."""
+    trace, job = os.path.join(work, "timeline.json"), os.path.join(work, "traced.yaml")
+    dump_config(load_config(config, common + [f"train.max_steps={steps}", "train.epochs=100000",
+                                              f"train.log_every={window}",
+                                              f"train.output={os.path.join(work, 'traced')}"]), job)
+    try:
+        _run(launcher + [sys.executable, "-m", "distft", "--config", job], "distft (timeline)", timeout,
+             env={"HOROVOD_TIMELINE": trace})
+        return timeline.summarise(timeline.load(trace), skip=min(5, steps // 3))
+    except (DistftError, OSError, ValueError, subprocess.TimeoutExpired) as e:
+        return {"error": str(e).splitlines()[0]}
 
 
 def _combine(rounds: list) -> dict:
@@ -226,16 +236,20 @@ def _sync_bn_lines(f: dict) -> str:
 
 
 def _timeline_lines(t: dict) -> str:
+    if "error" in t:
+        return f"\nInside training (Horovod's timeline): not measured: {t['error']}\n"
     g = t["groups"]
     rows = [(what, g[k]) for what, k in (("synchronized BN, forward", "bn_forward"),
                                          ("synchronized BN, backward", "bn_backward"),
                                          ("gradient buckets", "gradients"))]
-    table = ["| per step | collectives | waiting for every rank (ms) | transferring (ms) | one transfer, median (ms) |",
+    table = ["| per step | operations | negotiating (ms) | transferring (ms) | one operation, median (ms) |",
              "|---|---:|---:|---:|---:|"]
-    table += [f"| {what} | {v['per_step']:.0f} | {v['negotiate_ms_per_step']:.1f} | {v['transfer_ms_per_step']:.1f} | "
+    table += [f"| {what} | {v['per_step']:.1f} | {v['negotiate_ms_per_step']:.1f} | {v['transfer_ms_per_step']:.1f} | "
               f"{v['transfer_median_ms']:.2f} |" for what, v in rows]
     return (f"\nInside training (Horovod's timeline, rank 0, one more run, {t['steps']} steps of {t['step_ms']:.0f} ms: "
-            f"the timeline itself slows the run, whose step took {t['untraced_step_ms']:.0f} ms untraced):\n\n" + "\n".join(table) + "\n")
+            f"the timeline itself slows the run, whose step took {t['untraced_step_ms']:.0f} ms untraced. "
+            "Negotiating: until every rank has queued it, Horovod's round trip and its thread's other "
+            "collectives included; rows overlap, they do not add up to the step):\n\n" + "\n".join(table) + "\n")
 
 
 # --- a grid: K heads in one run against one head -----------------------------------------------------

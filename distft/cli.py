@@ -114,6 +114,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--cache-epochs", type=int, default=3,
                    help="epochs of a distft run with train.cache_features on; epochs after the first "
                         "are compared with the baseline (default 3; 0 skips it)")
+    b.add_argument("--no-timeline", dest="timeline", action="store_false",
+                   help="with a synchronized BatchNorm, skip the extra run traced with Horovod's timeline "
+                        "(per step: what its exchanges waited and moved)")
     b.add_argument("--json", dest="json_path", help="write the results as JSON here")
     b.add_argument("--markdown", dest="md_path", help="write the Markdown table here")
     e = sub.add_parser("eval", help="evaluate the trained model (train.output/model.params or a checkpoint): "
@@ -169,7 +172,7 @@ def cmd_bench(args) -> int:
     from . import bench
 
     result = bench.run(args.config, args.overrides, args.np, args.steps, args.window, args.controller,
-                       cache_epochs=args.cache_epochs, repeats=args.repeats)
+                       cache_epochs=args.cache_epochs, repeats=args.repeats, trace=args.timeline)
     table = bench.markdown_grid(result) if "heads" in result else bench.markdown(result)
     print(table)
     if args.json_path:

@@ -3,15 +3,19 @@
 waited before they could start.
 
 For each collective Horovod records two spans, from the coordinator's point of view:
-- NEGOTIATE_*: from the first rank queueing the tensor until every rank has queued it (and
-  Horovod's background thread has got round to it: it runs one collective at a time). For a
-  synchronized BatchNorm this is the lag of the slower rank at that layer;
-- the operation itself (ALLREDUCE, ALLGATHER, ...): the transfer, every rank ready.
+- NEGOTIATE_*: from rank 0's background thread first seeing the tensor until it finds every
+  rank has queued it. That is the lag of the slower rank, plus Horovod's own round trip (a
+  worker's request reaches rank 0 once per cycle), plus any time the thread spent running other
+  collectives meanwhile (it runs one at a time);
+- the operation itself (ALLREDUCE, ALLGATHER, ...): the transfer, every rank ready. Horovod may
+  fuse several tensors (one bucket's, or several buckets) into one operation.
 
 Collectives are grouped by distft's names: `distft.syncbn.<layer>.stats` (a synchronized BN's
 forward), `.grad` (its backward), `distft.grad.<bucket>` (the gradient exchange) and the rest.
-A step is the time between two allreduces of gradient bucket 0 (one per step); the first
-`skip` steps (graph building, the response cache filling) are left out.
+A step starts with the operation that carries gradient bucket 0 (one per step); the first
+`skip` steps (graph building, the response cache filling) are left out. The groups' spans may
+overlap one another (a BN exchange negotiating while a bucket transfers): they do not add up to
+the step.
 """
 from __future__ import annotations
 
@@ -24,8 +28,8 @@ GROUPS = ("bn_forward", "bn_backward", "gradients", "other")
 
 
 def load(path: str) -> list:
-    """The timeline's events. Horovod writes a JSON array it closes only at shutdown; a file
-    cut short (a rank killed) still reads up to its last whole event."""
+    """The timeline's events. Horovod rewrites the array's closing bracket after each event; a
+    file cut short (a rank killed mid-write) still reads up to its last whole event."""
     with open(path) as fh:
         text = fh.read().strip()
     if text.endswith("]"):
@@ -71,31 +75,47 @@ def spans(events: list) -> list:
 
 
 def summarise(events: list, skip: int = 5) -> dict:
-    """Per step (the mean over the steps after `skip`): per group, how many collectives ran,
-    milliseconds in which some of them were negotiating or transferring (overlapping spans
-    count once: one bucket's tensors share one operation, and Horovod may fuse buckets), and
-    the median transfer of one."""
-    top = [(_base(tensor), phase, start, stop) for tensor, phase, start, stop in spans(events)
-           if not re.search(r"_([2-9]|\d\d+)of\d+$", tensor)]  # a bucket's first tensor stands for it
-    marks = sorted(start for tensor, phase, start, _ in top
-                   if not phase.startswith("NEGOTIATE") and tensor.endswith("distft.grad.0"))
+    """Per step (the mean over the steps after `skip`), per group: operations (overlapping
+    transfers of a group merged into one: one bucket's tensors, buckets Horovod fused), the
+    milliseconds in which some of its collectives were negotiating or transferring, and the
+    median length of one operation."""
+    top = [(group_of(tensor), _base(tensor), phase, start, stop) for tensor, phase, start, stop in spans(events)]
+    negotiate, transfer = defaultdict(list), defaultdict(list)
+    for group, base, phase, start, stop in top:
+        (negotiate if phase.startswith("NEGOTIATE") else transfer)[group].append(
+            (start, stop, base.endswith("distft.grad.0")))
+    operations = {group: _merged(transfer[group]) for group in GROUPS}
+    marks = [start for start, _, carries_bucket_0 in operations["gradients"] if carries_bucket_0]
     if len(marks) < skip + 2:
         raise ValueError(f"the timeline holds {len(marks)} steps; at least {skip + 2} are needed")
     begin, end = marks[skip], marks[-1]
     steps = len(marks) - 1 - skip
-    negotiate, transfer = defaultdict(list), defaultdict(list)
-    for tensor, phase, start, stop in top:
-        if begin <= start < end:
-            (negotiate if phase.startswith("NEGOTIATE") else transfer)[group_of(tensor)].append((start, stop))
+
+    def inside(intervals):
+        return [(a, b) for a, b, _ in intervals if begin <= a < end]
+
     out = {"steps": steps, "step_ms": (end - begin) / steps / 1e3, "groups": {}}
     for group in GROUPS:
-        moved = transfer[group]
+        ops = inside(operations[group])
         out["groups"][group] = {
-            "per_step": len(moved) / steps,
-            "negotiate_ms_per_step": _covered(negotiate[group]) / steps / 1e3,
-            "transfer_ms_per_step": _covered(moved) / steps / 1e3,
-            "transfer_median_ms": statistics.median(b - a for a, b in moved) / 1e3 if moved else 0.0,
+            "per_step": len(ops) / steps,
+            "negotiate_ms_per_step": _covered(inside(_merged(negotiate[group]))) / steps / 1e3,
+            "transfer_ms_per_step": _covered(ops) / steps / 1e3,
+            "transfer_median_ms": statistics.median(b - a for a, b in ops) / 1e3 if ops else 0.0,
         }
+    return out
+
+
+def _merged(intervals: list) -> list:
+    """(start, stop, flag) intervals merged where they overlap; a merged one's flag is any of
+    its members'."""
+    out: list = []
+    for start, stop, flag in sorted(intervals):
+        if out and start <= out[-1][1]:
+            last = out[-1]
+            out[-1] = (last[0], max(last[1], stop), last[2] or flag)
+        else:
+            out.append((start, stop, flag))
     return out
 
 
@@ -105,12 +125,4 @@ def _base(tensor: str) -> str:
 
 def _covered(intervals: list) -> float:
     """The length of the union of (start, stop) intervals."""
-    total, reach = 0.0, None
-    for start, stop in sorted(intervals):
-        if reach is None or start > reach:
-            total += stop - start
-            reach = stop
-        elif stop > reach:
-            total += stop - reach
-            reach = stop
-    return total
+    return sum(b - a for a, b, _ in _merged([(a, b, False) for a, b in intervals]))
