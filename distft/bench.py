@@ -161,15 +161,16 @@ def _traced(config, common, steps, window, work, launcher, timeout) -> dict:
     """The same job once more with Horovod's timeline on (not timed: the timeline slows it),
     summarised per step; what went wrong instead, so that the timed figures are not lost."""
     trace, job = os.path.join(work, "timeline.json"), os.path.join(work, "traced.yaml")
-    dump_config(load_config(config, common + [f"train.max_steps={steps}", "train.epochs=100000",
-                                              f"train.log_every={window}",
-                                              f"train.output={os.path.join(work, 'traced')}"]), job)
     try:
+        dump_config(load_config(config, common + [f"train.max_steps={steps}", "train.epochs=100000",
+                                                  f"train.log_every={window}",
+                                                  f"train.output={os.path.join(work, 'traced')}"]), job)
         _run(launcher + [sys.executable, "-m", "distft", "--config", job], "distft (timeline)", timeout,
              env={"HOROVOD_TIMELINE": trace})
         return timeline.summarise(timeline.load(trace), skip=min(5, steps // 3))
-    except (DistftError, OSError, ValueError, subprocess.TimeoutExpired) as e:
-        return {"error": str(e).splitlines()[0]}
+    except Exception as e:  # noqa: BLE001 - an extra measurement: whatever fails, the timed figures stand
+        lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        return {"error": lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1].strip()}"}
 
 
 def _combine(rounds: list) -> dict:

@@ -91,27 +91,29 @@ def summarise(events: list, skip: int = 5) -> dict:
     begin, end = marks[skip], marks[-1]
     steps = len(marks) - 1 - skip
 
-    def inside(intervals):
-        return [(a, b) for a, b, _ in intervals if begin <= a < end]
+    def clipped(intervals):  # the time inside the window
+        return [(max(a, begin), min(b, end)) for a, b, _ in intervals if a < end and b > begin]
 
     out = {"steps": steps, "step_ms": (end - begin) / steps / 1e3, "groups": {}}
     for group in GROUPS:
-        ops = inside(operations[group])
+        ops = [(a, b) for a, b, _ in operations[group] if begin <= a < end]  # counted where they start
         out["groups"][group] = {
             "per_step": len(ops) / steps,
-            "negotiate_ms_per_step": _covered(inside(_merged(negotiate[group]))) / steps / 1e3,
-            "transfer_ms_per_step": _covered(ops) / steps / 1e3,
+            "negotiate_ms_per_step": _covered(clipped(negotiate[group])) / steps / 1e3,
+            "transfer_ms_per_step": _covered(clipped(operations[group])) / steps / 1e3,
             "transfer_median_ms": statistics.median(b - a for a, b in ops) / 1e3 if ops else 0.0,
         }
     return out
 
 
 def _merged(intervals: list) -> list:
-    """(start, stop, flag) intervals merged where they overlap; a merged one's flag is any of
-    its members'."""
+    """(start, stop, flag) intervals merged where they overlap (one touching the next is not
+    merged); a merged one's flag is any of its members'. On CPU Horovod runs one operation at a
+    time, so overlapping transfers are one operation; on GPU, where it records an operation's
+    end later, consecutive ones may overlap and be undercounted (not run)."""
     out: list = []
     for start, stop, flag in sorted(intervals):
-        if out and start <= out[-1][1]:
+        if out and start < out[-1][1]:
             last = out[-1]
             out[-1] = (last[0], max(last[1], stop), last[2] or flag)
         else:
