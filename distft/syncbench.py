@@ -4,7 +4,7 @@ Run under horovodrun (every rank takes part):
 
     horovodrun -np 2 python -m distft.syncbench --channels 512 --spatial 4 --batches 8,32 --out r.json
 
-- `exchange_us`: one statistics exchange as SyncBatchNorm sends it (2C+1 float32, one stable
+- `exchange_us`: one statistics exchange as SyncBatchNorm sends it (2C+1 float64, one stable
   name), enqueued and waited for: the latency a layer's forward or backward cannot hide inside
   the layer. `exchange_fresh_names_us`: the same with a new name per call (what distft did
   before names were stable: Horovod's response cache never hits).
@@ -58,7 +58,7 @@ def measure(world, channels: int, spatial: int, batches: list, iters: int) -> di
     stable, fresh = [], []
     for i in range(iters + 5):
         for samples, name in ((stable, "distft.syncbench.stats"), (fresh, f"distft.syncbench.fresh.{i}")):
-            buf = mx.nd.ones((size,))
+            buf = mx.nd.ones((size,), dtype="float64")
             buf.wait_to_read()
             start = time.perf_counter()
             world.allreduce_([buf], name=name, average=False)
