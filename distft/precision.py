@@ -54,6 +54,12 @@ def enable(precision: str, ctx) -> str:
     return dtype
 
 
+def amp_enabled() -> bool:
+    """Whether AMP rewrites this process's operators (then graphs take no float64: its casts,
+    on oneDNN, fail on it)."""
+    return bool(_enabled)
+
+
 def to_float32(arr):
     """A float32 view of an AMP output (bfloat16 arrays cannot be read into numpy as numbers)."""
     return arr if np.dtype(arr.dtype) == np.float32 else mx.nd.amp_cast(arr, dtype="float32")

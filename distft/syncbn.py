@@ -6,9 +6,9 @@ the global batch. gamma/beta gradients stay local sums; the trainer's allreduce 
 every other gradient, which matches one process with the union batch.
 
 Cost model: one allreduce per layer forward (shifted sum, shifted sum of squares and the count,
-in one float64 buffer) and one per layer backward (both reductions in one buffer), under stable
-per-layer names so Horovod's response cache and fusion work from the second step on. The main
-thread never waits here: Horovod's MXNet ops are asynchronous engine operations, so the rest of
+in one buffer, float64 but under AMP) and one per layer backward (both reductions in one
+buffer), under stable per-layer names so Horovod's response cache and fusion work from the
+second step on. The main thread never waits here: Horovod's MXNet ops are asynchronous engine operations, so the rest of
 the step (and the next batch's frozen prefix) is queued while an exchange runs. Only backward,
 which MXNet runs on its custom-operator thread, waits for its own results before it returns.
 
@@ -36,7 +36,7 @@ import numpy as np
 from mxnet import autograd
 from mxnet.gluon import nn
 
-from . import faults
+from . import faults, precision
 
 
 def running_var_sample(var, count, device_type: str, F=mx.nd):
@@ -90,29 +90,30 @@ def _affine(F, x, scale, shift, zeros, one_less_eps, eps):
     return F.BatchNorm(x, scale, shift, zeros, one_less_eps, eps=eps, fix_gamma=False, use_global_stats=True)
 
 
-def _local_stats(F, x, shift, count, ones, zeros, scratch_mean, scratch_var, eps):
+def _local_stats(F, x, shift, count, ones, zeros, scratch_mean, scratch_var, eps, wide):
     """This rank's contribution to the statistics exchange: per channel, the sum of (x - shift)
-    and of (x - shift)^2, then the count, in float64. Shifted by the running mean (the same on
-    every rank), the ranks' statistics combine with less of the cancellation of E[x^2] - E[x]^2;
-    float64 removes the rest, for a batch whose mean is far from the running mean against its
-    spread (a channel at 10 with spread 0.01: its variance 3% off in float32). 2C+1 values:
-    the extra bytes are nothing on the wire."""
+    and of (x - shift)^2, then the count, in `wide` (float64; float32 under AMP, whose casts take
+    no float64). Shifted by the running mean (the same on every rank), the ranks' statistics
+    combine with less of the cancellation of E[x^2] - E[x]^2; float64 removes the rest, for a
+    batch whose mean is far from the running mean against its spread (a channel at 10 with
+    spread 0.01: its variance 3% off in float32). 2C+1 values: the extra bytes are nothing on
+    the wire."""
     mean, inv_std = _channel_stats(F, x, ones, zeros, scratch_mean, scratch_var, eps)
-    offset = F.cast(mean, dtype="float64") - F.cast(shift, dtype="float64")
-    var = F.cast(1.0 / F.square(inv_std) - eps, dtype="float64")  # this rank's own: no cancellation
-    count = F.cast(count, dtype="float64")
+    offset = F.cast(mean, dtype=wide) - F.cast(shift, dtype=wide)
+    var = F.cast(1.0 / F.square(inv_std) - eps, dtype=wide)  # this rank's own: no cancellation
+    count = F.cast(count, dtype=wide)
     return F.concat(F.broadcast_mul(offset, count), F.broadcast_mul(var + F.square(offset), count), count, dim=0)
 
 
 def _normalise(F, x, gamma, beta, totals, running_mean, running_var, zeros, one_less_eps, channels, eps, momentum,
-               device_type):
-    """y from the global statistics in `totals` (float64); what backward needs; the new running
-    statistics."""
+               device_type, wide):
+    """y from the global statistics in `totals` (of type `wide`); what backward needs; the new
+    running statistics."""
     n64 = F.slice_axis(totals, axis=0, begin=2 * channels, end=2 * channels + 1)
     mean_offset = F.broadcast_div(F.slice_axis(totals, axis=0, begin=0, end=channels), n64)
     second = F.broadcast_div(F.slice_axis(totals, axis=0, begin=channels, end=2 * channels), n64)
     var = F.cast(F.relu(second - F.square(mean_offset)), dtype="float32")
-    mean = F.cast(F.cast(running_mean, dtype="float64") + mean_offset, dtype="float32")  # the shift of _local_stats
+    mean = F.cast(F.cast(running_mean, dtype=wide) + mean_offset, dtype="float32")  # the shift of _local_stats
     n = F.cast(n64, dtype="float32")
     scale = gamma * F.rsqrt(var + eps)  # what backward needs of gamma, taken now (see the module's doc)
     y = _affine(F, x, scale, beta - mean * scale, zeros, one_less_eps, eps)
@@ -153,10 +154,11 @@ class _Kernels:
             return mx.nd.full((size,), value, ctx=ctx)
 
         # moving statistics of the statistics-only BatchNorm calls: written, never used
-        self.local_stats = _Fused(_local_stats, eps=eps)
+        wide = "float32" if precision.amp_enabled() else "float64"
+        self.local_stats = _Fused(_local_stats, eps=eps, wide=wide)
         self.local_stats_args = (arr(count, 1), arr(1.0), arr(0.0), arr(0.0), arr(1.0))
         self.normalise = _Fused(_normalise, channels=channels, eps=eps, momentum=momentum,
-                                device_type=ctx.device_type)
+                                device_type=ctx.device_type, wide=wide)
         self.normalise_args = (arr(0.0), arr(1.0 - eps))
         self.no_earlier = arr(0.0, 2 * channels)
         self.local_grads = _Fused(_local_grads, eps=eps)
