@@ -59,9 +59,7 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
                               "train.checkpoint_every_epochs=0",
                               # the limit is measured as its own run here
                               "metrics.probe_batches=0"]
-        cfg = load_config(config, common + [f"train.max_steps={steps}", "train.epochs=100000",
-                                            f"train.log_every={window}",
-                                            f"train.output={os.path.join(work, 'distft')}"])
+        cfg = _timed_job(config, common, steps, window, os.path.join(work, "distft"))
         job = os.path.join(work, "job.yaml")
         dump_config(cfg, job)
         launcher = [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", str(np_), f"--{controller}"]
@@ -157,14 +155,18 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
     return out
 
 
+def _timed_job(config: str, overrides: list, steps: int, window: int, output: str):
+    """The job's config for a run of `steps` steps logged every `window` (its samples/s windows)."""
+    return load_config(config, overrides + [f"train.max_steps={steps}", "train.epochs=100000",
+                                            f"train.log_every={window}", f"train.output={output}"])
+
+
 def _traced(config, common, steps, window, work, launcher, timeout) -> dict:
     """The same job once more with Horovod's timeline on (not timed: the timeline slows it),
     summarised per step; what went wrong instead, so that the timed figures are not lost."""
     trace, job = os.path.join(work, "timeline.json"), os.path.join(work, "traced.yaml")
     try:
-        dump_config(load_config(config, common + [f"train.max_steps={steps}", "train.epochs=100000",
-                                                  f"train.log_every={window}",
-                                                  f"train.output={os.path.join(work, 'traced')}"]), job)
+        dump_config(_timed_job(config, common, steps, window, os.path.join(work, "traced")), job)
         _run(launcher + [sys.executable, "-m", "distft", "--config", job], "distft (timeline)", timeout,
              env={"HOROVOD_TIMELINE": trace})
         return timeline.summarise(timeline.load(trace), skip=min(5, steps // 3))
@@ -281,9 +283,7 @@ def run_grid(config: str, overrides: list, np_: int, steps: int, window: int, co
             for mode, extra in (("grid", []), ("one", one_head)):
                 out = os.path.join(work, f"{mode}-{r}")
                 job = os.path.join(work, f"{mode}.yaml")
-                dump_config(load_config(config, common + extra + [
-                    f"train.max_steps={steps}", "train.epochs=100000", f"train.log_every={window}",
-                    f"train.output={out}"]), job)
+                dump_config(_timed_job(config, common + extra, steps, window, out), job)
                 _run(launcher + [sys.executable, "-m", "distft", "--config", job], f"distft ({mode})", timeout)
                 s = _summary(out)
                 windows = [h["samples_per_sec"] for h in s["history"]]

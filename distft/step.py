@@ -7,10 +7,10 @@ gradient exchange (trainable gradients only, fused buckets, the step's ballot in
 and the update, rescaled by the samples of the share.
 
 In the default mode (train.on_nonfinite: error, no float16 loss scaling, no heads.grid; with
-a synchronized BN too) nothing waits for the exchange: the update is queued behind it, and the step's verdict (the
-averaged gradients' norms, every rank's "my loss is not finite" from the ballot) is read at the
-next step (`settle`), so the exchange overlaps the next batch. The verdict is the same on every
-rank, so every rank stops, skips or scales the loss alike.
+a synchronized BN too) nothing waits for the exchange: the update is queued behind it, and the
+step's verdict (the averaged gradients' norms, every rank's "my loss is not finite" from the
+ballot) is read at the next step (`settle`), so the exchange overlaps the next batch. The
+verdict is the same on every rank, so every rank stops, skips or scales the loss alike.
 """
 from __future__ import annotations
 

@@ -8,8 +8,9 @@ every other gradient, which matches one process with the union batch.
 Cost model: one allreduce per layer forward (shifted sum, shifted sum of squares and the count,
 in one buffer, float64 but under AMP) and one per layer backward (both reductions in one
 buffer), under stable per-layer names so Horovod's response cache and fusion work from the
-second step on. The main thread never waits here: Horovod's MXNet ops are asynchronous engine operations, so the rest of
-the step (and the next batch's frozen prefix) is queued while an exchange runs. Only backward,
+second step on. The main thread never waits here: Horovod's MXNet ops are asynchronous engine
+operations, so the rest of the step (and the next batch's frozen prefix) is queued while an
+exchange runs. Only backward,
 which MXNet runs on its custom-operator thread, waits for its own results before it returns.
 
 Two engine-ordering rules keep that deadlock-free and correct:
@@ -109,12 +110,12 @@ def _normalise(F, x, gamma, beta, totals, running_mean, running_var, zeros, one_
                device_type, wide):
     """y from the global statistics in `totals` (of type `wide`); what backward needs; the new
     running statistics."""
-    n64 = F.slice_axis(totals, axis=0, begin=2 * channels, end=2 * channels + 1)
-    mean_offset = F.broadcast_div(F.slice_axis(totals, axis=0, begin=0, end=channels), n64)
-    second = F.broadcast_div(F.slice_axis(totals, axis=0, begin=channels, end=2 * channels), n64)
+    n_wide = F.slice_axis(totals, axis=0, begin=2 * channels, end=2 * channels + 1)
+    mean_offset = F.broadcast_div(F.slice_axis(totals, axis=0, begin=0, end=channels), n_wide)
+    second = F.broadcast_div(F.slice_axis(totals, axis=0, begin=channels, end=2 * channels), n_wide)
     var = F.cast(F.relu(second - F.square(mean_offset)), dtype="float32")
     mean = F.cast(F.cast(running_mean, dtype=wide) + mean_offset, dtype="float32")  # the shift of _local_stats
-    n = F.cast(n64, dtype="float32")
+    n = F.cast(n_wide, dtype="float32")
     scale = gamma * F.rsqrt(var + eps)  # what backward needs of gamma, taken now (see the module's doc)
     y = _affine(F, x, scale, beta - mean * scale, zeros, one_less_eps, eps)
     sample = running_var_sample(var, n, device_type, F)

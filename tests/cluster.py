@@ -168,10 +168,13 @@ class Cluster:
                 return int(children[0])
             time.sleep(0.05)
         state = f"exited {proc.returncode}" if proc.poll() is not None else f"still running after {seconds:.0f} s"
-        try:
-            tail = open(log).read()[-1500:] if log else ""
-        except OSError:
-            tail = ""
+        tail = ""
+        if log:
+            try:
+                with open(log) as fh:
+                    tail = fh.read()[-1500:]
+            except OSError:
+                pass
         raise RuntimeError(f"{proc.args[0]} (pid {pid}) started no node process ({state}): {proc.args}\n{tail}")
 
     def _wait_for_sshd(self, node: Node, seconds: float = 30) -> None:
