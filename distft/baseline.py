@@ -30,6 +30,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
+    from . import imaging
+
+    imaging.load_pillow()  # Pillow's codecs bound before Horovod makes MXNet's global
     import horovod.mxnet as hvd
     import psutil
 

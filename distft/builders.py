@@ -8,7 +8,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from . import freeze, model, syncbn
+from . import freeze, imaging, model, syncbn
+from .agreement import agreed_everywhere
 from .cache import FeatureCache
 from .data import BatchLoader, ShardSampler, Transform, open_training_sets
 from .datacheck import without_unreadable
@@ -27,8 +28,10 @@ class DataSets:
 def open_data(cfg, world, warn) -> DataSets:
     """The data sets, read once and checked before any step: the image size against the
     network (before any data is read), classes by name (model.classes: auto is resolved here),
+    the image decoder on every rank (a broken one is the environment's fault, named as such),
     every file's verdict (unreadable ones left out, or every rank stops past the limit)."""
     require_fits(cfg.model.name, cfg.model.image_size)
+    agreed_everywhere(world, "testing the image decoder", imaging.self_test)  # before any file is judged
     train, val, names, cfg.model.classes = open_training_sets(cfg.data, cfg.model.classes)
     train = without_unreadable(train, "data.train", world, cfg.data, log=warn)
     if val is not None:

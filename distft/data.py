@@ -13,7 +13,6 @@ over by the split are not used (reshuffled sharding drops other ones each epoch)
 """
 from __future__ import annotations
 
-import io
 import os
 import queue
 import threading
@@ -24,8 +23,8 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .errors import DataError
+from .imaging import IMAGE_EXTENSIONS, decode  # noqa: F401 - the one decoder, re-exported
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
 # --- sharding --------------------------------------------------------------------------------
@@ -85,22 +84,6 @@ def eval_shard(size: int, world_size: int, rank: int) -> np.ndarray:
 
 
 # --- data sets: (H, W, 3) uint8 RGB images and integer labels ------------------------------
-
-
-class ArrayImages:
-    in_memory = True  # decoded once; the loader may keep transformed samples
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, name: str, class_names: Optional[list] = None):
-        self.images, self.labels, self.name = images, labels.astype(np.int64), name
-        self.classes = int(labels.max()) + 1 if len(labels) else 0
-        self.class_names = class_names
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def read(self, i: int) -> np.ndarray:
-        return self.images[i]
-
 
 
 class ImageFolder:
@@ -226,7 +209,6 @@ class Subset:
         self.labels = base.labels[self.indices]
         self.classes = base.classes
         self.class_names = getattr(base, "class_names", None)
-        self.in_memory = getattr(base, "in_memory", False)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -293,20 +275,6 @@ def resolve_model_classes(cfg) -> int:
 
 
 # --- transforms ------------------------------------------------------------------------------
-
-
-def decode(payload: bytes, where: str) -> np.ndarray:
-    """Encoded image -> (H, W, 3) uint8 RGB. Pillow, not MXNet's imdecode: a corrupt image
-    makes MXNet's engine op fail and its error resurfaces at a later, unrelated sync."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(payload)) as im:
-            return np.asarray(im.convert("RGB"))
-    except UnidentifiedImageError:  # its text names the BytesIO object, not the file
-        raise DataError(f"{where}: not an image (unknown format, {len(payload)} bytes)") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{where}: cannot decode image ({exc})") from None
 
 
 def _resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -388,15 +356,9 @@ class BatchLoader:
         self.bad_files: set = set()
         self.seen = 0
         self._pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
-        self._cache: dict = {}
 
     def _sample(self, i: int, epoch: int) -> np.ndarray:
-        if not self.transform.augment and i in self._cache:
-            return self._cache[i]
-        x = self.transform(self.dataset.read(int(i)), epoch, int(i))
-        if not self.transform.augment and getattr(self.dataset, "in_memory", False):
-            self._cache[i] = x  # in-memory sets: decode and resize once
-        return x
+        return self.transform(self.dataset.read(int(i)), epoch, int(i))
 
     def _try_sample(self, i: int, epoch: int):
         try:

@@ -8,8 +8,10 @@ first bad file. Training runs the same pass before its first step (`without_unre
 rank reading a strided share: past the limit every rank stops with the same line; below it the
 bad files are left out of the data set on every rank.
 
-Verdicts are cached in a JSON file keyed by (path, size, mtime), so a second check, or one after
-a few files changed, reads only what is new.
+Verdicts are cached in a JSON file keyed by (path, size, mtime) and the decoder's identity
+(`imaging.identity`), so a second check, or one after a few files changed, reads only what is
+new. A file's failure is cached only once the decoder's self-test has passed in the same
+process: a verdict is a fact about the file, never about a broken environment.
 """
 from __future__ import annotations
 
@@ -23,10 +25,11 @@ from typing import Optional
 
 import numpy as np
 
+from . import imaging
 from .data import ImageFolder, RecordFile, bad_file_limit, decode, open_dataset, open_training_sets
 from .errors import DataError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 1: no decoder identity (its failures may be a broken process's)
 CHUNK = 64  # files per task handed to a worker process
 
 
@@ -95,7 +98,7 @@ class VerdictCache:
             try:
                 with open(os.path.join(folder, name)) as fh:
                     doc = json.load(fh)
-                if doc.get("version") == CACHE_VERSION:
+                if doc.get("version") == CACHE_VERSION and doc.get("decoder") == imaging.identity():
                     self.entries.update(doc.get("entries", {}))
             except (OSError, ValueError, AttributeError):
                 continue  # a damaged cache is rebuilt, not fatal
@@ -107,6 +110,8 @@ class VerdictCache:
         return None
 
     def put(self, key: str, stamp: tuple[int, int], width: int, height: int, error: Optional[str]) -> None:
+        if error and not imaging.self_test_passed():
+            return  # unproven: the decoder itself may be at fault
         self.entries[key] = [stamp[0], stamp[1], width, height, error]
 
     def save(self, path: Optional[str] = None) -> None:
@@ -117,7 +122,7 @@ class VerdictCache:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             tmp = f"{path}.tmp-{os.getpid()}"
             with open(tmp, "w") as fh:
-                json.dump({"version": CACHE_VERSION, "entries": self.entries}, fh)
+                json.dump({"version": CACHE_VERSION, "decoder": imaging.identity(), "entries": self.entries}, fh)
             os.replace(tmp, path)
         except OSError:
             pass  # a cache that cannot be written costs a re-read next time, nothing more
@@ -155,7 +160,7 @@ class SetReport:
         return {"key": self.key, "data": self.spec, "kind": self.kind, "files": self.files,
                 "unreadable": self.unreadable, "ignored": self.ignored, "bad_file_limit": self.limit, "classes": self.class_counts,
                 "image_sizes_min_median_max": self.sizes(), "read": self.read,
-                "from_cache": self.files - self.read if self.kind != "in memory" else 0}
+                "from_cache": self.files - self.read}
 
     def text(self) -> str:
         lines = [f"{self.key}: {self.spec} ({self.kind}): {self.files} files, {len(self.unreadable)} unreadable "
@@ -171,8 +176,7 @@ class SetReport:
             more = f" … and {len(self.ignored) - 3} more" if len(self.ignored) > 3 else ""
             lines.append(f"  ignored ({len(self.ignored)}, not an image file name or outside the class folders): "
                          + ", ".join(self.ignored[:3]) + more)
-        if self.kind != "in memory":
-            lines.append(f"  read {self.read} files, {self.files - self.read} verdicts from the cache")
+        lines.append(f"  read {self.read} files, {self.files - self.read} verdicts from the cache")
         return "\n".join(lines)
 
 
@@ -220,12 +224,10 @@ def _verdicts(dataset, items, cache: VerdictCache, pool) -> tuple[dict, int]:
 
 def scan(dataset, key: str, spec: str, cache: VerdictCache, pool, max_bad_fraction: float,
          max_bad_files: int) -> SetReport:
-    kind = {ImageFolder: "ImageFolder", RecordFile: "RecordIO"}.get(type(dataset), "in memory")
+    kind = "ImageFolder" if isinstance(dataset, ImageFolder) else "RecordIO"
     report = SetReport(key, spec, kind, len(dataset), _class_counts(dataset),
                        limit=bad_file_limit(len(dataset), max_bad_fraction, max_bad_files))
     report.ignored = list(getattr(dataset, "ignored", []))
-    if kind == "in memory":
-        return report
     items = _tasks(dataset)
     verdicts, report.read = _verdicts(dataset, items, cache, pool)
     for ident, _, _ in items:
@@ -240,6 +242,7 @@ def scan(dataset, key: str, spec: str, cache: VerdictCache, pool, max_bad_fracti
 
 def check(cfg, jobs: int = 0, cache_path: Optional[str] = None) -> list[SetReport]:
     """Reports for data.train and data.val (or data.train alone, data.val_split included)."""
+    imaging.self_test()  # a broken decoder is the environment's fault: say so, read no file
     open_training_sets(cfg.data, cfg.model.classes)  # class errors first: one line, naming the key
     sets = [("data.train", cfg.data.train)] + ([("data.val", cfg.data.val)] if cfg.data.val else [])
     cache = VerdictCache(cache_path or default_cache_path())

@@ -11,12 +11,13 @@ import sys
 
 import numpy as np
 import onnxruntime
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 def preprocess(path: str, spec: dict) -> np.ndarray:
-    """resize the short side, centre crop, x/255, (x - mean) / std, HWC RGB -> CHW."""
-    img = Image.open(path).convert(spec["channel_order"])
+    """upright as its EXIF orientation says (as distft decodes), resize the short side, centre
+    crop, x/255, (x - mean) / std, HWC RGB -> CHW."""
+    img = ImageOps.exif_transpose(Image.open(path)).convert(spec["channel_order"])
     w, h = img.size
     size, crop = spec["resize_short"], spec["crop"]
     scale = size / min(h, w)

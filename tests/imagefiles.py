@@ -29,3 +29,61 @@ def make_folder(root, classes, per_class=4, size=40, seed=0):
             img[:, :, c % 3] += 150
             (root / name / f"{i}.png").write_bytes(png(img))
     return str(root)
+
+
+# --- photos as users have them: JPEG (several kinds) and PNG, of varying sizes ---------------
+
+PHOTO_KINDS = ("baseline", "progressive", "grayscale", "cmyk", "exif-rotated", "png")
+
+
+def photo_bytes(img: np.ndarray, kind: str, quality: int = 92) -> bytes:
+    """`img` (H, W, 3 uint8) encoded as a user's camera or editor would have written it. An
+    `exif-rotated` JPEG stores the pixels turned a quarter (as a phone held upright does) with
+    EXIF orientation 6, so that decoding it upright gives `img` back."""
+    import io
+
+    from PIL import Image
+
+    im = Image.fromarray(img)
+    buf = io.BytesIO()
+    if kind == "png":
+        im.save(buf, format="PNG")
+    elif kind == "baseline":
+        im.save(buf, format="JPEG", quality=quality)
+    elif kind == "progressive":
+        im.save(buf, format="JPEG", quality=quality, progressive=True, optimize=True)
+    elif kind == "grayscale":
+        im.convert("L").save(buf, format="JPEG", quality=quality)
+    elif kind == "cmyk":
+        im.convert("CMYK").save(buf, format="JPEG", quality=quality)
+    elif kind == "exif-rotated":
+        exif = Image.Exif()
+        exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+        im.transpose(Image.Transpose.ROTATE_90).save(buf, format="JPEG", quality=quality, exif=exif)
+    else:
+        raise ValueError(kind)
+    return buf.getvalue()
+
+
+def photo_extension(kind: str) -> str:
+    return ".png" if kind == "png" else ".jpg"
+
+
+def make_photo_folder(root, classes, per_class=6, sizes=((40, 52), (56, 44), (48, 48)), seed=0, kinds=PHOTO_KINDS):
+    """An ImageFolder of JPEGs and PNGs of varying sizes and kinds (cycled per file). A class
+    has its own brightness and dominant colour channel, so that even a head on a backbone that
+    sees little colour (the demo's digits) can learn it, grayscale files included."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    n = 0
+    for c, name in enumerate(classes):
+        os.makedirs(root / name)
+        for i in range(per_class):
+            h, w = sizes[n % len(sizes)]
+            kind = kinds[n % len(kinds)]
+            level = 20 + (200 * c) // max(len(classes) - 1, 1)
+            img = np.clip(rng.integers(-15, 16, (h, w, 3)) + level, 0, 255)
+            img[:, :, c % 3] = np.clip(img[:, :, c % 3] + 40, 0, 255)
+            (root / name / f"{i:03d}{photo_extension(kind)}").write_bytes(photo_bytes(img.astype(np.uint8), kind))
+            n += 1
+    return str(root)
