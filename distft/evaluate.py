@@ -10,6 +10,8 @@ import mxnet as mx
 import numpy as np
 
 from . import precision
+from .agreement import agreed_everywhere
+from .classes import map_validation
 from .data import BatchLoader, eval_shard
 from .errors import DataError
 
@@ -102,7 +104,7 @@ def run(cfg, json_path: str, data: Optional[str] = None, checkpoint_dir: Optiona
     """`distft eval`: the trained network of `cfg`'s run on `data` (default data.val)."""
     from mxnet import gluon
 
-    from . import dist, trained
+    from . import dist, imaging, trained
     from .data import open_dataset
 
     spec = data or cfg.data.val
@@ -110,12 +112,13 @@ def run(cfg, json_path: str, data: Optional[str] = None, checkpoint_dir: Optiona
     if not spec:
         raise DataError("data.val: not set; give --data PATH (an ImageFolder or .rec)")
     world = world or dist.init_world(stall_timeout=cfg.train.stall_timeout)
+    agreed_everywhere(world, "testing the image decoder", imaging.self_test)
     ctx = world.context()
-    dataset = open_dataset(spec, "val", key)
-    classes = cfg.model.classes
-    if dataset.classes > classes:
-        raise DataError(f"{key}: {spec} has labels up to {dataset.classes - 1}, the model has {classes} classes")
+    names = trained.run_classes(cfg)  # the run's classes (classes.json), model.classes: auto or not
+    classes = len(names)
     net, source = trained.load_network(cfg, ctx, checkpoint_dir, head)
+    dataset = open_dataset(spec, "val", key)
+    map_validation(dataset, names, classes, key)  # by name, as training's validation does
     runner = trained.runner(cfg, net, ctx)
     loader = BatchLoader(dataset, trained.preprocessing(cfg).transform(), workers=cfg.data.workers,
                          max_bad_fraction=cfg.data.max_bad_fraction)
@@ -124,7 +127,6 @@ def run(cfg, json_path: str, data: Optional[str] = None, checkpoint_dir: Optiona
                           gluon.loss.SoftmaxCrossEntropyLoss(), classes=classes)
     finally:
         loader.close()
-    names = trained.class_names(cfg, dataset)
     confusion = result.pop("confusion")
     report = {
         "model": source, "data": spec, "samples": result["val_samples"],

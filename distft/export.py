@@ -80,6 +80,7 @@ def run(cfg, fmt: str, output: str, log=print) -> dict:
     from . import trained
 
     ctx = mx.cpu()
+    names = trained.run_classes(cfg)  # the run's classes (classes.json), model.classes: auto or not
     # float32 graph whatever train.precision was: weights are float32, AMP's casts stay out
     net, source = trained.load_network(cfg, ctx, enable_precision=False)
     prep = trained.preprocessing(cfg)
@@ -104,7 +105,7 @@ def run(cfg, fmt: str, output: str, log=print) -> dict:
                          f"{diff:.3g} (limit {MAX_ABS_DIFF:g}); nothing written")
     side = stem(output, fmt) + "-input.json"
     with open(side, "w") as fh:
-        json.dump({"input": prep.to_json(), "input_name": "data", "classes": trained.class_names(cfg)}, fh, indent=1)
+        json.dump({"input": prep.to_json(), "input_name": "data", "classes": names}, fh, indent=1)
     files.append(side)
     log(f"export: {source} -> {', '.join(files)}")
     log(f"checked: reloaded, logits on a batch of {CHECK_BATCH} within {diff:.2g} of the training network's "

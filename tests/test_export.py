@@ -17,7 +17,7 @@ from distft.errors import ModelError
 from distft.preprocess import Preprocess
 from distft.train import run
 
-from imagefiles import make_folder
+from imagefiles import make_photo_folder
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +86,8 @@ def test_served_onnx_model_answers_as_predict_does(trained_run, tmp_path):
     """launch/serve_onnx.py (onnxruntime, Pillow, numpy; no MXNet) with the exported model and
     its input spec gives what `distft predict` gives, on images that need resizing and cropping."""
     cfg, _ = trained_run
-    folder = make_folder(tmp_path / "imgs", ["a", "b"], per_class=2, size=45)
-    images = sorted(str(p) for p in (tmp_path / "imgs").rglob("*.png"))
+    folder = make_photo_folder(tmp_path / "imgs", ["a", "b"], per_class=6, sizes=((45, 61), (70, 45)))
+    images = sorted(str(p) for p in (tmp_path / "imgs").rglob("*.*g"))  # every kind, EXIF-rotated included
     assert cli.main(["export", "--config", cfg, "--format", "onnx", "--output", str(tmp_path / "m.onnx")]) == 0
     assert cli.main(["predict", "--config", cfg, "--images", folder, "--top-k", "5",
                      "--output", str(tmp_path / "p.json")]) == 0
@@ -101,3 +101,13 @@ def test_served_onnx_model_answers_as_predict_does(trained_run, tmp_path):
         want = expected[r["image"]]
         assert [t["class"] for t in r["top"]] == [t["class"] for t in want]
         assert max(abs(a["prob"] - b["prob"]) for a, b in zip(r["top"], want)) <= 1e-4
+
+
+def test_export_reads_the_runs_classes_when_model_classes_is_auto(tmp_path, pretrained):
+    folder = make_photo_folder(tmp_path / "imgs", ["bee", "cow", "elk"], per_class=2)
+    cfg = write_config(tmp_path / "c.yaml", small_config(tmp_path, pretrained, model={"classes": "auto"},
+                                                         data={"train": folder, "batch_size": 3},
+                                                         train={"max_steps": 2}))
+    run(load_config(cfg), LocalWorld())
+    assert cli.main(["export", "--config", cfg, "--format", "mxnet", "--output", str(tmp_path / "e" / "net")]) == 0
+    assert json.loads((tmp_path / "e" / "net-input.json").read_text())["classes"] == ["bee", "cow", "elk"]
