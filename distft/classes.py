@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 from typing import Optional
 
 import numpy as np
@@ -104,7 +105,7 @@ def load(output: str) -> Optional[list]:
     names = doc.get("classes") if isinstance(doc, dict) else doc
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise ConfigError(f"{path}: expected a JSON list of class names (index = label)")
-    return names
+    return [unicodedata.normalize("NFC", n) for n in names]
 
 
 def save(output: str, names: Optional[list], classes: int) -> str:

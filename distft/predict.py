@@ -15,18 +15,20 @@ from typing import Optional
 
 import numpy as np
 
-from .data import IMAGE_EXTENSIONS, decode
+from .data import IMAGE_EXTENSIONS, decode, is_hidden
 from .errors import ConfigError, DataError
 
 
 def collect(paths: list[str]) -> list[str]:
-    """Files as given; folders walked (sorted) for image files."""
+    """Files as given; folders walked (sorted) for image files, hidden ones (`.DS_Store`, macOS
+    `._*` files, `.ipynb_checkpoints/`) left out as training leaves them out."""
     found = []
     for path in paths:
         if os.path.isdir(path):
             for root, dirs, files in os.walk(path):
-                dirs.sort()
-                found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+                dirs[:] = sorted(d for d in dirs if not is_hidden(d))
+                found += [os.path.join(root, f) for f in sorted(files)
+                          if f.lower().endswith(IMAGE_EXTENSIONS) and not is_hidden(f)]
         elif os.path.exists(path):
             found.append(path)
         else:

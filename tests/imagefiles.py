@@ -87,3 +87,33 @@ def make_photo_folder(root, classes, per_class=6, sizes=((40, 52), (56, 44), (48
             (root / name / f"{i:03d}{photo_extension(kind)}").write_bytes(photo_bytes(img.astype(np.uint8), kind))
             n += 1
     return str(root)
+
+
+def make_users_folder(root, seed=0, cafe="café"):
+    """A folder as a user's own photos arrive: four classes (one with a non-ASCII name, one with
+    a space), JPEGs of every kind and PNGs of varying sizes, an uppercase .JPG, photos nested in
+    `dog/from_phone/2023/`, one truncated JPEG, and the litter of real folders: `.DS_Store`,
+    `Thumbs.db`, a macOS `._` AppleDouble file, `.ipynb_checkpoints/` with an image in it.
+    `cafe`: the spelling of that class's folder name (pass the NFD form to play macOS)."""
+    classes = [cafe, "cat", "dog", "red fox"]
+    make_photo_folder(root, classes, per_class=6, seed=seed, sizes=((40, 52), (56, 44), (64, 48)))
+    rng = np.random.default_rng(seed + 100)
+
+    def photo(level, kind="baseline"):
+        img = np.clip(rng.integers(-15, 16, (44, 50, 3)) + level, 0, 255).astype(np.uint8)
+        return photo_bytes(img, kind)
+
+    nested = root / "dog" / "from_phone" / "2023"
+    os.makedirs(nested)
+    for i in range(4):
+        (nested / f"IMG_{i:04d}.jpg").write_bytes(photo(153, "exif-rotated" if i % 2 else "progressive"))
+    (root / "red fox" / "UPPER.JPG").write_bytes(photo(220))
+    whole = photo(86)
+    (root / "cat" / "truncated.jpg").write_bytes(whole[:len(whole) // 3])
+    (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(64))
+    (root / "cat" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(64))
+    (root / "dog" / "Thumbs.db").write_bytes(bytes(128))
+    (root / cafe / "._000.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(40))
+    os.makedirs(root / ".ipynb_checkpoints")
+    (root / ".ipynb_checkpoints" / "stray.jpg").write_bytes(photo(20))
+    return str(root)

@@ -107,3 +107,14 @@ def test_predict_under_horovodrun_shares_the_images_and_writes_what_one_process_
     for a, b in zip(one, two):
         assert [t["class"] for t in a["top"]] == [t["class"] for t in b["top"]]
         assert max(abs(x["prob"] - y["prob"]) for x, y in zip(a["top"], b["top"])) <= 1e-6
+
+
+def test_predict_on_a_users_folder_skips_hidden_files_and_reads_nested_ones(folder_run, tmp_path):
+    from imagefiles import make_users_folder
+
+    cfg, _ = folder_run
+    root = make_users_folder(tmp_path / "photos")
+    assert cli.main(["predict", "--config", cfg, "--images", root, "--output", str(tmp_path / "p.json")]) == 0
+    results = json.loads((tmp_path / "p.json").read_text())
+    assert len(results) == 30 and sum("error" in r for r in results) == 1  # the truncated JPEG only
+    assert not any("/." in r["image"] or "._" in r["image"] for r in results)
