@@ -58,8 +58,9 @@ class DataConfig:
     train: str = "demo"
     # the validation set, same kinds; its classes are matched to data.train's by name (null: none)
     val: Optional[str] = None
-    # instead of data.val: hold out this fraction of data.train (seeded by data.seed, the same on
-    # every rank) for validation; it is never trained on
+    # instead of data.val: hold out this fraction of data.train for validation; it is never
+    # trained on. A file is held out by a hash of its name and data.seed, so files added later
+    # never move a trained-on sample into validation (or back)
     val_split: float = field(default=0.0, metadata=_at_least(0.0))
     batch_size: int = field(default=32, metadata=_at_least(1))  # per rank: the largest micro-batch
     # samples per optimizer step, all ranks together. The job's, not the launch's: default
@@ -82,6 +83,9 @@ class DataConfig:
     # rank keeps one shard for the whole run and reshuffles it; what a feature cache needs, and
     # it keeps a rank's reads on its own shard). `auto`: fixed when train.cache_features is on.
     shards: str = field(default="auto", metadata=_choices("auto", "reshuffled", "fixed"))
+    # a relaunch finds data.train changed (files added, removed or resized since the checkpoint):
+    # `error` refuses to resume; `accept` resumes on the data set as it is now
+    on_change: str = field(default="error", metadata=_choices("error", "accept"))
 
 
 @dataclass

@@ -56,7 +56,9 @@ class Job:
         self.sets = open_data(cfg, world, lambda msg: log(world, msg))  # resolves model.classes: auto
         meta = self.checkpoints.find_resume_point()
         if meta:
-            check_relaunch(cfg, meta)
+            check_relaunch(cfg, meta, self.sets.identity)
+            if cfg.data.val_split and "data" not in meta:  # written before samples were held out by name
+                self.sets = open_data(cfg, world, lambda msg: log(world, msg), holdout_by_position=True)
         self.state = (TrainState.from_meta(meta, cfg.data.batch_size) if meta else
                       TrainState(global_batch=cfg.data.global_batch or cfg.data.batch_size * world.size))
         self.batching = split_global_batch(self.state.global_batch, world.size, cfg.data.batch_size,
@@ -251,6 +253,7 @@ class Job:
             self.checkpoints.save(at, self.params, self.heads.state_names(),
                                   self.heads.capture_optimizer(self.names, self.loss_scale), digests[0],
                                   {"model": self.cfg.model.name, "classes": self.cfg.model.classes,
+                                   "data": self.sets.identity,
                                    "lr": self.heads[0].schedule(max(at.step - 1, 0)), **self.heads.checkpoint_meta()})
         self.metrics.event("checkpoint", step=at.step)
 
@@ -261,7 +264,7 @@ class Job:
             self.validate(self.state.epoch)  # the relaunch starts the next epoch: validate this one now
         self.save_checkpoint(self.state.at_epoch_end(self.data.steps_per_epoch))
         self.guard.finished = True
-        raise Preempted(f"preempted (SIGTERM) at step {self.state.step}; checkpoint written; "
+        raise Preempted(f"preempted ({self.guard.stop_reason}) at step {self.state.step}; checkpoint written; "
                         "run the same command again to resume")
 
     def switch_plan(self, epoch: int) -> None:
