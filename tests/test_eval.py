@@ -1,6 +1,7 @@
 """`distft eval`: the trained network on a data set, by the same code path as training's val_top1."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -137,3 +138,55 @@ def test_eval_of_jpeg_photos_under_horovodrun_equals_val_top1(photo_run, tmp_pat
     report = json.loads(out.read_text())
     assert report["world_size"] == 2 and report["samples"] == 12 and report["bad_samples"] == 0
     assert report["top1"] == summary["val_top1"]
+
+
+@pytest.fixture(scope="module")
+def users_folder(tmp_path_factory):
+    from imagefiles import make_users_folder
+
+    tmp = tmp_path_factory.mktemp("users")
+    return make_users_folder(tmp / "photos"), make_users_folder(tmp / "val", seed=1), tmp
+
+
+def test_eval_on_a_class_subset_equals_training_validation_on_it(users_folder, pretrained, tmp_path):
+    """eval matched classes by folder position: on a folder of only `dog` and `red fox` it counted
+    dogs as `café` and foxes as `cat` (top-1 0.5, confusion [[8,0,0,0],[8,0,0,0],…]), where
+    training's validation on the same folder (matched by name) said otherwise."""
+    from distft.makerec import make_rec
+
+    train, val, _ = users_folder
+    subset = tmp_path / "val_sub"
+    for name in ("dog", "red fox"):
+        shutil.copytree(os.path.join(val, name), subset / name)
+    cfg = write_config(tmp_path / "c.yaml", small_config(tmp_path, pretrained, model={"classes": "auto"},
+                                                         data={"train": train, "val": str(subset), "batch_size": 4},
+                                                         train={"max_steps": None, "epochs": 2}))
+    run(load_config(cfg), LocalWorld())
+    summary = read_summary(tmp_path / "out")
+    assert summary["data"]["data.val"]["files"] == 17
+    report = eval_json(["--config", cfg, "--data", str(subset), "--json", str(tmp_path / "e.json")])
+    assert report["samples"] == 17 and report["top1"] == summary["val_top1"]
+    assert np.array(report["confusion"])[:2].sum() == 0  # nothing counted as café or cat
+    rec = make_rec(str(subset), str(tmp_path / "val_sub.rec"), jobs=1)["rec"]
+    report = eval_json(["--config", cfg, "--data", rec, "--json", str(tmp_path / "r.json")])
+    assert report["samples"] == 17 and report["top1"] == summary["val_top1"]
+
+
+def test_eval_defaults_to_the_runs_val_split_and_leaves_out_what_training_left_out(users_folder, pretrained,
+                                                                                   tmp_path):
+    """eval refused a run trained with data.val_split ('data.val: not set'); it now scores the same
+    held-out files training validated on, unreadable ones left out by the same allowance."""
+    train, _, _ = users_folder
+    cfg = write_config(tmp_path / "c.yaml", small_config(tmp_path, pretrained, model={"classes": "auto"},
+                                                         data={"train": train, "val_split": 0.4, "batch_size": 4},
+                                                         train={"max_steps": None, "epochs": 1}))
+    run(load_config(cfg), LocalWorld())
+    summary = read_summary(tmp_path / "out")
+    report = eval_json(["--config", cfg, "--json", str(tmp_path / "e.json")])
+    held_out = summary["data"]["data.val_split"]["files"]
+    assert report["samples"] == summary["val_samples"]
+    assert report["top1"] == summary["val_top1"] and report["bad_samples"] == 0
+    assert report["samples"] in (held_out, held_out - 1)  # less the truncated JPEG when it was held out
+    assert report["data"] == f"{train} (data.val_split 0.4)"
+    # the photos in dog/from_phone/2023/ were trained on (or held out) with the rest of dog/
+    assert summary["data"]["data.train"]["per_class"]["dog"] == {"files": 10, "unreadable": 0, "ignored": 1}
