@@ -17,7 +17,24 @@ import tempfile
 
 from . import timeline
 from .config import dump_config, load_config
-from .errors import DistftError
+from .errors import ConfigError, DistftError
+
+
+def prepare_output(path: str, flag: str) -> None:
+    """Before a benchmark that takes minutes: make PATH's folder and prove a file can be written
+    there, else a one-line error naming `flag`."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag}: {path}: a folder; give a file name")
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".distft-write-test-")
+        os.close(fd)
+        os.remove(probe)
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        raise ConfigError(f"{flag}: {path}: cannot write there ({exc.strerror or exc})") from None
 
 
 def _machine() -> dict:

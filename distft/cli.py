@@ -171,6 +171,9 @@ def cmd_eval(args) -> int:
 def cmd_bench(args) -> int:
     from . import bench
 
+    for path, flag in ((args.json_path, "--json"), (args.md_path, "--markdown")):
+        if path:
+            bench.prepare_output(path, flag)
     result = bench.run(args.config, args.overrides, args.np, args.steps, args.window, args.controller,
                        cache_epochs=args.cache_epochs, repeats=args.repeats, trace=args.timeline)
     table = bench.markdown_grid(result) if "heads" in result else bench.markdown(result)
