@@ -34,7 +34,13 @@ def prepare_output(path: str, flag: str) -> None:
         if os.path.exists(path) and not os.access(path, os.W_OK):
             raise PermissionError(13, "Permission denied")
     except OSError as exc:
-        raise ConfigError(f"{flag}: {path}: cannot write there ({exc.strerror or exc})") from None
+        reason = exc.strerror or str(exc)
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            blocking = directory
+            while not os.path.exists(blocking):
+                blocking = os.path.dirname(blocking)
+            reason = f"{blocking} is a file, not a folder"
+        raise ConfigError(f"{flag}: {path}: cannot write there ({reason})") from None
 
 
 def _machine() -> dict:

@@ -64,6 +64,7 @@ def test_bench_refuses_an_output_it_cannot_write_before_it_runs(tmp_path, monkey
     assert cli.main(["bench", flag, str(target)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert not ran
-    assert len(err) == 1 and err[0].startswith(f"distft: error: {flag}: {target}: cannot write there"), err
+    assert err == [f"distft: error: {flag}: {target}: cannot write there ({tmp_path / 'a-file'} is a file, "
+                   "not a folder)"]
     assert cli.main(["bench", flag, str(tmp_path)]) == 2  # a folder, not a file
     assert capsys.readouterr().err.startswith(f"distft: error: {flag}: {tmp_path}: a folder") and not ran
