@@ -74,7 +74,11 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
         raise DistftError(f"bench: --repeats {repeats}: at least 1")
     if cache_epochs == 1 or cache_epochs < 0:
         raise DistftError(f"bench: --cache-epochs {cache_epochs}: 0 (no cached run) or at least 2")
-    if load_config(config, overrides + ["data.val=null", f"data.val_split={GRID_VAL_SPLIT}"]).heads.grid:
+    from . import model
+
+    first = load_config(config, overrides + ["data.val=null", f"data.val_split={GRID_VAL_SPLIT}"])
+    model.check(first.model)  # before any run reads data
+    if first.heads.grid:
         return run_grid(config, overrides, np_, steps, window, controller, timeout, cache_epochs, repeats)
     work = tempfile.mkdtemp(prefix="distft-bench-")
     try:

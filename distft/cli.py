@@ -202,10 +202,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from . import datacheck
+    from . import datacheck, model
     from .config import load_config
 
     cfg = load_config(args.config or default_config(), args.overrides)
+    model.check(cfg.model)  # seconds, before minutes of reading images
     return datacheck.main(cfg, jobs=args.jobs, cache_path=args.cache, as_json=args.json)
 
 
@@ -228,6 +229,7 @@ def cmd_plan(args) -> int:
     from .data import resolve_model_classes
 
     cfg = load_config(args.config or default_config(), args.overrides)
+    model.check(cfg.model)  # before data.train is listed
     resolve_model_classes(cfg)
     net = model.create(cfg.model, mx.cpu(), seed=cfg.train.seed)
     spec = model.describe(net, cfg.model.name, cfg.model.head)
