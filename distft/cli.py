@@ -234,12 +234,14 @@ def cmd_plan(args) -> int:
     net = model.create(cfg.model, mx.cpu(), seed=cfg.train.seed)
     spec = model.describe(net, cfg.model.name, cfg.model.head)
     plan = freeze.resolve(spec, cfg.freeze.trainable, cfg.freeze.batchnorm, cfg.freeze.schedule, 0)
-    stages, prev = [], plan
+    stages, prev, labelled = [], plan, [("freeze.trainable", plan)]
     for e in sorted({s["epoch"] for s in cfg.freeze.schedule}):
         pl = freeze.resolve(spec, cfg.freeze.trainable, cfg.freeze.batchnorm, cfg.freeze.schedule, e)
         stages.append((e, pl, prev))
+        at = ", ".join(str(i) for i, s in enumerate(cfg.freeze.schedule) if s["epoch"] == e)
+        labelled.append((f"freeze.schedule[{at}] (epoch {e})", pl))
         prev = pl
-    memory = heads.plan_memory(cfg, plan, model.SplitNet(net, plan.prefix, plan.suffix))
+    memory = heads.plan_memory(cfg, labelled, net)
     if args.json:
         print(json.dumps({**freeze.to_json(plan, spec, args.depth, stages), "memory": memory}, indent=1))
     else:

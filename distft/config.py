@@ -384,6 +384,9 @@ def _check(cfg: Config) -> None:
         epoch = stage.get("epoch")
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
             raise ConfigError(f"{where}.epoch: expected an integer >= 0, got {epoch!r}")
+        if epoch >= cfg.train.epochs:
+            raise ConfigError(f"{where}.epoch: {epoch}, but train.epochs is {cfg.train.epochs} (epochs 0 to "
+                              f"{cfg.train.epochs - 1}), so this stage would never start")
         for key in ("unfreeze", "freeze"):
             paths = stage.get(key, [])
             if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):

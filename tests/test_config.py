@@ -71,6 +71,8 @@ def test_a_string_that_only_looks_like_a_number_is_still_refused(override, messa
     ("freeze.batchnorm=frozn", "freeze.batchnorm: must be one of frozen, batch"),
     ("freeze.schedule=[{epoch: 1, unfreze: [a]}]", "freeze.schedule[0].unfreze: unknown key (did you mean 'unfreeze'?)"),
     ("freeze.schedule=[{epoch: -1, unfreeze: [a]}]", "freeze.schedule[0].epoch: expected an integer >= 0"),
+    ("freeze.schedule=[{epoch: 1, unfreeze: [a]}]",  # train.epochs: 1 (epochs 0 .. 0)
+     "freeze.schedule[0].epoch: 1, but train.epochs is 1 (epochs 0 to 0), so this stage would never start"),
     ("optimizer.schedule=step", "optimizer.step_epochs: the `step` schedule needs at least one epoch"),
     ("model=3", "model: expected a mapping of keys"),
     ("data.std=[1, 0, 1]", "data.std: every value must be > 0"),
@@ -81,6 +83,15 @@ def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert message in str(err.value)
+
+
+def test_a_freeze_stage_past_the_last_epoch_is_refused_naming_it():
+    schedule = "freeze.schedule=[{epoch: 1, unfreeze: [features.8]}, {epoch: 5, unfreeze: [features.7]}]"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.epochs=3", schedule])
+    assert str(err.value) == ("freeze.schedule[1].epoch: 5, but train.epochs is 3 (epochs 0 to 2), so this "
+                              "stage would never start")
+    assert [s["epoch"] for s in load_config(None, ["train.epochs=6", schedule]).freeze.schedule] == [1, 5]
 
 
 def test_bad_yaml_file_is_a_config_error(tmp_path):
