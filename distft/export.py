@@ -3,8 +3,9 @@
 - `mxnet`: `HybridBlock.export` (PATH-symbol.json, PATH-0000.params), for MXNet Model Server
   and the C++/Scala predict APIs.
 - `onnx`: PATH (.onnx) via MXNet's own exporter (`mx.onnx.export_model`), batch dimension
-  dynamic. Needs the `export` extra (onnx < 1.19: MXNet 1.9.1's exporter imports
-  `onnx.mapping`, which onnx 1.19 removed; onnxruntime for the check).
+  dynamic, weights as initializers (constants) with `data` the only input. Needs the `export`
+  extra (onnx < 1.19: MXNet 1.9.1's exporter imports `onnx.mapping`, which onnx 1.19 removed;
+  onnxruntime for the check).
 
 The graph takes the normalised NCHW float32 tensor the network itself takes; preprocessing stays
 outside it and is printed (and written beside the export as STEM-input.json, with the class
@@ -59,8 +60,21 @@ def export_onnx(net, path: str, input_shape: tuple) -> list[str]:
         sym, params = export_mxnet(net, os.path.join(tmp, "net"))
         export_model(sym, params, in_shapes=[input_shape], in_types=[np.float32], onnx_file_path=path,
                      dynamic=True, dynamic_input_shapes=[(None,) + tuple(input_shape[1:])])
+    weights_as_constants(onnx, path)
     onnx.checker.check_model(path)
     return [path]
+
+
+def weights_as_constants(onnx, path: str) -> None:
+    """MXNet 1.9.1's exporter lists every weight as a graph input as well as an initializer:
+    onnxruntime then treats weights as inputs a caller may override, cannot fold constants,
+    and warns once per weight per session. Only `data` stays an input."""
+    proto = onnx.load(path)
+    weights = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in weights]
+    del proto.graph.input[:]
+    proto.graph.input.extend(inputs)
+    onnx.save(proto, path)
 
 
 def run_onnx(files: list[str], x: np.ndarray) -> np.ndarray:
@@ -68,9 +82,7 @@ def run_onnx(files: list[str], x: np.ndarray) -> np.ndarray:
         import onnxruntime as ort
     except ImportError as exc:
         raise ModelError(f"--format onnx: checking the export needs onnxruntime ({exc}); {EXTRA_HINT}") from None
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # MXNet's exporter lists weights as inputs too; ORT warns per weight
-    session = ort.InferenceSession(files[0], options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(files[0], providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
