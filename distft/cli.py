@@ -134,12 +134,14 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders of them")
     pr.add_argument("--top-k", type=int, default=None, help="classes per image (default: min(5, model.classes))")
     pr.add_argument("--output", required=True, help="OUT.json or OUT.csv (columns image,rank,class,prob)")
+    pr.add_argument("--head", help="for grid runs: the head to predict with (train.output/heads/NAME/model.params)")
     x = sub.add_parser("export", help="write the trained network for serving (MXNet symbol+params or ONNX), "
                        "check it numerically and print the input spec")
     _config_args(x)
     x.add_argument("--format", choices=("mxnet", "onnx"), required=True)
     x.add_argument("--output", required=True,
                    help="mxnet: PATH-symbol.json and PATH-0000.params; onnx: the .onnx file")
+    x.add_argument("--head", help="for grid runs: the head to export (train.output/heads/NAME/model.params)")
     return p
 
 
@@ -147,7 +149,7 @@ def cmd_export(args) -> int:
     from . import export
     from .config import load_config
 
-    export.run(load_config(args.config, args.overrides), args.format, args.output)
+    export.run(load_config(args.config, args.overrides), args.format, args.output, head=args.head)
     return 0
 
 
@@ -155,7 +157,7 @@ def cmd_predict(args) -> int:
     from . import predict
     from .config import load_config
 
-    predict.run(load_config(args.config, args.overrides), args.images, args.output, args.top_k)
+    predict.run(load_config(args.config, args.overrides), args.images, args.output, args.top_k, head=args.head)
     return 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from typing import Optional
 
 import numpy as np
 
@@ -86,7 +87,8 @@ def run_onnx(files: list[str], x: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
-def run(cfg, fmt: str, output: str, log=print) -> dict:
+def run(cfg, fmt: str, output: str, log=print, head: Optional[str] = None) -> dict:
+    """Export the run's network (`head`: a grid's head by name), reload it and compare."""
     import mxnet as mx
 
     from . import trained
@@ -94,7 +96,7 @@ def run(cfg, fmt: str, output: str, log=print) -> dict:
     ctx = mx.cpu()
     names = trained.run_classes(cfg)  # the run's classes (classes.json), model.classes: auto or not
     # float32 graph whatever train.precision was: weights are float32, AMP's casts stay out
-    net, source = trained.load_network(cfg, ctx, enable_precision=False)
+    net, source = trained.load_network(cfg, ctx, head=head, enable_precision=False)
     prep = trained.preprocessing(cfg)
     x = _check_batch(prep)
     reference = trained.runner(cfg, net, ctx)(mx.nd.array(x, ctx=ctx)).asnumpy()  # as training ran it

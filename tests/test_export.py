@@ -1,6 +1,7 @@
 """`distft export`: MXNet symbol+params and ONNX, each reloaded and compared with the trained network."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import mxnet as mx
 import numpy as np
 import onnxruntime
 import pytest
+from PIL import Image
 
 from conftest import ROOT, small_config, write_config
 from distft import cli, demo, export
@@ -165,3 +167,66 @@ def test_serve_onnx_reports_an_unreadable_image_and_answers_the_others(trained_r
     assert "3 of 6 images could not be read" in proc.stderr
     everything_fine = serve(tmp_path / "m.onnx", *good)
     assert everything_fine.returncode == 0 and len(everything_fine.stdout.splitlines()) == 3
+
+
+# --- a grid's other heads -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory, pretrained):
+    tmp = tmp_path_factory.mktemp("grid")
+    cfg = write_config(tmp / "c.yaml", small_config(tmp, pretrained, data={"val_split": 0.2},
+                                                    heads={"grid": {"optimizer.lr": [0.05, 0.5]}},
+                                                    train={"max_steps": 3}))
+    run(load_config(cfg), LocalWorld())
+    return cfg, tmp / "out"
+
+
+def test_export_takes_a_grid_head_by_name(grid_run, tmp_path):
+    cfg, out = grid_run
+    x = real_batch(out)
+    logits = {}
+    for head in ("h0", "h1"):
+        path = tmp_path / head / "net"
+        assert cli.main(["export", "--config", cfg, "--format", "mxnet", "--head", head, "--output", str(path)]) == 0
+        block = mx.gluon.SymbolBlock.imports(f"{path}-symbol.json", ["data"], f"{path}-0000.params")
+        logits[head] = block(mx.nd.array(x)).asnumpy()
+        net = mx.gluon.model_zoo.vision.get_model("resnet18_v2", classes=5)
+        net.load_parameters(str(out / "heads" / head / "model.params"))
+        ref = net(mx.nd.array(x)).asnumpy()
+        scale = max(1.0, float(np.abs(ref).max()))  # a few steps at a high lr: logits of 1e4 and more
+        assert np.abs(logits[head] - ref).max() <= 1e-4 * scale
+    assert np.abs(logits["h0"] - logits["h1"]).max() > 1e-2 * scale  # two heads, two networks
+
+
+def test_predict_takes_a_grid_head_by_name(grid_run, tmp_path):
+    """predict --head h1 answers as a run whose model.params is h1's."""
+    cfg, out = grid_run
+    folder = make_photo_folder(tmp_path / "imgs", ["a", "b"], per_class=3)
+    as_h1 = tmp_path / "as-h1"
+    shutil.copytree(out, as_h1)
+    shutil.copy(out / "heads" / "h1" / "model.params", as_h1 / "model.params")
+    answers = {}
+    for name, args in (("h1", ["--head", "h1"]), ("h0", ["--head", "h0"]),
+                       ("copy", ["--set", f"train.output={as_h1}"])):
+        path = tmp_path / f"{name}.json"
+        assert cli.main(["predict", "--config", cfg, *args, "--images", folder, "--output", str(path)]) == 0
+        answers[name] = json.loads(path.read_text())
+    assert answers["h1"] == answers["copy"] and answers["h1"] != answers["h0"]
+
+
+@pytest.mark.parametrize("command", [["eval", "--data", "val", "--json", "e.json"],
+                                     ["predict", "--images", "val", "--output", "p.json"],
+                                     ["export", "--format", "onnx", "--output", "m.onnx"]])
+def test_an_unknown_head_is_one_line_listing_the_heads(grid_run, trained_run, tmp_path, capsys, command):
+    cfg, out = grid_run
+    (tmp_path / "val" / "5").mkdir(parents=True)  # a class of the demo's digits
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "val" / "5" / "x.jpg")
+    args = [a if a not in ("e.json", "val", "p.json", "m.onnx") else str(tmp_path / a) for a in command]
+    assert cli.main([args[0], "--config", cfg, "--head", "h7", *args[1:]]) == 2
+    assert capsys.readouterr().err.strip() == (f"distft: error: --head h7: no head of that name in {out / 'heads'} "
+                                               "(the run's heads: h0, h1)")
+    single, single_out = trained_run
+    assert cli.main([args[0], "--config", single, "--head", "h1", *args[1:]]) == 2
+    assert capsys.readouterr().err.strip() == (f"distft: error: --head h1: {single_out} has no heads (a heads.grid "
+                                               "run writes heads/NAME/model.params)")
+    assert [p.name for p in tmp_path.iterdir()] == ["val"]  # nothing written
