@@ -18,6 +18,7 @@ import mxnet as mx
 
 from . import checkpoint, faults
 from .agreement import agreed, from_rank0
+from .config import as_yaml
 from .console import log, warn
 from .errors import CheckpointError, ConfigError, mxnet_reason
 from .optim import OptimizerState
@@ -57,9 +58,9 @@ def check_relaunch(cfg, meta: dict) -> None:
     now = job_identity(cfg)
     for key, value in now.items():
         if key in recorded and recorded[key] != value:
-            raise ConfigError(f"{key}: this job's checkpoints were written with {recorded[key]!r}, this launch "
-                              f"asks for {value!r}; a resumed job keeps it (use another train.output, or "
-                              "train.resume: false to start over)")
+            raise ConfigError(f"{key}: this job's checkpoints were written with {key}: {as_yaml(recorded[key])}; "
+                              f"this launch asks for {as_yaml(value)}; a resumed job keeps it (use another "
+                              "train.output, or train.resume: false to start over)")
     if cfg.data.global_batch and meta.get("state", {}).get("global_batch") not in (None, cfg.data.global_batch):
         raise ConfigError(f"data.global_batch: this job's checkpoints were written with a global batch of "
                           f"{meta['state']['global_batch']}, this launch asks for {cfg.data.global_batch}; a "

@@ -11,7 +11,7 @@ import sys
 import time
 import traceback
 
-from .errors import DistftError
+from .errors import DistftError, Preempted
 from .metrics import end_progress_line
 
 AGREED_EXIT_GRACE_S = 1.0  # see the end of main()
@@ -92,7 +92,11 @@ def parser() -> argparse.ArgumentParser:
                     help="re-encode with the shorter side at this many pixels (default 0: store files as they are)")
     mr.add_argument("--quality", type=int, default=95, help="JPEG quality with --resize (default 95)")
     mr.add_argument("--jobs", "-j", type=int, default=0, help="processes (default: all cores)")
-    d = sub.add_parser("demo-prepare", help="make the demo's pretrained backbone if it is missing")
+    d = sub.add_parser("demo-prepare", formatter_class=raw, help="make the demo's pretrained backbone if it is missing",
+                       description=("Make the demo's pretrained backbone where model.pretrained of --config points,\n"
+                                    "if that file is missing: a short training run of --pretrain-config (digits\n"
+                                    "0-4) on one process, its model.params copied there. Does nothing when the\n"
+                                    "file exists."))
     _config_args(d)
     d.add_argument("--pretrain-config", default=None,
                    help="config of the pretraining run (default: configs/demo-pretrain.yaml beside --config)")
@@ -119,8 +123,13 @@ def parser() -> argparse.ArgumentParser:
                         "(per step: what its exchanges waited and moved)")
     b.add_argument("--json", dest="json_path", help="write the results as JSON here")
     b.add_argument("--markdown", dest="md_path", help="write the Markdown table here")
-    e = sub.add_parser("eval", help="evaluate the trained model (train.output/model.params or a checkpoint): "
-                       "top-1, top-5, per-class precision/recall, confusion matrix; runs under horovodrun too")
+    e = sub.add_parser("eval", formatter_class=raw, help="evaluate the trained model (train.output/model.params or a "
+                       "checkpoint): top-1, top-5, per-class precision/recall, confusion matrix; runs under horovodrun too",
+                       description=("Evaluate the trained network (train.output/model.params, a grid's --head, or a\n"
+                                    "--checkpoint) with the code training validates with: top-1, top-5 (null with\n"
+                                    "5 classes or fewer), loss, per-class precision/recall/count and the confusion\n"
+                                    "matrix (JSON, and a PNG beside it). Classes are matched by name. Under\n"
+                                    "horovodrun each rank scores a shard."))
     _config_args(e)
     e.add_argument("--data", help="ImageFolder directory or .rec to evaluate on (default: data.val)")
     e.add_argument("--checkpoint", metavar="DIR",
@@ -129,14 +138,24 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--head", help="for grid runs: the head to evaluate (train.output/heads/NAME/model.params)")
     e.add_argument("--json", dest="json_path", required=True,
                    help="write the results here; the confusion-matrix PNG goes beside it (same name, .png)")
-    pr = sub.add_parser("predict", help="top-k class names with probabilities for images or folders (JSON or CSV)")
+    pr = sub.add_parser("predict", formatter_class=raw,
+                        help="top-k class names with probabilities for images or folders (JSON or CSV)",
+                        description=("Top-k class names with probabilities for image files and folders (walked),\n"
+                                     "with the run's network and its preprocessing (preprocess.json). An unreadable\n"
+                                     "image gets an error entry and a warning; the others are answered. Under a\n"
+                                     "launcher each rank takes a share and rank 0 writes every result, in order."))
     _config_args(pr)
     pr.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders of them")
     pr.add_argument("--top-k", type=int, default=None, help="classes per image (default: min(5, model.classes))")
     pr.add_argument("--output", required=True, help="OUT.json or OUT.csv (columns image,rank,class,prob)")
     pr.add_argument("--head", help="for grid runs: the head to predict with (train.output/heads/NAME/model.params)")
-    x = sub.add_parser("export", help="write the trained network for serving (MXNet symbol+params or ONNX), "
-                       "check it numerically and print the input spec")
+    x = sub.add_parser("export", formatter_class=raw, help="write the trained network for serving (MXNet "
+                       "symbol+params or ONNX), check it numerically and print the input spec",
+                       description=("Write the trained network for serving: MXNet symbol + params, or ONNX (dynamic\n"
+                                    "batch, input `data`). The file is reloaded (SymbolBlock / onnxruntime) and its\n"
+                                    "logits compared with the training network's; past 1e-4 nothing is written.\n"
+                                    "The preprocessing and class names go beside it (STEM-input.json), which\n"
+                                    "launch/serve_onnx.py reads."))
     _config_args(x)
     x.add_argument("--format", choices=("mxnet", "onnx"), required=True)
     x.add_argument("--output", required=True,
@@ -284,6 +303,12 @@ def main(argv=None) -> int:
     agreed_error = False
     try:
         code = handler(args)
+    except Preempted as exc:  # not an error: every rank stopped where the job resumes
+        agreed_error = True
+        end_progress_line()
+        rank = _rank()
+        print(f"distft{f' (rank {rank})' if rank else ''}: {exc}", file=sys.stderr, flush=True)
+        code = exc.exit_code
     except DistftError as exc:
         agreed_error = True
         end_progress_line()

@@ -484,6 +484,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     return cfg
 
 
+def as_yaml(value: Any) -> str:
+    """A value as a config file writes it: false, [features.8, output], 0.001, null."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+    return text.removesuffix("...").strip()
+
+
 def dump_config(cfg: Config, path: str) -> None:
     with open(path, "w") as fh:
         yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)

@@ -306,7 +306,8 @@ class HeadSet:
             features = runner.features(x)
             return [h.suffix(features) for h in heads]
 
-        results = evaluate_many(world, forward, len(heads), loader, batch_size, ctx, loss_fn, beat)
+        results = evaluate_many(world, forward, len(heads), loader, batch_size, ctx, loss_fn, beat,
+                                top5=self.cfg.model.classes > 5)
         for h, evals in zip(heads, results):
             h.evals = evals
         return list(zip(heads, results))

@@ -42,6 +42,20 @@ def test_version_and_described_commands():
     assert "examples:" in top and "distft --config job.yaml" in top and "make-rec" in top
 
 
+@pytest.mark.parametrize("command, words", [
+    ("eval", "per-class precision"), ("predict", "preprocess.json"), ("export", "onnxruntime"),
+    ("demo-prepare", "pretrained backbone")])
+def test_every_command_describes_itself(capsys, command, words):
+    from distft import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.parser().parse_args([command, "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    description = out.split("\n\n")[1]  # after the usage lines
+    assert not description.startswith(("options:", "positional arguments:")) and words in description, out
+
+
 def test_bench_writes_its_json_and_markdown_into_new_folders(tmp_path, monkeypatch, capsys):
     from distft import bench, cli
 
