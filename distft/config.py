@@ -64,7 +64,7 @@ class FreezeConfig:
     trainable: list[str] = field(default_factory=lambda: ["output"])
     # BatchNorm inside frozen blocks: `frozen` keeps pretrained statistics, `batch` re-estimates them
     batchnorm: str = field(default="frozen", metadata=_choices("frozen", "batch"))
-    # gradual unfreezing: [{epoch: E, unfreeze: [paths], freeze: [paths]}]
+    # gradual unfreezing: [{epoch: E, unfreeze: [paths], freeze: [paths]}], E below train.epochs
     schedule: list[dict] = field(default_factory=list)
 
 
