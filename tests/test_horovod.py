@@ -286,3 +286,16 @@ def test_jpeg_photos_train_under_every_launcher_as_in_one_process(tmp_path, pret
     for n in ("output.weight", "output.bias"):
         np.testing.assert_allclose(double[n], single[n], rtol=1e-5, atol=1e-5 * float(np.abs(single[n]).max()))
     assert read_summary(tmp_path / "one")["val_top1"] == s["val_top1"]
+
+
+@pytest.mark.parametrize("backend, expected", [("gloo", {75: 1, 2: 1}), ("mpi", {75: 75, 2: 2})])
+def test_what_plain_horovodrun_makes_of_a_ranks_exit_code(backend, expected):
+    """What the README says of plain horovodrun (and why launch.sh runs it under
+    distft/launcher.py): Gloo turns every failure into 1; MPI execs mpirun, whose status is the
+    first failing rank's."""
+    import subprocess
+
+    for code, want in expected.items():
+        proc = subprocess.run(horovodrun(2, backend) + [sys.executable, "-c", f"raise SystemExit({code})"],
+                              env={**os.environ, **MPI_ENV}, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == want, (code, proc.stdout[-2000:] + proc.stderr[-2000:])
