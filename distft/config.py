@@ -386,7 +386,8 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"{where}.epoch: expected an integer >= 0, got {epoch!r}")
         if epoch >= cfg.train.epochs:
             raise ConfigError(f"{where}.epoch: {epoch}, but train.epochs is {cfg.train.epochs} (epochs 0 to "
-                              f"{cfg.train.epochs - 1}), so this stage would never start")
+                              f"{cfg.train.epochs - 1}), so this stage would never start (to stop a launch "
+                              "before it, set train.max_steps)")
         for key in ("unfreeze", "freeze"):
             paths = stage.get(key, [])
             if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):

@@ -72,7 +72,8 @@ def test_a_string_that_only_looks_like_a_number_is_still_refused(override, messa
     ("freeze.schedule=[{epoch: 1, unfreze: [a]}]", "freeze.schedule[0].unfreze: unknown key (did you mean 'unfreeze'?)"),
     ("freeze.schedule=[{epoch: -1, unfreeze: [a]}]", "freeze.schedule[0].epoch: expected an integer >= 0"),
     ("freeze.schedule=[{epoch: 1, unfreeze: [a]}]",  # train.epochs: 1 (epochs 0 .. 0)
-     "freeze.schedule[0].epoch: 1, but train.epochs is 1 (epochs 0 to 0), so this stage would never start"),
+     "freeze.schedule[0].epoch: 1, but train.epochs is 1 (epochs 0 to 0), so this stage would never start "
+     "(to stop a launch before it, set train.max_steps)"),
     ("optimizer.schedule=step", "optimizer.step_epochs: the `step` schedule needs at least one epoch"),
     ("model=3", "model: expected a mapping of keys"),
     ("data.std=[1, 0, 1]", "data.std: every value must be > 0"),
@@ -90,7 +91,7 @@ def test_a_freeze_stage_past_the_last_epoch_is_refused_naming_it():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["train.epochs=3", schedule])
     assert str(err.value) == ("freeze.schedule[1].epoch: 5, but train.epochs is 3 (epochs 0 to 2), so this "
-                              "stage would never start")
+                              "stage would never start (to stop a launch before it, set train.max_steps)")
     assert [s["epoch"] for s in load_config(None, ["train.epochs=6", schedule]).freeze.schedule] == [1, 5]
 
 

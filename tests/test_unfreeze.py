@@ -35,7 +35,7 @@ def scheduled_run(tmp_path_factory, pretrained):
 
 
 def test_block_is_bitwise_frozen_before_its_epoch_and_trains_after(tmp_path, pretrained, scheduled_run):
-    run2(job(tmp_path, pretrained, "first-epoch", 1))
+    run2(job(tmp_path, pretrained, "first-epoch", 2, max_steps=11))  # epoch 0 alone (11 steps)
     before = load_params(pretrained)
     first = load_params(tmp_path / "first-epoch" / "model.params")
     both = load_params(scheduled_run / "full" / "model.params")
