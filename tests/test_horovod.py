@@ -299,3 +299,18 @@ def test_what_plain_horovodrun_makes_of_a_ranks_exit_code(backend, expected):
         proc = subprocess.run(horovodrun(2, backend) + [sys.executable, "-c", f"raise SystemExit({code})"],
                               env={**os.environ, **MPI_ENV}, capture_output=True, text=True, timeout=120)
         assert proc.returncode == want, (code, proc.stdout[-2000:] + proc.stderr[-2000:])
+
+
+def test_a_pretrained_file_missing_on_one_rank_stops_every_rank_before_any_data_is_read(tmp_path, pretrained):
+    from imagefiles import make_folder
+
+    train = make_folder(tmp_path / "train", ["ant", "bee"], per_class=4)
+    (tmp_path / "train" / "ant" / "bad.png").write_bytes(b"not an image")  # fatal, if it were read
+    cfg = write_config(tmp_path / "c.yaml", small_config(
+        tmp_path, pretrained, model={"classes": "auto"},
+        data={"train": train, "batch_size": 4, "max_bad_files": 0, "max_bad_fraction": 0.0}))
+    proc = run_with_pretrained_per_rank("gloo", [pretrained, str(tmp_path / "gone.params")], cfg, timeout=120)
+    text = proc.stdout + proc.stderr
+    line = f"error (rank {{}}): rank 1: model.pretrained: {tmp_path / 'gone.params'}: no such file"
+    assert proc.returncode != 0 and line.format(0) in text and line.format(1) in text, text[-3000:]
+    assert "unreadable" not in text and proc.elapsed < 60
