@@ -14,7 +14,6 @@ from .cache import FeatureCache
 from .data import BatchLoader, ShardSampler, Transform, data_digest, open_training_sets
 from .datacheck import class_counts, without_unreadable
 from .errors import ConfigError, DataError
-from .inputsize import require_fits
 from .state import Batching
 
 
@@ -28,12 +27,12 @@ class DataSets:
 
 
 def open_data(cfg, world, warn, holdout_by_position: bool = False) -> DataSets:
-    """The data sets, read once and checked before any step: the image size against the
-    network (before any data is read), classes by name (model.classes: auto is resolved here),
-    the image decoder on every rank (a broken one is the environment's fault, named as such),
-    the same data.train on every rank (by digest), every file's verdict (unreadable ones left
-    out, or every rank stops past the limit)."""
-    require_fits(cfg.model.name, cfg.model.image_size)
+    """The data sets, read once and checked before any step: the model section (its name,
+    head, input size and pretrained file, on every rank, before any data is read), classes by
+    name (model.classes: auto is resolved here), the image decoder on every rank (a broken one
+    is the environment's fault, named as such), the same data.train on every rank (by digest),
+    every file's verdict (unreadable ones left out, or every rank stops past the limit)."""
+    agreed_everywhere(world, "checking the model", lambda: model.check(cfg.model))
     agreed_everywhere(world, "testing the image decoder", imaging.self_test)  # before any file is judged
     train, val, names, cfg.model.classes = open_training_sets(cfg.data, cfg.model.classes, holdout_by_position)
     identity = data_digest(train)

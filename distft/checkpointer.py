@@ -18,6 +18,7 @@ import mxnet as mx
 
 from . import checkpoint, faults
 from .agreement import agreed, from_rank0
+from .config import as_yaml
 from .console import log, warn
 from .errors import CheckpointError, ConfigError, DataError, mxnet_reason
 from .optim import OptimizerState
@@ -59,9 +60,9 @@ def check_relaunch(cfg, meta: dict, data_identity: Optional[dict] = None) -> Non
     now = job_identity(cfg)
     for key, value in now.items():
         if key in recorded and recorded[key] != value:
-            raise ConfigError(f"{key}: this job's checkpoints were written with {recorded[key]!r}, this launch "
-                              f"asks for {value!r}; a resumed job keeps it (use another train.output, or "
-                              "train.resume: false to start over)")
+            raise ConfigError(f"{key}: this job's checkpoints were written with {key}: {as_yaml(recorded[key])}; "
+                              f"this launch asks for {as_yaml(value)}; a resumed job keeps it (use another "
+                              "train.output, or train.resume: false to start over)")
     then = meta.get("data")
     if then and data_identity and then.get("digest") != data_identity["digest"] and cfg.data.on_change == "error":
         raise DataError(f"data.train: {cfg.data.train} has changed since this job's checkpoints were written "

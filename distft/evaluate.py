@@ -30,9 +30,10 @@ def evaluate(world, runner, loader: BatchLoader, batch_size: int, ctx, loss_fn, 
 
 
 def evaluate_many(world, forward, outputs: int, loader: BatchLoader, batch_size: int, ctx, loss_fn,
-                  beat=lambda: None, classes: Optional[int] = None) -> list[dict]:
+                  beat=lambda: None, classes: Optional[int] = None, top5: bool = True) -> list[dict]:
     """`evaluate` for `outputs` networks at once (the heads of a grid): `forward(x)` gives
-    each one's logits from one pass over the shared part. One allreduce for all of them."""
+    each one's logits from one pass over the shared part. One allreduce for all of them.
+    `top5`: false for a model of 5 classes or fewer (it would always be 1): val_top5 is None."""
     idx = eval_shard(len(loader.dataset), world.size, world.rank)
     sums = np.zeros((outputs, 4))  # top1, top5, loss, count
     confusion = np.zeros((outputs, classes, classes)) if classes else None
@@ -53,7 +54,8 @@ def evaluate_many(world, forward, outputs: int, loader: BatchLoader, batch_size:
     results = []
     for k in range(outputs):
         n = max(total[k, 3], 1)
-        result = {"val_top1": total[k, 0] / n, "val_top5": total[k, 1] / n, "val_loss": total[k, 2] / n,
+        result = {"val_top1": total[k, 0] / n, "val_top5": total[k, 1] / n if top5 else None,
+                  "val_loss": total[k, 2] / n,
                   "val_samples": int(total[k, 3])}
         if confusion is not None:
             result["confusion"] = both[sums.size:].reshape(confusion.shape)[k].astype(np.int64)

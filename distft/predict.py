@@ -73,7 +73,9 @@ def write(results: list[dict], path: str) -> None:
                 out.writerow([r["image"], rank, t["class"], f"{t['prob']:.6g}"])
 
 
-def run(cfg, images: list[str], output: str, k: Optional[int] = None, world=None) -> list[dict]:
+def run(cfg, images: list[str], output: str, k: Optional[int] = None, world=None,
+        head: Optional[str] = None) -> list[dict]:
+    """Top-k for every image of `images` with the run's network (`head`: a grid's head by name)."""
     import mxnet as mx
 
     from . import dist, imaging, precision, trained
@@ -89,7 +91,7 @@ def run(cfg, images: list[str], output: str, k: Optional[int] = None, world=None
         raise ConfigError(f"--top-k: must be between 1 and model.classes ({classes}), got {k}")
     files = collect(images)
     ctx = world.context()
-    net, _ = trained.load_network(cfg, ctx)
+    net, _ = trained.load_network(cfg, ctx, head=head)
     runner = trained.runner(cfg, net, ctx)
     transform = trained.preprocessing(cfg).transform()
     batch = cfg.data.val_batch_size or cfg.data.batch_size

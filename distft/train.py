@@ -240,7 +240,8 @@ class Job:
                                           self.loss_fn, self.guard.beat)
         for head, evals in results:
             name = f" head {head.name}" if self.heads.grid else ""
-            log(self.world, f"epoch {epoch}{name} val top1 {evals['val_top1']:.4f} top5 {evals['val_top5']:.4f} "
+            top5 = "n/a" if evals["val_top5"] is None else f"{evals['val_top5']:.4f}"  # n/a: 5 classes or fewer
+            log(self.world, f"epoch {epoch}{name} val top1 {evals['val_top1']:.4f} top5 {top5} "
                             f"loss {evals['val_loss']:.4f}")
             self.metrics.evaluation(evals, epoch, self.state.step, head=head.name if self.heads.grid else None)
         return self.heads.best().evals
@@ -299,7 +300,8 @@ class Job:
         if self.heads.grid:
             log(self.world, f"heads (heads.select: {self.cfg.heads.select}):\n"
                             + heads_table(summary["heads"], summary["best_head"]))
-        log(self.world, f"done: {self.state.step} steps, val top1 {summary['val_top1']}, "
+        top1 = "n/a" if summary["val_top1"] is None else f"{summary['val_top1']:.4f}"
+        log(self.world, f"done: {self.state.step} steps, val top1 {top1}, "
                         f"{summary['samples_per_sec']:.1f} samples/s; wrote {os.path.join(self.out, 'model.params')}")
         self.guard.finished = True
         self.metrics.finish(summary)

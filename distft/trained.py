@@ -10,10 +10,20 @@ from . import checkpoint, freeze, model, precision, preprocess
 from .errors import CheckpointError, ConfigError, DataError
 
 def params_file(cfg, head: Optional[str] = None) -> str:
-    """`train.output/model.params`; with `head` (grid runs), that head's network."""
-    if head:
-        return os.path.join(cfg.train.output, "heads", head, "model.params")
-    return os.path.join(cfg.train.output, "model.params")
+    """`train.output/model.params`; with `head` (grid runs), that head's network, which must
+    exist: an unknown name is an error listing the run's heads."""
+    if not head:
+        return os.path.join(cfg.train.output, "model.params")
+    heads = os.path.join(cfg.train.output, "heads")
+    path = os.path.join(heads, head, "model.params")
+    if os.path.isfile(path):
+        return path
+    names = sorted((d for d in (os.listdir(heads) if os.path.isdir(heads) else [])
+                    if os.path.isfile(os.path.join(heads, d, "model.params"))), key=lambda d: (len(d), d))
+    if names:
+        raise ConfigError(f"--head {head}: no head of that name in {heads} (the run's heads: {', '.join(names)})")
+    raise ConfigError(f"--head {head}: {cfg.train.output} has no heads (a heads.grid run writes "
+                      "heads/NAME/model.params)")
 
 
 def load_network(cfg, ctx, checkpoint_dir: Optional[str] = None, head: Optional[str] = None,
