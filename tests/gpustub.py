@@ -6,6 +6,7 @@ machine and CI have no GPU and no driver. Used only by tests, through LD_LIBRARY
 - `gpus` makes a driver that answers the driver API calls distft/gpus.py makes, for those GPUs.
   Without it, the library has no cuDriverGetVersion: it is no driver at all, only a stub."""
 import os
+import re
 import subprocess
 
 DRIVER_API = """
@@ -29,7 +30,8 @@ def build_driver(folder, imported=(), gpus=None, cuda=12020, init=0, version="53
     """Build FOLDER/libcuda.so.VERSION (soname libcuda.so.1) and the libcuda.so.1 link to it;
     returns FOLDER. `gpus`: [(name, major, minor, memory_bytes)], or None for a bare stub."""
     os.makedirs(folder, exist_ok=True)
-    source = "".join(f"int {name}(void) {{ return 100; }}\n" for name in sorted(set(imported)))
+    api = set(re.findall(r"^int (cu\w+)\(", DRIVER_API, re.M)) if gpus is not None else set()
+    source = "".join(f"int {name}(void) {{ return 100; }}\n" for name in sorted(set(imported) - api))
     if gpus is not None:
         rows = gpus or [("none", 0, 0, 0)]
         source += DRIVER_API % {
@@ -40,8 +42,9 @@ def build_driver(folder, imported=(), gpus=None, cuda=12020, init=0, version="53
     with open(c_file, "w") as fh:
         fh.write(source)
     real = f"libcuda.so.{version}"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", os.path.join(folder, real), c_file],
-                   check=True, capture_output=True, text=True)
+    gcc = subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", os.path.join(folder, real), c_file],
+                         capture_output=True, text=True)
+    assert gcc.returncode == 0, gcc.stderr
     link = os.path.join(folder, "libcuda.so.1")
     if os.path.lexists(link):
         os.remove(link)
