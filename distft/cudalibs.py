@@ -18,7 +18,9 @@ import importlib.util
 import os
 import sys
 
-PTH_LINE = "import distft.cudalibs as _distft_cudalibs; _distft_cudalibs.install_import_hook()\n"
+# one line of Python that site.py runs at start-up (silent once distft is uninstalled)
+PTH_LINE = ('import importlib.util as _u; _u.find_spec("distft") and '
+            '__import__("distft.cudalibs").cudalibs.install_import_hook()\n')
 
 
 def library_dirs() -> list:
