@@ -31,6 +31,8 @@ esac
 # --- system packages pip cannot provide -----------------------------------------------------
 # Debian's cmake (3.25): pip's cmake 4.x rejects Gloo's CMakeLists.
 APT_PACKAGES=(libopenmpi-dev openmpi-bin openssh-client cmake g++ make)
+# Debian's Python makes the venv when the first python3.11 on PATH is closed to other users
+[ -z "${DISTFT_PYTHON:-}" ] && [ -x /usr/bin/python3.11 ] && APT_PACKAGES+=(python3.11-venv)
 # cu112: nvcc 11.8 compiles Horovod's kernels with GCC 11 at the newest
 [ "$EXTRA" = cu112 ] && [ -z "${HOROVOD_CUDA_HOME:-}" ] && APT_PACKAGES+=(g++-11)
 if [ "$DEV" = 1 ]; then
