@@ -1,5 +1,5 @@
 """Command line: `distft [train] --config X --set a.b=c`, `plan`, `check`, `make-rec`, `bench`,
-`demo-prepare`, and for a trained run `eval`, `predict`, `export`. With no arguments, distft
+`demo-prepare`, `doctor`, and for a trained run `eval`, `predict`, `export`. With no arguments, distft
 trains $DISTFT_CONFIG or ./distft.yaml when one exists, else prints its help and exits 2 (a
 misconfigured pod fails; it never trains the demo)."""
 from __future__ import annotations
@@ -11,11 +11,11 @@ import sys
 import time
 import traceback
 
-from .errors import DistftError, Preempted
+from .errors import ConfigError, DistftError, Preempted
 from .metrics import end_progress_line
 
 AGREED_EXIT_GRACE_S = 1.0  # see the end of main()
-COMMANDS = ("train", "plan", "check", "make-rec", "demo-prepare", "bench", "eval", "predict", "export")
+COMMANDS = ("train", "plan", "check", "make-rec", "demo-prepare", "bench", "eval", "predict", "export", "doctor")
 DEFAULT_CONFIG = "distft.yaml"
 
 EXAMPLES = """examples:
@@ -27,6 +27,7 @@ EXAMPLES = """examples:
   distft make-rec photos/ photos.rec            an ImageFolder as RecordIO (.rec + .idx + .classes.json)
   distft eval -c job.yaml --json eval.json      the trained model on data.val: top-1/5, per class
   distft export -c job.yaml --format onnx --output model.onnx
+  distft doctor --capability 9.0                can this install run on a GPU of compute capability 9.0?
   distft -c job.yaml --set optimizer.lr=0.01 --set 'freeze.trainable=[features.8, output]'
 """
 
@@ -161,7 +162,38 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--output", required=True,
                    help="mxnet: PATH-symbol.json and PATH-0000.params; onnx: the .onnx file")
     x.add_argument("--head", help="for grid runs: the head to export (train.output/heads/NAME/model.params)")
+    dr = sub.add_parser("doctor", formatter_class=raw, help="what is installed, the driver and GPUs, and whether "
+                        "MXNet's kernels run on each GPU", description=(
+                            "Read from the installed files: MXNet's and Horovod's versions, the libraries libmxnet.so\n"
+                            "needs and where they are, the GPU kernel architectures in libmxnet.so (SASS and PTX),\n"
+                            "what Horovod was built with (MPI, Gloo, NCCL); then the driver and every visible GPU\n"
+                            "(none without a driver) and whether MXNet's kernels run there. Exit 0: this machine (or\n"
+                            "a GPU of --capability) can run distft; 1: it cannot, with one line saying why and the fix."))
+    dr.add_argument("--json", dest="json_path", help="write the report as JSON here (whatever the verdict)")
+    dr.add_argument("--capability", metavar="X.Y",
+                    help="judge a GPU of this compute capability (one you do not have, e.g. 9.0 for an H100)")
+    dr.add_argument("--install-check", action="store_true",
+                    help="only check that the installed files are consistent (launch/install.sh runs this)")
     return p
+
+
+def cmd_doctor(args) -> int:
+    from . import doctor
+
+    if args.capability is not None:
+        try:
+            doctor.parse_capability(args.capability)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return doctor.main(args.json_path, args.capability, args.install_check)
+
+
+def require_supported_gpus() -> None:
+    """Stop (exit 2, the doctor's line) before anything collective when a GPU this process sees
+    cannot run the installed MXNet's kernels, instead of a CUDA error at the first kernel."""
+    from . import doctor
+
+    doctor.require_supported_gpus()
 
 
 def cmd_export(args) -> int:
@@ -209,6 +241,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_train(args) -> int:
+    require_supported_gpus()
     from . import zoo
     from .config import load_config
     from .train import run
@@ -223,6 +256,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_check(args) -> int:
+    require_supported_gpus()
     from . import datacheck, model
     from .config import load_config
 
@@ -299,7 +333,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     handler = {"train": cmd_train, "plan": cmd_plan, "check": cmd_check, "make-rec": cmd_make_rec,
                "demo-prepare": cmd_demo_prepare, "bench": cmd_bench, "eval": cmd_eval,
-               "predict": cmd_predict, "export": cmd_export}[args.command]
+               "predict": cmd_predict, "export": cmd_export, "doctor": cmd_doctor}[args.command]
     agreed_error = False
     try:
         code = handler(args)
