@@ -52,6 +52,7 @@ class Exchanges:
         self._passes: deque = deque()
         self._busy = False  # a thread is inside the channel's backward exchange
         self._lockstep: Optional[_Lockstep] = None
+        self.counts = {"forward": 0, "backward": 0}  # exchanges made through the channel
 
     # --- forward (main thread) -------------------------------------------------------------------
     def forward(self, key: str, values: np.ndarray, backward: bool) -> tuple:
@@ -60,6 +61,7 @@ class Exchanges:
         if self._lockstep is not None and self._lockstep.inside():
             return self._lockstep.park(key, values, backward)
         total = self.channel.allreduce(values, "forward", key)
+        self.counts["forward"] += 1
         return total, ((self.expect(key, 1), 0) if backward else None)
 
     def expect(self, key: str, parts: int) -> Slot:
@@ -108,6 +110,7 @@ class Exchanges:
         self._cond.release()
         try:
             total = self.channel.allreduce(np.concatenate(sent), "backward", slot.key) if sent else None
+            self.counts["backward"] += 1 if sent else 0
         finally:
             self._cond.acquire()
             self._busy = False
@@ -166,6 +169,7 @@ class _Lockstep:
                                    f"({sorted({key for _, key, _, _ in parked})}); their trainable parts differ")
             key, backward = parked[0][1], parked[0][3]
             total = self.exchanges.channel.allreduce(np.concatenate([v for _, _, v, _ in parked]), "forward", key)
+            self.exchanges.counts["forward"] += 1
             slot = self.exchanges.expect(key, len(parked)) if backward else None
             size = parked[0][2].size
             for n, (i, _, _, _) in enumerate(parked):
