@@ -13,7 +13,8 @@ frozen prefix) registers no slot: its backward needs no global sums.
 
 A grid's heads (`lockstep`) run their trainable parts side by side, as greenlets on the main
 thread: each head's forward stops at a synchronized BN with its local sums, and when every head
-has, one exchange carries them all; their backward exchanges at that layer share one slot.
+has, one exchange carries them all. Backward exchanges go head after head: MXNet runs one head's
+backward pass after the other's, so one slot for every head of a layer would wait forever.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ class Exchanges:
         self.channel = channel
         self._cond = threading.Condition()
         self._passes: deque = deque()
+        self._open: dict = {}  # lane -> the pass being registered
         self._busy = False  # a thread is inside the channel's backward exchange
         self._lockstep: Optional[_Lockstep] = None
         self.counts = {"forward": 0, "backward": 0}  # exchanges made through the channel
@@ -64,13 +66,16 @@ class Exchanges:
         self.counts["forward"] += 1
         return total, ((self.expect(key, 1), 0) if backward else None)
 
-    def expect(self, key: str, parts: int) -> Slot:
-        """Register the backward exchange of layer `key` (called in forward order)."""
+    def expect(self, key: str, parts: int = 1, lane: int = 0) -> Slot:
+        """Register the backward exchange of layer `key` (called in forward order). Each head of
+        a grid (`lane`) has passes of its own: MXNet runs one head's backward after another's
+        (measured: a head's first backward callback comes once the previous head's last has
+        returned), so their exchanges go head after head."""
         slot = Slot(key, parts)
         with self._cond:
-            current = self._passes[-1] if self._passes else None
+            current = self._open.get(lane)
             if current is None or key in current.keys:
-                current = _Pass()
+                current = self._open[lane] = _Pass()
                 self._passes.append(current)
             current.slots.append(slot)
             current.keys.add(key)
@@ -99,7 +104,8 @@ class Exchanges:
                 return first.slots[-1]
             if len(self._passes) == 1:
                 return None  # the pass still being registered
-            self._passes.popleft()
+            done = self._passes.popleft()
+            self._open = {lane: p for lane, p in self._open.items() if p is not done}
         return None
 
     def _run(self, slot: Slot) -> None:
@@ -170,10 +176,9 @@ class _Lockstep:
             key, backward = parked[0][1], parked[0][3]
             total = self.exchanges.channel.allreduce(np.concatenate([v for _, _, v, _ in parked]), "forward", key)
             self.exchanges.counts["forward"] += 1
-            slot = self.exchanges.expect(key, len(parked)) if backward else None
             size = parked[0][2].size
             for n, (i, _, _, _) in enumerate(parked):
-                where = (slot, n) if backward else None
+                where = (self.exchanges.expect(key, 1, lane=n), 0) if backward else None
                 self._step(i, self.greenlets[i], (total[n * size:(n + 1) * size], where), results, done)
         return results
 

@@ -171,6 +171,12 @@ class _SyncBN(_Recorded):
         c = x.shape[1]
         eps, momentum, fix_gamma = (layer._kwargs[k] for k in ("eps", "momentum", "fix_gamma"))  # noqa: SLF001
         k = layer.constants_for(x)
+        # the inputs autograd recorded (a trainable leaf or computed from one): only they go into
+        # the node. One that needs no gradient (the frozen prefix's output before the first
+        # trainable BN) would get a buffer of no shape, which makes autograd's backward call
+        # wait until this node's backward has run, on the main thread (a grid's heads then
+        # could not exchange side by side, and the gradient exchange could not start early)
+        self.inputs = [i for i, a in enumerate((x, gamma, beta)) if autograd.is_recording() and recorded(a)]
         recording = autograd.set_recording(False)
         try:
             # this rank's statistics (the kernel's pass over the data), to the host
@@ -182,7 +188,7 @@ class _SyncBN(_Recorded):
             offset = mean - rm
             local = np.concatenate([count * offset, count * (1.0 / np.square(inv_std) - eps + np.square(offset)),
                                     [count]])
-            total, self.where = layer.exchanges.forward(layer.layer_key, local, recording and recorded(x))
+            total, self.where = layer.exchanges.forward(layer.layer_key, local, 0 in self.inputs)
             n = total[-1]
             mean_offset = total[:c] / n
             var = np.maximum(total[c:2 * c] / n - np.square(mean_offset), 0.0)
@@ -198,15 +204,18 @@ class _SyncBN(_Recorded):
                                 * (1 - momentum))
         finally:
             autograd.set_recording(recording)
-        if recording:
+        if self.inputs:
             self.x = x
-            self.record([x, gamma, beta], [y])
+            self.record([(x, gamma, beta)[i] for i in self.inputs], [y])
         return y
 
-    def backward(self, out_grads: list, in_grads: list, reqs: list) -> None:
+    def backward(self, out_grads: list, recorded_grads: list, recorded_reqs: list) -> None:
         delay = faults.syncbn_backward_delay()
         if delay:
             time.sleep(delay)
+        in_grads, reqs = [None] * 3, [0] * 3  # for x, gamma, beta
+        for i, g, r in zip(self.inputs, recorded_grads, recorded_reqs):
+            in_grads[i], reqs[i] = g, r
         layer, (dy,), x = self.layer, out_grads, self.x
         c, eps = x.shape[1], layer._kwargs["eps"]  # noqa: SLF001
         # dx with the statistics held fixed, this rank's sum(dy * xhat) and sum(dy): one kernel
