@@ -200,7 +200,12 @@ class Cluster:
         """Start `command` on `node`. It runs as a child of nsenter (which waits for it and
         returns its status); `.command_pid` is its own pid, for signals meant for it alone."""
         proc = subprocess.Popen(node.enter(command), **kw)
-        proc.command_pid = self._child_of(proc)
+        try:
+            proc.command_pid = self._child_of(proc)
+        except RuntimeError:
+            if proc.poll() != 0:
+                raise
+            proc.command_pid = None  # a quick command, done and successful before it was seen: no pid to signal
         return proc
 
     def close(self) -> None:
