@@ -179,6 +179,9 @@ class Head:
     diverged: Optional[dict] = None
     evals: dict = field(default_factory=dict)
     loss: Optional[float] = None
+    # at the end of a head-only run: probe.py's objective and its gradient norm at the weights
+    objective: Optional[float] = None
+    gradient_norm: Optional[float] = None
 
 
 class HeadSet:
@@ -321,6 +324,8 @@ class HeadSet:
         for h in self.heads:
             doc = {"name": h.name, "overrides": h.overrides,
                    **{k: h.evals.get(k) for k in ("val_top1", "val_loss")}, "train_loss": h.loss}
+            if h.objective is not None:
+                doc.update(objective=h.objective, gradient_norm=h.gradient_norm)
             if h.diverged:
                 doc["diverged"] = h.diverged
             out.append(doc)
