@@ -31,6 +31,7 @@ from .errors import ConfigError, NumericalError
 from .evaluate import evaluate_many
 from .freeze import lr_multipliers
 from .optim import OptimizerState, build_exchange, build_trainer
+from .probe import history_pairs
 from .schedule import LRSchedule
 
 COPY_PREFIX = "heads."
@@ -79,8 +80,11 @@ def loss_function(label_smoothing: float, classes: int):
 
 # --- memory -------------------------------------------------------------------------------------
 
-def optimizer_slots(cfg) -> int:
-    """State arrays per trainable tensor: Adam's two moments, momentum's one."""
+def optimizer_slots(cfg, trainable_params: int = 0) -> int:
+    """State arrays (of the trainable tensors' float32 size) per trainable tensor: Adam's two
+    moments, momentum's one; lbfgs's pairs (s, y) in float64."""
+    if cfg.optimizer.name == "lbfgs":
+        return 2 * 2 * history_pairs(cfg.optimizer.history, max(trainable_params, 1))
     if cfg.optimizer.name == "adam":
         return 2
     momenta = [cfg.optimizer.momentum, *cfg.heads.grid.get("optimizer.momentum", [])]
@@ -112,7 +116,7 @@ def memory_estimate(cfg, plan, runner: model.SplitNet, heads: int, micro: int) -
         "heads": heads,
         "weights": t["total_bytes"] + (heads - 1) * suffix_bytes,
         "gradients": heads * t["trainable_bytes"],
-        "optimizer_state": heads * t["trainable_bytes"] * optimizer_slots(cfg),
+        "optimizer_state": heads * t["trainable_bytes"] * optimizer_slots(cfg, t["trainable_params"]),
         "activations": heads * activation_bytes(runner, micro, cfg.model.image_size),
         "micro_batch": micro,
     }

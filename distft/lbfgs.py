@@ -8,7 +8,11 @@ Every decision (accept a step, bracket, stop) is taken from the values `tell` re
 the same values, every rank takes the same branch and holds the same bits.
 
 Line search: strong Wolfe conditions (c1 = 1e-4, c2 = 0.9), bracketing then zooming by cubic
-interpolation (Nocedal & Wright, Numerical Optimization, algorithms 3.5 and 3.6). The first
+interpolation (Nocedal & Wright, Numerical Optimization, algorithms 3.5 and 3.6). Near the
+optimum the objective's changes sink below its rounding, and sufficient decrease can no longer
+be told from noise: a trial whose objective is within NOISE (relative) of the start and whose
+slope meets the curvature condition is accepted too (Hager & Zhang's approximate Wolfe
+conditions), so that the gradient can still reach `tol`. The first
 trial step of each iteration is 1 (1 / ||g|| on the very first); the memory holds the last
 `history` pairs (scipy and scikit-learn keep 10; more pairs, fewer passes over the data on the
 ill-conditioned problems a weakly regularised probe makes), the initial inverse Hessian scaled
@@ -23,11 +27,12 @@ import numpy as np
 C1, C2 = 1e-4, 0.9  # sufficient decrease, curvature
 MAX_TRIALS = 25  # evaluations one line search may take
 EXTRAPOLATE = 4.0  # bracketing: the next trial step is this many times the last
+NOISE = 1e-10  # the objective's changes below this (relative) are not told apart from rounding
 
 # status
 RUNNING = "running"
 CONVERGED = "converged"  # gradient norm <= tol
-NO_PROGRESS = "no_progress"  # the objective no longer decreases by more than float64 resolves
+NO_PROGRESS = "no_progress"  # an accepted step no longer moves the point (float64's resolution)
 LINE_SEARCH_FAILED = "line_search_failed"  # no step along steepest descent satisfied the conditions
 NOT_FINITE = "not_finite"  # the objective or its gradient is NaN/Inf at the starting point
 
@@ -110,8 +115,11 @@ class Memory:
 
 
 class LBFGS:
-    def __init__(self, x0: np.ndarray, tol: float, history: int = 10):
-        self.tol, self.history = float(tol), int(history)
+    """`tol`: stop once `norm(gradient)` is at most this (`norm`: the Euclidean one unless the
+    caller measures the gradient in other coordinates than the ones it minimises in)."""
+
+    def __init__(self, x0: np.ndarray, tol: float, history: int = 10, norm=np.linalg.norm):
+        self.tol, self.history, self.norm = float(tol), int(history), norm
         self.x = np.array(x0, dtype=np.float64).ravel()
         self.g = self.d = self.g_prev = self.g_lo = None
         self.memory = Memory(self.history, self.x.size)
@@ -128,7 +136,7 @@ class LBFGS:
 
     @property
     def gradient_norm(self) -> float:
-        return float(np.linalg.norm(self.g)) if self.g is not None else float("nan")
+        return float(self.norm(self.g)) if self.g is not None else float("nan")
 
     def point(self) -> np.ndarray:
         """Where the objective and gradient are wanted next (the solution once `done`)."""
@@ -168,10 +176,16 @@ class LBFGS:
     def _curvature_holds(self, gd: float) -> bool:
         return abs(gd) <= -C2 * self.gd0
 
+    def _approximately_wolfe(self, f: float, gd: float) -> bool:
+        return f <= self.f + NOISE * abs(self.f) and self._curvature_holds(gd)
+
     def _bracket(self, f: float, g: np.ndarray, gd: float) -> None:
         t = self.t
         if self._armijo_fails(t, f) or (self.trials > 1 and f >= self.f_prev):
-            self._start_zoom((self.t_prev, self.f_prev, self.gd_prev, self.g_prev), (t, f, gd))
+            if self._approximately_wolfe(f, gd):
+                self._accept(t, f, g)
+            else:
+                self._start_zoom((self.t_prev, self.f_prev, self.gd_prev, self.g_prev), (t, f, gd))
         elif self._curvature_holds(gd):
             self._accept(t, f, g)
         elif gd >= 0:
@@ -188,6 +202,9 @@ class LBFGS:
     def _zoom(self, f: float, g: np.ndarray, gd: float) -> None:
         t = self.t
         if self._armijo_fails(t, f) or f >= self.f_lo:
+            if self._approximately_wolfe(f, gd):
+                self._accept(t, f, g)
+                return
             self.t_hi, self.f_hi, self.gd_hi = t, f, gd
         else:
             if self._curvature_holds(gd):
@@ -236,11 +253,11 @@ class LBFGS:
         sy = float(step @ change)
         if sy > 1e-10 * float(change @ change):  # positive curvature: a usable pair
             self.memory.push(step, change)
-        f_old, self.f, self.g = self.f, f, g
+        self.f, self.g = f, g
         self.iterations += 1
         if self._converged():
             return
-        if f_old - f <= 4 * np.finfo(np.float64).eps * max(abs(f_old), abs(f), 1.0):
+        if np.abs(step).max() <= 4 * np.finfo(np.float64).eps * np.abs(self.x).max():
             self.status, self.phase = NO_PROGRESS, "done"
             return
         self._direction(steepest=False)
@@ -260,7 +277,7 @@ class LBFGS:
             self.memory.clear()
             d, gd = -self.g, -float(self.g @ self.g)
         self.d, self.gd0 = d, gd
-        self.t = min(1.0, 1.0 / self.gradient_norm) if not len(self.memory) else 1.0
+        self.t = min(1.0, 1.0 / float(np.linalg.norm(self.g))) if not len(self.memory) else 1.0
         self.t_prev, self.f_prev, self.gd_prev, self.g_prev = 0.0, self.f, gd, self.g
         self.trials, self.phase = 0, "bracket"
 

@@ -38,6 +38,7 @@ from .lbfgs import LBFGS, NOT_FINITE
 from .state import Batching
 
 SOLVER = "lbfgs"
+MEAN = f"{SOLVER}.feature_mean"  # a checkpoint's array: the features' mean (the solve's coordinates)
 LOW_WORD = 2.0 ** 26  # fixed point: the second word's resolution below the first's
 HIGH_BITS = 50  # the first word's total over all samples stays below 2**HIGH_BITS
 HISTORY_BYTES = 256 * 2 ** 20  # optimizer.history: auto, per head
@@ -48,8 +49,9 @@ HISTORY_BYTES = 256 * 2 ** 20  # optimizer.history: auto, per head
 def plan_problem(cfg, plan, net) -> Optional[str]:
     """Why this freeze plan is not a linear head on a frozen prefix (None: it is)."""
     head = cfg.model.head
-    others = sorted({n.rpartition(".")[0] for n in plan.trainable_names()
-                     if not (n == head or n.startswith(head + "."))})
+    trained = [n for n in plan.trainable_names() if not (n == head or n.startswith(head + "."))]
+    stages = [s for s in plan.suffix or [] if any(n.startswith(s + ".") for n in trained)]
+    others = stages or sorted({n.rpartition(".")[0] for n in trained})
     if others:
         more = f" and {len(others) - 3} more" if len(others) > 3 else ""
         return f"the plan also trains {', '.join(others[:3])}{more}"
@@ -114,14 +116,22 @@ def agreed_max(world, value: float) -> float:
 
 class Objective:
     """f for H heads of `classes` outputs on `dim` features: a head's point is its weight
-    (classes x dim, row-major) then its bias (classes), one float64 vector."""
+    (classes x dim, row-major) then its bias (classes), one float64 vector.
+
+    With `mean` (the features' mean over data.train; a head with a bias), points are taken in
+    centred coordinates: the weight W and c = b + W mean, the logits W (x - mean) + c. The same
+    function of (W, b), only the coordinates differ: frozen features (after a ReLU, often all
+    positive) share a large mean, and without it the problem is far worse conditioned (2 to 3
+    times the passes, measured). `original` gives (W, b) back; the gradient norm reported
+    is always by (W, b)."""
 
     def __init__(self, samples: int, classes: int, dim: int, weight_decay, label_smoothing, decay_bias: bool,
-                 bias: bool = True):
+                 bias: bool = True, mean: Optional[np.ndarray] = None):
         self.samples, self.classes, self.dim = samples, classes, dim
         self.wd = np.asarray(weight_decay, dtype=np.float64)
         self.smoothing = np.asarray(label_smoothing, dtype=np.float64)
         self.decay_bias, self.bias = decay_bias, bias
+        self.mean = None if mean is None or not bias else np.asarray(mean, dtype=np.float64).reshape(dim)
 
     @property
     def size(self) -> int:
@@ -136,6 +146,8 @@ class Objective:
         biases = points[:, k * d:] if self.bias else np.zeros((h, k))
         e = self.smoothing[heads][None, :]  # (1, h)
         x = np.asarray(x, dtype=np.float64).reshape(len(y), -1)
+        if self.mean is not None:
+            x = x - self.mean
         rows = np.arange(len(y))
         z = (x @ weights.T).reshape(len(y), h, k) + biases[None]
         z -= z.max(axis=2, keepdims=True)
@@ -160,6 +172,8 @@ class Objective:
         |feature| of data.train): per sample |cross-entropy| <= 2 max|logit| + log(classes),
         |d/dW| <= max|x|, |d/db| <= 1."""
         h, k, d = len(points), self.classes, self.dim
+        if self.mean is not None:  # |x - mean| <= 2 max|x|
+            feature_max = 2 * feature_max
         norms = np.abs(points[:, :k * d].reshape(h, k, d)).sum(axis=2)  # (h, k): each row's L1 norm
         logit = (norms * feature_max + (np.abs(points[:, k * d:]) if self.bias else 0.0)).max(axis=1)
         bound = np.empty((h, 2 + self.size))
@@ -192,16 +206,42 @@ class Objective:
     def from_fixed(words: np.ndarray, exponents: np.ndarray) -> np.ndarray:
         return np.ldexp(words[0] + words[1] / LOW_WORD, -exponents)
 
+    def original(self, points: np.ndarray) -> np.ndarray:
+        """Points as (W, b): the centred coordinates' c = b + W mean taken back."""
+        out = points.copy()
+        if self.mean is None:
+            return out
+        k, d = self.classes, self.dim
+        out[..., k * d:] -= points[..., :k * d].reshape(*points.shape[:-1], k, d) @ self.mean
+        return out
+
+    def original_gradient(self, grads: np.ndarray) -> np.ndarray:
+        """A gradient by the centred coordinates (W, c) as the gradient by (W, b): df/dW adds
+        df/dc mean'."""
+        if self.mean is None:
+            return grads
+        k, d = self.classes, self.dim
+        out = grads.copy()
+        out[..., :k * d] += (grads[..., k * d:, None] * self.mean).reshape(*grads.shape[:-1], k * d)
+        return out
+
+    def gradient_norm(self, grad: np.ndarray) -> float:
+        """The Euclidean norm of f's gradient by (W, b), from one by the points' coordinates."""
+        return float(np.linalg.norm(self.original_gradient(grad)))
+
     def totals(self, points: np.ndarray, heads: np.ndarray, sums: np.ndarray) -> tuple:
-        """(cross-entropy, f, gradient of f) per head from the sums over every sample."""
+        """(cross-entropy, f, gradient of f by the points' coordinates) per head from the sums
+        over every sample."""
         k, d = self.classes, self.dim
         wd = self.wd[heads][:, None]
-        penalised = points.copy()
+        penalised = self.original(points)  # (W, b), b zeroed when it is not penalised
         if self.bias and not self.decay_bias:
             penalised[:, k * d:] = 0.0
         loss = sums[:, 0] / self.samples
         f = sums[:, 1] / self.samples + 0.5 * wd[:, 0] * np.einsum("hi,hi->h", penalised, penalised)
         grad = sums[:, 2:] / self.samples + wd * penalised
+        if self.mean is not None and self.decay_bias:  # wd/2 ||c - W mean||^2 by W: -wd b mean'
+            grad[:, :k * d] -= ((wd * penalised[:, k * d:])[:, :, None] * self.mean).reshape(len(points), k * d)
         return loss, f, grad
 
 
@@ -261,7 +301,8 @@ class LinearProbe:
         self.history = history_pairs(opt.history, self.objective.size)
         # from zero (as scikit-learn starts): the optimum is unique, and a weakly penalised head
         # takes many more passes to shed a random start
-        self.machines = [LBFGS(np.zeros(self.objective.size), opt.tol, self.history) for _ in heads]
+        self.machines = [LBFGS(np.zeros(self.objective.size), opt.tol, self.history, self.objective.gradient_norm)
+                         for _ in heads]
         self.cache = FeatureCache(self.indices, cfg.train.cache_dtype, cfg.train.cache_memory_bytes,
                                   f"{cfg.train.output}/cache", world.rank) if len(self.indices) else None
         self.labels: list[np.ndarray] = []  # per block
@@ -277,13 +318,24 @@ class LinearProbe:
         return all(m.done for m in self.machines)
 
     def extract(self, runner, loader, beat=None) -> None:
-        """This rank's features, once, a block per batch, into the cache (what every pass reads)."""
+        """This rank's features, once, a block per batch, into the cache (what every pass
+        reads); the largest |feature| and (unless a checkpoint gave it) the features' mean,
+        both agreed, the mean to the same bits on any world size."""
         start = time.perf_counter()
         largest = 0.0
         for _, x, y in features(runner, loader, self.ctx, self.blocks, self.cache, beat):
             self.labels.append(y)
             largest = max(largest, float(np.abs(x).max())) if len(x) else largest
         self.feature_max = agreed_max(self.world, largest)
+        if self.objective.bias and self.objective.mean is None:
+            exponent = HIGH_BITS - np.frexp(max(self.feature_max * self.objective.samples, 1e-300))[1]
+            words = np.zeros((2, self.objective.dim))
+            for x, _ in self.chunks():
+                scaled = np.ldexp(np.asarray(x, dtype=np.float64).sum(axis=0), exponent)
+                words[0] += np.floor(scaled)
+                words[1] += np.floor((scaled - np.floor(scaled)) * LOW_WORD)
+            total, _ = agreed_sums(self.world, words, False)
+            self.objective.mean = Objective.from_fixed(total, exponent) / self.objective.samples
         self.extract_seconds = time.perf_counter() - start
 
     def chunks(self) -> Iterator:
@@ -312,7 +364,7 @@ class LinearProbe:
     def write_weights(self) -> None:
         """Each head's current point (its solution once done) into its Parameters."""
         for h, m in zip(self.heads, self.machines):
-            write_point(h, self.name, m.x)
+            write_point(h, self.name, self.objective.original(m.x))
 
     def not_finite(self) -> list:
         """The heads whose objective is not finite at their starting point."""
@@ -339,33 +391,39 @@ class LinearProbe:
             a, n = m.state_dict()
             arrays.update({f"{SOLVER}.{h.name}.{k}": mx.nd.array(v, dtype=np.float64) for k, v in a.items()})
             numbers[h.name] = n
+        if self.objective.mean is not None:  # the machines' coordinates
+            arrays[MEAN] = mx.nd.array(self.objective.mean, dtype=np.float64)
         return arrays, {SOLVER: numbers}
 
     def check_state(self, arrays: dict, meta: dict) -> None:
         """Rank 0, before `load_state_dict`: the checkpoint holds every machine's arrays."""
         numbers = _numbers(meta, self.heads)
-        for h in self.heads:
-            for key, shape in numbers[h.name]["shapes"].items():
-                name = f"{SOLVER}.{h.name}.{key}"
-                if name not in arrays or list(arrays[name].shape) != list(shape):
-                    raise CheckpointError(f"optimizer state {name}: missing or mis-shaped in the checkpoint")
+        for name, shape in self._shapes(numbers).items():
+            if name not in arrays or tuple(arrays[name].shape) != shape:
+                raise CheckpointError(f"optimizer state {name}: missing or mis-shaped in the checkpoint")
+
+    def _shapes(self, numbers: dict) -> dict:
+        """The checkpoint's arrays: every machine's, and the features' mean (centred coordinates)."""
+        shapes = {f"{SOLVER}.{h.name}.{key}": tuple(shape) for h in self.heads
+                  for key, shape in numbers[h.name]["shapes"].items()}
+        if self.objective.bias:
+            shapes[MEAN] = (self.objective.dim,)
+        return shapes
 
     def load_state_dict(self, world, arrays: dict, meta: dict) -> int:
         """The machines from a checkpoint that rank 0 read (`arrays`: its NDArrays there, {}
         elsewhere; `meta`: on every rank). Returns the bytes broadcast."""
         numbers = _numbers(meta, self.heads)
-        received = {}
-        for h in self.heads:
-            for key, shape in numbers[h.name]["shapes"].items():
-                name = f"{SOLVER}.{h.name}.{key}"
-                received[name] = arrays[name].astype(np.float64).as_in_context(mx.cpu()) if world.rank == 0 else \
-                    mx.nd.zeros(tuple(shape), dtype=np.float64)
+        received = {name: arrays[name].astype(np.float64).as_in_context(mx.cpu()) if world.rank == 0 else
+                    mx.nd.zeros(shape, dtype=np.float64) for name, shape in self._shapes(numbers).items()}
         names = sorted(received)
         sent = world.broadcast_([received[n] for n in names], "distft.probe_state") if world.size > 1 and names else 0
         for h, m in zip(self.heads, self.machines):
             key = f"{SOLVER}.{h.name}."
             m.load_state_dict({n[len(key):]: received[n].asnumpy() for n in names if n.startswith(key)},
                               numbers[h.name])
+        if MEAN in received:
+            self.objective.mean = received[MEAN].asnumpy()
         return sent
 
 
