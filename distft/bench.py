@@ -51,7 +51,11 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
         raise DistftError(f"bench: --repeats {repeats}: at least 1")
     if cache_epochs == 1 or cache_epochs < 0:
         raise DistftError(f"bench: --cache-epochs {cache_epochs}: 0 (no cached run) or at least 2")
-    if load_config(config, overrides + ["data.val=null", f"data.val_split={GRID_VAL_SPLIT}"]).heads.grid:
+    checked = load_config(config, overrides + ["data.val=null", f"data.val_split={GRID_VAL_SPLIT}"])
+    if checked.optimizer.name == "lbfgs":
+        raise DistftError("bench: optimizer.name: lbfgs takes no steps to time; `python -m distft.probebench "
+                          "--config X --np N` puts it beside scikit-learn on the same features")
+    if checked.heads.grid:
         return run_grid(config, overrides, np_, steps, window, controller, timeout, cache_epochs, repeats)
     work = tempfile.mkdtemp(prefix="distft-bench-")
     try:

@@ -216,6 +216,7 @@ class Job:
         log(self.world, f"lbfgs: features of {len(solver.indices)} samples on this rank in "
                         f"{solver.extract_seconds:.1f} s")
         stats.start_epoch()
+        solving = time.perf_counter()
         while state.step < self.data.total_steps and not solver.done:
             stats.begin_step()
             stop = solver.step(self.guard.stop_requested)
@@ -230,6 +231,7 @@ class Job:
                 self.save_checkpoint(state)
             self.guard.beat()
             stats.mark()
+        solver.solve_seconds = time.perf_counter() - solving  # every pass, with its metrics and checkpoints
         solver.write_weights()
         self.solve_ended()
         if self.data.val_loader is not None:
