@@ -241,9 +241,6 @@ def _type_name(tp: Any) -> str:
         tp, getattr(tp, "__name__", str(tp)))
 
 
-_EXPONENT_ONLY = re.compile(r"[-+]?\d+[eE][-+]?\d+")
-
-
 def _convert(value: Any, tp: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -276,8 +273,6 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
-        if isinstance(value, str) and _EXPONENT_ONLY.fullmatch(value.strip()):
-            value = float(value)  # 1e-5: YAML 1.1 (PyYAML) reads a number without a dot as a string
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if value != value or value in (float("inf"), float("-inf")):
                 raise ConfigError(f"{path}: must be a finite number, got {value!r}")
@@ -436,7 +431,6 @@ def _check_grid(cfg: Config) -> None:
                 raise ConfigError(f"{path}[{i}]: must be >= {meta['min']}, got {converted!r}")
             if key == "train.label_smoothing" and converted >= 1.0:
                 raise ConfigError(f"{path}[{i}]: a fraction below 1, got {converted!r}")
-            values[i] = converted  # e.g. 1e-5, which YAML reads as a string
     if not grid:
         return
     if not (cfg.data.val or cfg.data.val_split):

@@ -107,16 +107,3 @@ def test_resolved_config_is_written_to_output(tmp_path, pretrained):
     assert resolved["optimizer"]["lr"] == 0.02
     assert resolved["data"]["workers"] == 0  # from the file
     assert resolved["dist"]["batchnorm"] == "sync"  # a default, written out
-
-
-def test_a_number_written_1e_5_is_a_number(tmp_path):
-    """PyYAML (YAML 1.1) reads 1e-5, without a dot, as a string."""
-    path = tmp_path / "c.yaml"
-    path.write_text("optimizer: {weight_decay: 1e-5, lr: 2E-3}\n")
-    cfg = load_config(str(path), ["optimizer.tol=1e-6", "heads.grid={optimizer.weight_decay: [1e-3, 1e-4]}",
-                                  "data.val_split=0.1"])
-    assert (cfg.optimizer.weight_decay, cfg.optimizer.lr, cfg.optimizer.tol) == (1e-5, 2e-3, 1e-6)
-    assert cfg.heads.grid == {"optimizer.weight_decay": [1e-3, 1e-4]}
-    with pytest.raises(ConfigError) as err:
-        load_config(None, ["optimizer.lr=1e-x"])
-    assert str(err.value) == "optimizer.lr: expected a number, got '1e-x'"
