@@ -41,6 +41,18 @@ def test_lbfgs_reaches_the_minimum_of_an_ill_conditioned_quadratic_to_tol():
     assert np.abs(m.x - np.linalg.solve(a, b)).max() < 1e-6
 
 
+def test_a_non_finite_start_ends_the_machine_and_a_non_finite_trial_shortens_the_step():
+    m = lbfgs.LBFGS(np.zeros(3), tol=1e-8)
+    m.tell(float("nan"), np.zeros(3))
+    assert m.done and m.status == lbfgs.NOT_FINITE
+    _, _, evaluate = quadratic(n=3)
+    m = lbfgs.LBFGS(np.zeros(3), tol=1e-8)
+    m.tell(*evaluate(m.point()))
+    m.tell(float("inf"), np.full(3, np.nan))  # the first trial step overflows
+    assert not m.done and m.t < 1.0 / np.linalg.norm(evaluate(np.zeros(3))[1])
+    assert minimise(m, evaluate).status == lbfgs.CONVERGED
+
+
 def test_the_compact_inverse_hessian_is_the_two_loop_recursion():
     rng = np.random.default_rng(1)
     memory, pairs = lbfgs.Memory(5, 30), []
