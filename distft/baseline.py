@@ -30,6 +30,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
+    from . import imaging
+
+    imaging.load_pillow()  # Pillow's codecs bound before Horovod makes MXNet's global
     import horovod.mxnet as hvd
     import psutil
 
@@ -67,7 +70,8 @@ def main(argv=None) -> int:
     data = open_dataset(cfg.data.train, "train", "data.train")
     sampler = ShardSampler(len(data), cfg.data.batch_size, hvd.size(), hvd.rank(), cfg.data.seed)
     loader = BatchLoader(data, Transform(cfg.model.image_size, cfg.data.mean, cfg.data.std, False, cfg.data.seed),
-                         workers=cfg.data.workers)
+                         workers=cfg.data.workers, max_bad_fraction=cfg.data.max_bad_fraction,
+                         max_bad_files=cfg.data.max_bad_files)
     batch = cfg.data.batch_size
     rates, window_start, first_step = [], None, None
     for i in range(args.steps):

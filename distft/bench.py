@@ -17,7 +17,30 @@ import tempfile
 
 from . import timeline
 from .config import dump_config, load_config
-from .errors import DistftError
+from .errors import ConfigError, DistftError
+
+
+def prepare_output(path: str, flag: str) -> None:
+    """Before a benchmark that takes minutes: make PATH's folder and prove a file can be written
+    there, else a one-line error naming `flag`."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag}: {path}: a folder; give a file name")
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".distft-write-test-")
+        os.close(fd)
+        os.remove(probe)
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            blocking = directory
+            while not os.path.exists(blocking):
+                blocking = os.path.dirname(blocking)
+            reason = f"{blocking} is a file, not a folder"
+        raise ConfigError(f"{flag}: {path}: cannot write there ({reason})") from None
 
 
 def _machine() -> dict:
@@ -51,11 +74,14 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
         raise DistftError(f"bench: --repeats {repeats}: at least 1")
     if cache_epochs == 1 or cache_epochs < 0:
         raise DistftError(f"bench: --cache-epochs {cache_epochs}: 0 (no cached run) or at least 2")
-    checked = load_config(config, overrides + ["data.val=null", f"data.val_split={GRID_VAL_SPLIT}"])
-    if checked.optimizer.name == "lbfgs":
+    from . import model
+
+    first = load_config(config, overrides + ["data.val=null", f"data.val_split={GRID_VAL_SPLIT}"])
+    if first.optimizer.name == "lbfgs":
         raise DistftError("bench: optimizer.name: lbfgs takes no steps to time; `python -m distft.probebench "
                           "--config X --np N` puts it beside scikit-learn on the same features")
-    if checked.heads.grid:
+    model.check(first.model)  # before any run reads data
+    if first.heads.grid:
         return run_grid(config, overrides, np_, steps, window, controller, timeout, cache_epochs, repeats)
     work = tempfile.mkdtemp(prefix="distft-bench-")
     try:

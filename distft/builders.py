@@ -8,12 +8,12 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from . import freeze, model, syncbn
+from . import freeze, imaging, model, syncbn
+from .agreement import agreed_everywhere
 from .cache import FeatureCache
-from .data import BatchLoader, ShardSampler, Transform, open_training_sets
-from .datacheck import without_unreadable
-from .errors import ConfigError
-from .inputsize import require_fits
+from .data import BatchLoader, ShardSampler, Transform, data_digest, open_training_sets
+from .datacheck import class_counts, without_unreadable
+from .errors import ConfigError, DataError
 from .state import Batching
 
 
@@ -22,18 +22,36 @@ class DataSets:
     train: object
     val: Optional[object]
     class_names: Optional[list]
+    identity: dict  # data.train's digest (names and sizes of its files) and file count
+    inventory: dict  # per key: the files read, held out, unreadable and ignored, per class
 
 
-def open_data(cfg, world, warn) -> DataSets:
-    """The data sets, read once and checked before any step: the image size against the
-    network (before any data is read), classes by name (model.classes: auto is resolved here),
+def open_data(cfg, world, warn, holdout_by_position: bool = False) -> DataSets:
+    """The data sets, read once and checked before any step: the model section (its name,
+    head, input size and pretrained file, on every rank, before any data is read), classes by
+    name (model.classes: auto is resolved here), the image decoder on every rank (a broken one
+    is the environment's fault, named as such), the same data.train on every rank (by digest),
     every file's verdict (unreadable ones left out, or every rank stops past the limit)."""
-    require_fits(cfg.model.name, cfg.model.image_size)
-    train, val, names, cfg.model.classes = open_training_sets(cfg.data, cfg.model.classes)
-    train = without_unreadable(train, "data.train", world, cfg.data, log=warn)
+    agreed_everywhere(world, "checking the model", lambda: model.check(cfg.model))
+    agreed_everywhere(world, "testing the image decoder", imaging.self_test)  # before any file is judged
+    train, val, names, cfg.model.classes = open_training_sets(cfg.data, cfg.model.classes, holdout_by_position)
+    identity = data_digest(train)
+    digests = [d.decode() for d in world.allgather_bytes(identity["digest"].encode(), "distft.data_digest")]
+    odd = [r for r, d in enumerate(digests) if d != digests[0]]
+    if odd:
+        raise DataError(f"data.train: {cfg.data.train} is not the same data set on rank(s) {odd} as on rank 0 "
+                        "(file names or sizes differ): every node must see the same files")
+    inventory = {"data.train": {"files": identity["files"], "per_class": {}}}
+    train = without_unreadable(train, "data.train", world, cfg.data, log=warn,
+                               per_class=inventory["data.train"]["per_class"])
     if val is not None:
-        val = without_unreadable(val, "data.val", world, cfg.data, log=warn)
-    return DataSets(train, val, names)
+        key = "data.val_split" if cfg.data.val_split else "data.val"
+        inventory[key] = {"files": len(val), "per_class": {}}
+        val = without_unreadable(val, "data.val", world, cfg.data, log=warn,
+                                 per_class=None if cfg.data.val_split else inventory[key]["per_class"])
+        if cfg.data.val_split:  # held out of data.train: its classes are counted there
+            inventory[key]["per_class"] = {n: {"files": c} for n, c in class_counts(val).items()}
+    return DataSets(train, val, names, identity, inventory)
 
 
 @dataclass

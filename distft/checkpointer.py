@@ -18,8 +18,9 @@ import mxnet as mx
 
 from . import checkpoint, faults
 from .agreement import agreed, from_rank0
+from .config import as_yaml
 from .console import log, warn
-from .errors import CheckpointError, ConfigError, mxnet_reason
+from .errors import CheckpointError, ConfigError, DataError, mxnet_reason
 from .optim import OptimizerState
 from .state import TrainState
 
@@ -49,17 +50,25 @@ def job_identity(cfg) -> dict:
     return keys
 
 
-def check_relaunch(cfg, meta: dict) -> None:
-    """Refuse a relaunch that would continue the checkpoint's job as a different job."""
+def check_relaunch(cfg, meta: dict, data_identity: Optional[dict] = None) -> None:
+    """Refuse a relaunch that would continue the checkpoint's job as a different job: another
+    config (`job_identity`), or another data.train (its files' names and sizes; data.on_change:
+    accept lets it resume knowingly)."""
     recorded = meta.get("job")
     if not recorded:
         return  # the first checkpoint format: the freeze plan is still checked when weights load
     now = job_identity(cfg)
     for key, value in now.items():
         if key in recorded and recorded[key] != value:
-            raise ConfigError(f"{key}: this job's checkpoints were written with {recorded[key]!r}, this launch "
-                              f"asks for {value!r}; a resumed job keeps it (use another train.output, or "
-                              "train.resume: false to start over)")
+            raise ConfigError(f"{key}: this job's checkpoints were written with {key}: {as_yaml(recorded[key])}; "
+                              f"this launch asks for {as_yaml(value)}; a resumed job keeps it (use another "
+                              "train.output, or train.resume: false to start over)")
+    then = meta.get("data")
+    if then and data_identity and then.get("digest") != data_identity["digest"] and cfg.data.on_change == "error":
+        raise DataError(f"data.train: {cfg.data.train} has changed since this job's checkpoints were written "
+                        f"({then.get('files')} files then, {data_identity['files']} now; names or sizes differ): a "
+                        "resume would train on another data set; set data.on_change: accept to resume on it "
+                        "knowingly, or start a new job (another train.output, or train.resume: false)")
     if cfg.data.global_batch and meta.get("state", {}).get("global_batch") not in (None, cfg.data.global_batch):
         raise ConfigError(f"data.global_batch: this job's checkpoints were written with a global batch of "
                           f"{meta['state']['global_batch']}, this launch asks for {cfg.data.global_batch}; a "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 from typing import Optional
 
 import numpy as np
@@ -89,6 +90,22 @@ def map_validation(val_set, train_names: Optional[list], classes: int, key: str 
     val_set.labels = lookup[val_set.labels]
     val_set.class_names = list(train_names)
     val_set.classes = len(train_names)
+
+
+def load(output: str) -> Optional[list]:
+    """A run's class names (train.output/classes.json), or None when it saved none."""
+    path = os.path.join(output, CLASSES_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as fh:
+            doc = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: unreadable ({exc})") from None
+    names = doc.get("classes") if isinstance(doc, dict) else doc
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{path}: expected a JSON list of class names (index = label)")
+    return [unicodedata.normalize("NFC", n) for n in names]
 
 
 def save(output: str, names: Optional[list], classes: int) -> str:

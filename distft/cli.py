@@ -1,5 +1,5 @@
 """Command line: `distft [train] --config X --set a.b=c`, `plan`, `check`, `make-rec`, `bench`,
-`demo-prepare`, and for a trained run `eval`, `predict`, `export`. With no arguments, distft
+`demo-prepare`, `doctor`, and for a trained run `eval`, `predict`, `export`. With no arguments, distft
 trains $DISTFT_CONFIG or ./distft.yaml when one exists, else prints its help and exits 2 (a
 misconfigured pod fails; it never trains the demo)."""
 from __future__ import annotations
@@ -11,11 +11,11 @@ import sys
 import time
 import traceback
 
-from .errors import DistftError
+from .errors import ConfigError, DistftError, Preempted
 from .metrics import end_progress_line
 
 AGREED_EXIT_GRACE_S = 1.0  # see the end of main()
-COMMANDS = ("train", "plan", "check", "make-rec", "demo-prepare", "bench", "eval", "predict", "export")
+COMMANDS = ("train", "plan", "check", "make-rec", "demo-prepare", "bench", "eval", "predict", "export", "doctor")
 DEFAULT_CONFIG = "distft.yaml"
 
 EXAMPLES = """examples:
@@ -27,6 +27,7 @@ EXAMPLES = """examples:
   distft make-rec photos/ photos.rec            an ImageFolder as RecordIO (.rec + .idx + .classes.json)
   distft eval -c job.yaml --json eval.json      the trained model on data.val: top-1/5, per class
   distft export -c job.yaml --format onnx --output model.onnx
+  distft doctor --capability 9.0                can this install run on a GPU of compute capability 9.0?
   distft -c job.yaml --set optimizer.lr=0.01 --set 'freeze.trainable=[features.8, output]'
 """
 
@@ -92,7 +93,11 @@ def parser() -> argparse.ArgumentParser:
                     help="re-encode with the shorter side at this many pixels (default 0: store files as they are)")
     mr.add_argument("--quality", type=int, default=95, help="JPEG quality with --resize (default 95)")
     mr.add_argument("--jobs", "-j", type=int, default=0, help="processes (default: all cores)")
-    d = sub.add_parser("demo-prepare", help="make the demo's pretrained backbone if it is missing")
+    d = sub.add_parser("demo-prepare", formatter_class=raw, help="make the demo's pretrained backbone if it is missing",
+                       description=("Make the demo's pretrained backbone where model.pretrained of --config points,\n"
+                                    "if that file is missing: a short training run of --pretrain-config (digits\n"
+                                    "0-4) on one process, its model.params copied there. Does nothing when the\n"
+                                    "file exists."))
     _config_args(d)
     d.add_argument("--pretrain-config", default=None,
                    help="config of the pretraining run (default: configs/demo-pretrain.yaml beside --config)")
@@ -119,8 +124,13 @@ def parser() -> argparse.ArgumentParser:
                         "(per step: what its exchanges waited and moved)")
     b.add_argument("--json", dest="json_path", help="write the results as JSON here")
     b.add_argument("--markdown", dest="md_path", help="write the Markdown table here")
-    e = sub.add_parser("eval", help="evaluate the trained model (train.output/model.params or a checkpoint): "
-                       "top-1, top-5, per-class precision/recall, confusion matrix; runs under horovodrun too")
+    e = sub.add_parser("eval", formatter_class=raw, help="evaluate the trained model (train.output/model.params or a "
+                       "checkpoint): top-1, top-5, per-class precision/recall, confusion matrix; runs under horovodrun too",
+                       description=("Evaluate the trained network (train.output/model.params, a grid's --head, or a\n"
+                                    "--checkpoint) with the code training validates with: top-1, top-5 (null with\n"
+                                    "5 classes or fewer), loss, per-class precision/recall/count and the confusion\n"
+                                    "matrix (JSON, and a PNG beside it). Classes are matched by name. Under\n"
+                                    "horovodrun each rank scores a shard."))
     _config_args(e)
     e.add_argument("--data", help="ImageFolder directory or .rec to evaluate on (default: data.val)")
     e.add_argument("--checkpoint", metavar="DIR",
@@ -129,25 +139,68 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--head", help="for grid runs: the head to evaluate (train.output/heads/NAME/model.params)")
     e.add_argument("--json", dest="json_path", required=True,
                    help="write the results here; the confusion-matrix PNG goes beside it (same name, .png)")
-    pr = sub.add_parser("predict", help="top-k class names with probabilities for images or folders (JSON or CSV)")
+    pr = sub.add_parser("predict", formatter_class=raw,
+                        help="top-k class names with probabilities for images or folders (JSON or CSV)",
+                        description=("Top-k class names with probabilities for image files and folders (walked),\n"
+                                     "with the run's network and its preprocessing (preprocess.json). An unreadable\n"
+                                     "image gets an error entry and a warning; the others are answered. Under a\n"
+                                     "launcher each rank takes a share and rank 0 writes every result, in order."))
     _config_args(pr)
     pr.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders of them")
     pr.add_argument("--top-k", type=int, default=None, help="classes per image (default: min(5, model.classes))")
     pr.add_argument("--output", required=True, help="OUT.json or OUT.csv (columns image,rank,class,prob)")
-    x = sub.add_parser("export", help="write the trained network for serving (MXNet symbol+params or ONNX), "
-                       "check it numerically and print the input spec")
+    pr.add_argument("--head", help="for grid runs: the head to predict with (train.output/heads/NAME/model.params)")
+    x = sub.add_parser("export", formatter_class=raw, help="write the trained network for serving (MXNet "
+                       "symbol+params or ONNX), check it numerically and print the input spec",
+                       description=("Write the trained network for serving: MXNet symbol + params, or ONNX (dynamic\n"
+                                    "batch, input `data`). The file is reloaded (SymbolBlock / onnxruntime) and its\n"
+                                    "logits compared with the training network's; past 1e-4 nothing is written.\n"
+                                    "The preprocessing and class names go beside it (STEM-input.json), which\n"
+                                    "launch/serve_onnx.py reads."))
     _config_args(x)
     x.add_argument("--format", choices=("mxnet", "onnx"), required=True)
     x.add_argument("--output", required=True,
                    help="mxnet: PATH-symbol.json and PATH-0000.params; onnx: the .onnx file")
+    x.add_argument("--head", help="for grid runs: the head to export (train.output/heads/NAME/model.params)")
+    dr = sub.add_parser("doctor", formatter_class=raw, help="what is installed, the driver and GPUs, and whether "
+                        "MXNet's kernels run on each GPU", description=(
+                            "Read from the installed files: MXNet's and Horovod's versions, the libraries libmxnet.so\n"
+                            "needs and where they are, the GPU kernel architectures in libmxnet.so (SASS and PTX),\n"
+                            "what Horovod was built with (MPI, Gloo, NCCL); then the driver and every visible GPU\n"
+                            "(none without a driver) and whether MXNet's kernels run there. Exit 0: this machine (or\n"
+                            "a GPU of --capability) can run distft; 1: it cannot, with one line saying why and the fix."))
+    dr.add_argument("--json", dest="json_path", help="write the report as JSON here (whatever the verdict)")
+    dr.add_argument("--capability", metavar="X.Y",
+                    help="judge a GPU of this compute capability (one you do not have, e.g. 9.0 for an H100)")
+    dr.add_argument("--install-check", action="store_true",
+                    help="only check that the installed files are consistent (launch/install.sh runs this)")
     return p
+
+
+def cmd_doctor(args) -> int:
+    from . import doctor
+
+    if args.capability is not None:
+        try:
+            doctor.parse_capability(args.capability)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return doctor.main(args.json_path, args.capability, args.install_check)
+
+
+def require_supported_gpus() -> None:
+    """Stop (exit 2, the doctor's line) before anything collective when a GPU this process sees
+    cannot run the installed MXNet's kernels, instead of a CUDA error at the first kernel."""
+    from . import doctor
+
+    doctor.require_supported_gpus()
 
 
 def cmd_export(args) -> int:
     from . import export
     from .config import load_config
 
-    export.run(load_config(args.config, args.overrides), args.format, args.output)
+    export.run(load_config(args.config, args.overrides), args.format, args.output, head=args.head)
     return 0
 
 
@@ -155,7 +208,7 @@ def cmd_predict(args) -> int:
     from . import predict
     from .config import load_config
 
-    predict.run(load_config(args.config, args.overrides), args.images, args.output, args.top_k)
+    predict.run(load_config(args.config, args.overrides), args.images, args.output, args.top_k, head=args.head)
     return 0
 
 
@@ -171,6 +224,9 @@ def cmd_eval(args) -> int:
 def cmd_bench(args) -> int:
     from . import bench
 
+    for path, flag in ((args.json_path, "--json"), (args.md_path, "--markdown")):
+        if path:
+            bench.prepare_output(path, flag)
     result = bench.run(args.config, args.overrides, args.np, args.steps, args.window, args.controller,
                        cache_epochs=args.cache_epochs, repeats=args.repeats, trace=args.timeline)
     table = bench.markdown_grid(result) if "heads" in result else bench.markdown(result)
@@ -185,6 +241,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_train(args) -> int:
+    require_supported_gpus()
     from . import zoo
     from .config import load_config
     from .train import run
@@ -199,10 +256,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from . import datacheck
+    require_supported_gpus()
+    from . import datacheck, model
     from .config import load_config
 
     cfg = load_config(args.config or default_config(), args.overrides)
+    model.check(cfg.model)  # seconds, before minutes of reading images
     return datacheck.main(cfg, jobs=args.jobs, cache_path=args.cache, as_json=args.json)
 
 
@@ -225,18 +284,21 @@ def cmd_plan(args) -> int:
     from .data import resolve_model_classes
 
     cfg = load_config(args.config or default_config(), args.overrides)
+    model.check(cfg.model)  # before data.train is listed
     resolve_model_classes(cfg)
     net = model.create(cfg.model, mx.cpu(), seed=cfg.train.seed)
     spec = model.describe(net, cfg.model.name, cfg.model.head)
     plan = freeze.resolve(spec, cfg.freeze.trainable, cfg.freeze.batchnorm, cfg.freeze.schedule, 0)
-    if cfg.optimizer.name == probe.SOLVER:  # what training would refuse, before it reads any data
+    if cfg.optimizer.name == probe.SOLVER:  # what training would refuse
         probe.check_plan(cfg, plan, net)
-    stages, prev = [], plan
+    stages, prev, labelled = [], plan, [("freeze.trainable", plan)]
     for e in sorted({s["epoch"] for s in cfg.freeze.schedule}):
         pl = freeze.resolve(spec, cfg.freeze.trainable, cfg.freeze.batchnorm, cfg.freeze.schedule, e)
         stages.append((e, pl, prev))
+        at = ", ".join(str(i) for i, s in enumerate(cfg.freeze.schedule) if s["epoch"] == e)
+        labelled.append((f"freeze.schedule[{at}] (epoch {e})", pl))
         prev = pl
-    memory = heads.plan_memory(cfg, plan, model.SplitNet(net, plan.prefix, plan.suffix))
+    memory = heads.plan_memory(cfg, labelled, net)
     if args.json:
         print(json.dumps({**freeze.to_json(plan, spec, args.depth, stages), "memory": memory}, indent=1))
     else:
@@ -273,10 +335,16 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     handler = {"train": cmd_train, "plan": cmd_plan, "check": cmd_check, "make-rec": cmd_make_rec,
                "demo-prepare": cmd_demo_prepare, "bench": cmd_bench, "eval": cmd_eval,
-               "predict": cmd_predict, "export": cmd_export}[args.command]
+               "predict": cmd_predict, "export": cmd_export, "doctor": cmd_doctor}[args.command]
     agreed_error = False
     try:
         code = handler(args)
+    except Preempted as exc:  # not an error: every rank stopped where the job resumes
+        agreed_error = True
+        end_progress_line()
+        rank = _rank()
+        print(f"distft{f' (rank {rank})' if rank else ''}: {exc}", file=sys.stderr, flush=True)
+        code = exc.exit_code
     except DistftError as exc:
         agreed_error = True
         end_progress_line()

@@ -21,6 +21,22 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with YAML 1.2's floats: PyYAML follows YAML 1.1, whose floats need
+    a dot and a signed exponent, so `1e-3` (how everyone writes a learning rate) would be the
+    string '1e-3'. YAML 1.2 reads it as a number, as JSON and Python do."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def read_yaml(stream) -> Any:
+    """A YAML document as distft reads every config (YAML 1.2 floats; no arbitrary objects)."""
+    return yaml.load(stream, Loader=YamlLoader)  # a SafeLoader: plain data only
+
+
 def _choices(*values: str) -> dict:
     return {"choices": values}
 
@@ -48,7 +64,7 @@ class FreezeConfig:
     trainable: list[str] = field(default_factory=lambda: ["output"])
     # BatchNorm inside frozen blocks: `frozen` keeps pretrained statistics, `batch` re-estimates them
     batchnorm: str = field(default="frozen", metadata=_choices("frozen", "batch"))
-    # gradual unfreezing: [{epoch: E, unfreeze: [paths], freeze: [paths]}]
+    # gradual unfreezing: [{epoch: E, unfreeze: [paths], freeze: [paths]}], E below train.epochs
     schedule: list[dict] = field(default_factory=list)
 
 
@@ -58,8 +74,9 @@ class DataConfig:
     train: str = "demo"
     # the validation set, same kinds; its classes are matched to data.train's by name (null: none)
     val: Optional[str] = None
-    # instead of data.val: hold out this fraction of data.train (seeded by data.seed, the same on
-    # every rank) for validation; it is never trained on
+    # instead of data.val: hold out this fraction of data.train for validation; it is never
+    # trained on. A file is held out by a hash of its name and data.seed, so files added later
+    # never move a trained-on sample into validation (or back)
     val_split: float = field(default=0.0, metadata=_at_least(0.0))
     batch_size: int = field(default=32, metadata=_at_least(1))  # per rank: the largest micro-batch
     # samples per optimizer step, all ranks together. The job's, not the launch's: default
@@ -82,6 +99,9 @@ class DataConfig:
     # rank keeps one shard for the whole run and reshuffles it; what a feature cache needs, and
     # it keeps a rank's reads on its own shard). `auto`: fixed when train.cache_features is on.
     shards: str = field(default="auto", metadata=_choices("auto", "reshuffled", "fixed"))
+    # a relaunch finds data.train changed (files added, removed or resized since the checkpoint):
+    # `error` refuses to resume; `accept` resumes on the data set as it is now
+    on_change: str = field(default="error", metadata=_choices("error", "accept"))
 
 
 @dataclass
@@ -234,11 +254,17 @@ def _type_name(tp: Any) -> str:
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        return f"a list of {_plural(typing.get_args(tp)[0])}"
     if origin is dict:
         return "a mapping"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
         tp, getattr(tp, "__name__", str(tp)))
+
+
+def _plural(tp: Any) -> str:
+    """What a list of `tp` holds, as a sentence says it: `a list of strings`."""
+    return {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}.get(
+        tp, f"items ({_type_name(tp)})")
 
 
 def _convert(value: Any, tp: Any, path: str) -> Any:
@@ -376,6 +402,10 @@ def _check(cfg: Config) -> None:
         epoch = stage.get("epoch")
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
             raise ConfigError(f"{where}.epoch: expected an integer >= 0, got {epoch!r}")
+        if epoch >= cfg.train.epochs:
+            raise ConfigError(f"{where}.epoch: {epoch}, but train.epochs is {cfg.train.epochs} (epochs 0 to "
+                              f"{cfg.train.epochs - 1}), so this stage would never start (to stop a launch "
+                              "before it, set train.max_steps)")
         for key in ("unfreeze", "freeze"):
             paths = stage.get(key, [])
             if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
@@ -451,7 +481,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise ConfigError(f"--set {text}: bad key path {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = read_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: value is not valid YAML: {exc}") from None
     return parts, value
@@ -476,7 +506,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             raise ConfigError(f"{path}: config file not found")
         try:
             with open(path) as fh:
-                raw = yaml.safe_load(fh)
+                raw = read_yaml(fh)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         except (OSError, UnicodeDecodeError) as exc:
@@ -492,6 +522,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     cfg = _build(Config, raw, "")
     _check(cfg)
     return cfg
+
+
+def as_yaml(value: Any) -> str:
+    """A value as a config file writes it: false, [features.8, output], 0.001, null."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+    return text.removesuffix("...").strip()
 
 
 def dump_config(cfg: Config, path: str) -> None:

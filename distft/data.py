@@ -13,10 +13,12 @@ over by the split are not used (reshuffled sharding drops other ones each epoch)
 """
 from __future__ import annotations
 
-import io
+import hashlib
+import json
 import os
 import queue
 import threading
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -24,8 +26,8 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .errors import DataError
+from .imaging import IMAGE_EXTENSIONS, decode  # noqa: F401 - the one decoder, re-exported
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
 # --- sharding --------------------------------------------------------------------------------
@@ -94,51 +96,87 @@ def eval_shard(size: int, world_size: int, rank: int) -> np.ndarray:
 # --- data sets: (H, W, 3) uint8 RGB images and integer labels ------------------------------
 
 
-class ArrayImages:
-    in_memory = True  # decoded once; the loader may keep transformed samples
+def nfc(name: str) -> str:
+    """A class or file name in Unicode NFC: `café` typed on Linux and copied from macOS (NFD) is
+    one name."""
+    return unicodedata.normalize("NFC", name)
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, name: str, class_names: Optional[list] = None):
-        self.images, self.labels, self.name = images, labels.astype(np.int64), name
-        self.classes = int(labels.max()) + 1 if len(labels) else 0
-        self.class_names = class_names
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def read(self, i: int) -> np.ndarray:
-        return self.images[i]
-
+def is_hidden(name: str) -> bool:
+    """Files and folders no user means as data: dot-files (`.DS_Store`, macOS `._*` AppleDouble
+    files, `.ipynb_checkpoints/`, `.git/`) and `__MACOSX/` (a zip's resource forks)."""
+    return name.startswith(".") or name == "__MACOSX"
 
 
 class ImageFolder:
-    """One sub-folder per class, sorted by name (label = position); images decoded by Pillow.
-    Class folders without images keep their position here; data.train refuses them (see
-    classes.py), data.val ignores them."""
+    """One sub-folder per class, sorted by (NFC) name, label = position. A class folder is read
+    recursively (`dog/from_phone/2023/x.jpg` is a dog); two folders whose names differ only in
+    Unicode form are one class. Hidden files and folders, and files without an image extension,
+    are not read: they are listed in `ignored`, counted per class in `ignored_per_class`. Class
+    folders without images keep their position here; data.train refuses them (see classes.py),
+    data.val ignores them."""
 
     def __init__(self, root: str):
         if not os.path.isdir(root):
             raise DataError(f"{root}: not a directory")
         self.root = root
-        self.class_names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        folders: dict[str, list[str]] = {}
+        self.ignored: list[str] = []  # paths not read; a hidden folder is one entry, ending in /
+        for name in sorted(os.listdir(root)):
+            path = os.path.join(root, name)
+            if os.path.isdir(path) and not is_hidden(name):
+                folders.setdefault(nfc(name), []).append(path)
+            else:
+                self.ignored.append(path + (os.sep if os.path.isdir(path) else ""))
+        self.class_names = sorted(folders)
         if not self.class_names:
             raise DataError(f"{root}: an ImageFolder needs one sub-folder per class; found none")
+        self.ignored_per_class = {name: 0 for name in self.class_names}
         self.files: list[str] = []
-        # files that are not read: no image extension, or outside the class folders
-        self.ignored = sorted(os.path.join(root, f) for f in os.listdir(root)
-                              if not os.path.isdir(os.path.join(root, f)))
+        self.ids: list[str] = []  # class/relative path (NFC, /-separated): a file's name in the set
         labels = []
         for label, cls in enumerate(self.class_names):
-            folder = os.path.join(root, cls)
-            for fname in sorted(os.listdir(folder)):
-                if fname.lower().endswith(IMAGE_EXTENSIONS):
-                    self.files.append(os.path.join(folder, fname))
-                    labels.append(label)
-                else:
-                    self.ignored.append(os.path.join(folder, fname))
+            found = []
+            for folder in folders[cls]:
+                for path, rel in self._walk(folder, cls):
+                    found.append((rel, path))
+            for rel, path in sorted(found):
+                self.files.append(path)
+                self.ids.append(rel)
+                labels.append(label)
         if not self.files:
             raise DataError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
         self.labels = np.array(labels, dtype=np.int64)
         self.classes = len(self.class_names)
+
+    def _walk(self, folder: str, cls: str):
+        """(path, id) of every image under a class folder, sub-folders included; what is not read
+        is recorded as ignored. Symbolic links are followed, each real folder once."""
+        seen = set()
+        for here, dirs, names in os.walk(folder, followlinks=True):
+            real = os.path.realpath(here)
+            if real in seen:
+                dirs[:] = []
+                continue
+            seen.add(real)
+            for d in list(dirs):
+                if is_hidden(d):
+                    self.ignored.append(os.path.join(here, d) + os.sep)
+                    self.ignored_per_class[cls] += 1
+            dirs[:] = sorted(d for d in dirs if not is_hidden(d))
+            rel_dir = nfc(os.path.relpath(here, folder)).replace(os.sep, "/")
+            for name in names:
+                path = os.path.join(here, name)
+                if is_hidden(name) or not name.lower().endswith(IMAGE_EXTENSIONS):
+                    self.ignored.append(path)
+                    self.ignored_per_class[cls] += 1
+                    continue
+                rel = nfc(name) if rel_dir == "." else f"{rel_dir}/{nfc(name)}"
+                yield path, f"{cls}/{rel}"
+
+    def identity(self) -> list[tuple[str, int]]:
+        """(id, size in bytes) of every file: what `data_digest` hashes."""
+        return [(i, os.path.getsize(p)) for i, p in zip(self.ids, self.files)]
 
     def __len__(self) -> int:
         return len(self.files)
@@ -150,7 +188,6 @@ class ImageFolder:
         except OSError as exc:
             raise DataError(f"{self.files[i]}: cannot read ({exc.strerror})") from None
         return decode(payload, self.files[i])
-
 
 
 class RecordFile:
@@ -180,6 +217,16 @@ class RecordFile:
         probe.close()
         self.labels = np.array(labels, dtype=np.int64)
         self.classes = int(self.labels.max()) + 1 if len(labels) else 0
+        self.ids = [f"record {key}" for key in self.keys]
+
+    def identity(self) -> list[tuple[str, int]]:
+        """(id, record size in bytes) of every record, from the index: what `data_digest` hashes."""
+        from . import recordio
+
+        entries = sorted(recordio.read_index(self._idx_path), key=lambda e: e[1])
+        ends = [offset for _, offset in entries[1:]] + [os.path.getsize(self.path)]
+        size = {key: end - offset for (key, offset), end in zip(entries, ends)}
+        return [(f"record {key}", size.get(key, -1)) for key in self.keys]
 
     def _reader(self):
         import mxnet as mx
@@ -209,8 +256,6 @@ def class_names_path(rec_path: str) -> str:
 
 
 def read_class_names(rec_path: str) -> Optional[list]:
-    import json
-
     path = class_names_path(rec_path)
     if not os.path.isfile(path):
         return None
@@ -221,7 +266,7 @@ def read_class_names(rec_path: str) -> Optional[list]:
         raise DataError(f"{path}: cannot read class names ({exc})") from None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise DataError(f"{path}: expected a JSON list of class names (index = label)")
-    return names
+    return [nfc(n) for n in names]
 
 
 class Subset:
@@ -233,7 +278,6 @@ class Subset:
         self.labels = base.labels[self.indices]
         self.classes = base.classes
         self.class_names = getattr(base, "class_names", None)
-        self.in_memory = getattr(base, "in_memory", False)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -242,19 +286,51 @@ class Subset:
         return self.base.read(int(self.indices[i]))
 
 
-_HOLDOUT = 0x7A1  # a seed stream of its own for data.val_split
+_HOLDOUT = 0x7A1  # a seed stream of its own for data.val_split (positions: checkpoints before ids)
 
 
-def split_holdout(dataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
-    """(training part, held-out part) of `dataset`: a seeded share, the same on every rank and
-    launch, at least one sample in each part."""
+def held_out(ids: list[str], fraction: float, seed: int) -> np.ndarray:
+    """Which samples data.val_split holds out, as a boolean mask: sample `id` is held out when a
+    seeded hash of its name falls below `fraction`. A file's side depends on its own name
+    alone, so files added or removed between launches never move a trained-on sample into
+    validation or back (and the same file is held out by every run with this seed). At least
+    one sample is on each side."""
+    draws = np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "big")
+                      for i in ids], dtype=np.float64) / 2.0 ** 64
+    mask = draws < fraction
+    if not mask.any():
+        mask[int(np.argmin(draws))] = True
+    if mask.all():
+        mask[int(np.argmax(draws))] = False
+    return mask
+
+
+def split_holdout(dataset, fraction: float, seed: int, by_position: bool = False) -> tuple[Subset, Subset]:
+    """(training part, held-out part) of `dataset`, the same on every rank and launch.
+    `by_position`: the split of checkpoints written before samples had names (a seeded
+    permutation of positions, round(n x fraction) held out), kept for their resumes."""
     n = len(dataset)
-    n_val = min(max(1, int(round(n * fraction))), n - 1)
     if n < 2:
         raise DataError(f"data.val_split: data.train has {n} sample(s); nothing to hold out")
-    order = np.random.default_rng([seed, _HOLDOUT]).permutation(n)
-    return (Subset(dataset, np.sort(order[n_val:]), "train"),
-            Subset(dataset, np.sort(order[:n_val]), "val_split"))
+    if by_position:
+        n_val = min(max(1, int(round(n * fraction))), n - 1)
+        order = np.random.default_rng([seed, _HOLDOUT]).permutation(n)
+        train, val = np.sort(order[n_val:]), np.sort(order[:n_val])
+    else:
+        mask = held_out(dataset.ids, fraction, seed)
+        train, val = np.flatnonzero(~mask), np.flatnonzero(mask)
+    return Subset(dataset, train, "train"), Subset(dataset, val, "val_split")
+
+
+def data_digest(dataset) -> dict:
+    """What makes data.train the same data set at a relaunch: every file's (or record's) name
+    and size, and the class names. {"digest", "files"}."""
+    base = dataset.base if isinstance(dataset, Subset) else dataset
+    h = hashlib.sha256(json.dumps(getattr(base, "class_names", None)).encode())
+    entries = base.identity()
+    for ident, size in entries:
+        h.update(f"{ident}\0{size}\n".encode())
+    return {"digest": h.hexdigest()[:32], "files": len(entries)}
 
 
 def open_dataset(spec: str, role: str, key: str):
@@ -272,17 +348,17 @@ def open_dataset(spec: str, role: str, key: str):
     raise DataError(f"{key}: {spec}: expected an ImageFolder directory, a .rec file or 'demo'")
 
 
-def open_training_sets(data_cfg, model_classes):
+def open_training_sets(data_cfg, model_classes, holdout_by_position: bool = False):
     """(train set, val set or None, class names or None, number of classes) for a job: the
     training set defines the classes, data.val is mapped onto them by name, data.val_split
-    holds a seeded share of data.train out of training."""
+    holds a seeded share of data.train out of training (`split_holdout`)."""
     from . import classes
 
     train = open_dataset(data_cfg.train, "train", "data.train")
     names, num_classes = classes.training_classes(train, model_classes)
     val = None
     if data_cfg.val_split:
-        train, val = split_holdout(train, data_cfg.val_split, data_cfg.seed)
+        train, val = split_holdout(train, data_cfg.val_split, data_cfg.seed, by_position=holdout_by_position)
     elif data_cfg.val:
         val = open_dataset(data_cfg.val, "val", "data.val")
         classes.map_validation(val, names, num_classes)
@@ -300,20 +376,6 @@ def resolve_model_classes(cfg) -> int:
 
 
 # --- transforms ------------------------------------------------------------------------------
-
-
-def decode(payload: bytes, where: str) -> np.ndarray:
-    """Encoded image -> (H, W, 3) uint8 RGB. Pillow, not MXNet's imdecode: a corrupt image
-    makes MXNet's engine op fail and its error resurfaces at a later, unrelated sync."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(payload)) as im:
-            return np.asarray(im.convert("RGB"))
-    except UnidentifiedImageError:  # its text names the BytesIO object, not the file
-        raise DataError(f"{where}: not an image (unknown format, {len(payload)} bytes)") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{where}: cannot decode image ({exc})") from None
 
 
 def _resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -395,15 +457,9 @@ class BatchLoader:
         self.bad_files: set = set()
         self.seen = 0
         self._pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
-        self._cache: dict = {}
 
     def _sample(self, i: int, epoch: int) -> np.ndarray:
-        if not self.transform.augment and i in self._cache:
-            return self._cache[i]
-        x = self.transform(self.dataset.read(int(i)), epoch, int(i))
-        if not self.transform.augment and getattr(self.dataset, "in_memory", False):
-            self._cache[i] = x  # in-memory sets: decode and resize once
-        return x
+        return self.transform(self.dataset.read(int(i)), epoch, int(i))
 
     def _try_sample(self, i: int, epoch: int):
         try:

@@ -8,8 +8,10 @@ first bad file. Training runs the same pass before its first step (`without_unre
 rank reading a strided share: past the limit every rank stops with the same line; below it the
 bad files are left out of the data set on every rank.
 
-Verdicts are cached in a JSON file keyed by (path, size, mtime), so a second check, or one after
-a few files changed, reads only what is new.
+Verdicts are cached in a JSON file keyed by (path, size, mtime) and the decoder's identity
+(`imaging.identity`), so a second check, or one after a few files changed, reads only what is
+new. A file's failure is cached only once the decoder's self-test has passed in the same
+process: a verdict is a fact about the file, never about a broken environment.
 """
 from __future__ import annotations
 
@@ -23,10 +25,11 @@ from typing import Optional
 
 import numpy as np
 
+from . import imaging
 from .data import ImageFolder, RecordFile, bad_file_limit, decode, open_dataset, open_training_sets
 from .errors import DataError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 1: no decoder identity (its failures may be a broken process's)
 CHUNK = 64  # files per task handed to a worker process
 
 
@@ -95,7 +98,7 @@ class VerdictCache:
             try:
                 with open(os.path.join(folder, name)) as fh:
                     doc = json.load(fh)
-                if doc.get("version") == CACHE_VERSION:
+                if doc.get("version") == CACHE_VERSION and doc.get("decoder") == imaging.identity():
                     self.entries.update(doc.get("entries", {}))
             except (OSError, ValueError, AttributeError):
                 continue  # a damaged cache is rebuilt, not fatal
@@ -107,6 +110,8 @@ class VerdictCache:
         return None
 
     def put(self, key: str, stamp: tuple[int, int], width: int, height: int, error: Optional[str]) -> None:
+        if error and not imaging.self_test_passed():
+            return  # unproven: the decoder itself may be at fault
         self.entries[key] = [stamp[0], stamp[1], width, height, error]
 
     def save(self, path: Optional[str] = None) -> None:
@@ -117,7 +122,7 @@ class VerdictCache:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             tmp = f"{path}.tmp-{os.getpid()}"
             with open(tmp, "w") as fh:
-                json.dump({"version": CACHE_VERSION, "entries": self.entries}, fh)
+                json.dump({"version": CACHE_VERSION, "decoder": imaging.identity(), "entries": self.entries}, fh)
             os.replace(tmp, path)
         except OSError:
             pass  # a cache that cannot be written costs a re-read next time, nothing more
@@ -144,6 +149,7 @@ class SetReport:
     heights: list = field(default_factory=list)
     read: int = 0  # files read now (the rest came from the cache)
     limit: int = 0
+    per_class: dict = field(default_factory=dict)  # name -> {"files", "unreadable", "ignored"}
 
     def sizes(self) -> Optional[dict]:
         if not self.widths:
@@ -153,14 +159,15 @@ class SetReport:
 
     def to_json(self) -> dict:
         return {"key": self.key, "data": self.spec, "kind": self.kind, "files": self.files,
-                "unreadable": self.unreadable, "ignored": self.ignored, "bad_file_limit": self.limit, "classes": self.class_counts,
+                "unreadable": self.unreadable, "ignored": self.ignored, "bad_file_limit": self.limit,
+                "classes": self.class_counts, "per_class": self.per_class,
                 "image_sizes_min_median_max": self.sizes(), "read": self.read,
-                "from_cache": self.files - self.read if self.kind != "in memory" else 0}
+                "from_cache": self.files - self.read}
 
     def text(self) -> str:
         lines = [f"{self.key}: {self.spec} ({self.kind}): {self.files} files, {len(self.unreadable)} unreadable "
                  f"(limit {self.limit}), {len(self.class_counts)} classes"]
-        lines.append("  per class: " + ", ".join(f"{n}: {c}" for n, c in self.class_counts.items()))
+        lines.append("  per class: " + ", ".join(_class_line(n, c) for n, c in self.per_class.items()))
         s = self.sizes()
         if s:
             lines.append(f"  image sizes (min / median / max): width {' / '.join(map(str, s['width']))}, "
@@ -169,19 +176,33 @@ class SetReport:
             lines.append(f"  unreadable: {message}")
         if self.ignored:
             more = f" … and {len(self.ignored) - 3} more" if len(self.ignored) > 3 else ""
-            lines.append(f"  ignored ({len(self.ignored)}, not an image file name or outside the class folders): "
-                         + ", ".join(self.ignored[:3]) + more)
-        if self.kind != "in memory":
-            lines.append(f"  read {self.read} files, {self.files - self.read} verdicts from the cache")
+            lines.append(f"  ignored ({len(self.ignored)}: hidden, not an image file name, or outside the class "
+                         "folders): " + ", ".join(self.ignored[:3]) + more)
+        lines.append(f"  read {self.read} files, {self.files - self.read} verdicts from the cache")
         return "\n".join(lines)
 
 
-def _class_counts(dataset) -> dict:
-    import numpy as np
+def _class_line(name: str, row: dict) -> str:
+    extra = [f"{row[k]} {k}" for k in ("unreadable", "ignored") if row[k]]
+    return f"{name}: {row['files']}" + (f" ({', '.join(extra)})" if extra else "")
 
+
+def class_counts(dataset) -> dict:
     names = dataset.class_names
     counts = np.bincount(dataset.labels, minlength=len(names) if names else 0)
     return {(names[i] if names and i < len(names) else str(i)): int(c) for i, c in enumerate(counts)}
+
+
+def class_table(dataset, bad_positions) -> dict:
+    """Per class of a whole data set (an ImageFolder or RecordFile): the image files it holds,
+    how many of them are unreadable (`bad_positions`: sample positions) and how many files in
+    its folders are not read (hidden, or not an image file name)."""
+    counts = class_counts(dataset)
+    bad = np.bincount(dataset.labels[sorted(bad_positions)].astype(np.int64), minlength=len(counts)) \
+        if len(bad_positions) else np.zeros(len(counts), dtype=np.int64)
+    ignored = getattr(dataset, "ignored_per_class", {})
+    return {name: {"files": n, "unreadable": int(bad[i]), "ignored": ignored.get(name, 0)}
+            for i, (name, n) in enumerate(counts.items())}
 
 
 def _tasks(dataset) -> list[tuple[str, tuple[int, int], tuple]]:
@@ -220,26 +241,28 @@ def _verdicts(dataset, items, cache: VerdictCache, pool) -> tuple[dict, int]:
 
 def scan(dataset, key: str, spec: str, cache: VerdictCache, pool, max_bad_fraction: float,
          max_bad_files: int) -> SetReport:
-    kind = {ImageFolder: "ImageFolder", RecordFile: "RecordIO"}.get(type(dataset), "in memory")
-    report = SetReport(key, spec, kind, len(dataset), _class_counts(dataset),
+    kind = "ImageFolder" if isinstance(dataset, ImageFolder) else "RecordIO"
+    report = SetReport(key, spec, kind, len(dataset), class_counts(dataset),
                        limit=bad_file_limit(len(dataset), max_bad_fraction, max_bad_files))
     report.ignored = list(getattr(dataset, "ignored", []))
-    if kind == "in memory":
-        return report
     items = _tasks(dataset)
     verdicts, report.read = _verdicts(dataset, items, cache, pool)
-    for ident, _, _ in items:
+    bad = []
+    for position, (ident, _, _) in enumerate(items):
         width, height, error = verdicts[ident]
         if error:
             report.unreadable.append(error)
+            bad.append(position)
         else:
             report.widths.append(width)
             report.heights.append(height)
+    report.per_class = class_table(dataset, bad)
     return report
 
 
 def check(cfg, jobs: int = 0, cache_path: Optional[str] = None) -> list[SetReport]:
     """Reports for data.train and data.val (or data.train alone, data.val_split included)."""
+    imaging.self_test()  # a broken decoder is the environment's fault: say so, read no file
     open_training_sets(cfg.data, cfg.model.classes)  # class errors first: one line, naming the key
     sets = [("data.train", cfg.data.train)] + ([("data.val", cfg.data.val)] if cfg.data.val else [])
     cache = VerdictCache(cache_path or default_cache_path())
@@ -279,11 +302,13 @@ def main(cfg, jobs: int = 0, cache_path: Optional[str] = None, as_json: bool = F
 # --- before training ---------------------------------------------------------------------------
 
 
-def without_unreadable(dataset, key: str, world, data_cfg, cache_path: Optional[str] = None, log=print):
+def without_unreadable(dataset, key: str, world, data_cfg, cache_path: Optional[str] = None, log=print,
+                       per_class: Optional[dict] = None):
     """The pass training runs before any GPU time is spent: each rank reads its strided share of
     the files (verdicts cached), the ranks exchange what they found, and every rank either
     stops with the same one-line error (more bad files than the limit) or continues with a view
-    of `dataset` that leaves the bad files out. In-memory sets are returned as they are."""
+    of `dataset` that leaves the bad files out. `per_class`, when given, receives the whole data
+    set's `class_table` (files, unreadable, ignored per class)."""
     from .data import Subset
 
     base, view = (dataset.base, dataset.indices) if isinstance(dataset, Subset) else (dataset, None)
@@ -304,6 +329,8 @@ def without_unreadable(dataset, key: str, world, data_cfg, cache_path: Optional[
     found = {position[ident]: v[2] for ident, v in verdicts.items() if v[2]}
     gathered = world.allgather_bytes(json.dumps(sorted(found.items())).encode(), f"distft.check.{key}")
     bad = {int(i): message for blob in gathered for i, message in json.loads(blob)}
+    if per_class is not None:
+        per_class.update(class_table(base, list(bad)))
     # the rule holds for the whole set of files: all of data.train when data.val_split took a view
     limit = bad_file_limit(len(items), data_cfg.max_bad_fraction, data_cfg.max_bad_files)
     if len(bad) > limit:

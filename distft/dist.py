@@ -13,6 +13,7 @@ import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
+from . import imaging
 from .errors import DistributedError
 
 
@@ -87,6 +88,7 @@ class HorovodWorld(LocalWorld):
     backend = "horovod"
 
     def __init__(self):
+        imaging.load_pillow()  # Pillow's codecs bound before Horovod makes MXNet's global
         import horovod.mxnet as hvd
 
         self.hvd = hvd

@@ -10,6 +10,8 @@ import mxnet as mx
 import numpy as np
 
 from . import precision
+from .agreement import agreed_everywhere
+from .classes import map_validation
 from .data import BatchLoader, eval_shard
 from .errors import DataError
 
@@ -28,9 +30,10 @@ def evaluate(world, runner, loader: BatchLoader, batch_size: int, ctx, loss_fn, 
 
 
 def evaluate_many(world, forward, outputs: int, loader: BatchLoader, batch_size: int, ctx, loss_fn,
-                  beat=lambda: None, classes: Optional[int] = None) -> list[dict]:
+                  beat=lambda: None, classes: Optional[int] = None, top5: bool = True) -> list[dict]:
     """`evaluate` for `outputs` networks at once (the heads of a grid): `forward(x)` gives
-    each one's logits from one pass over the shared part. One allreduce for all of them."""
+    each one's logits from one pass over the shared part. One allreduce for all of them.
+    `top5`: false for a model of 5 classes or fewer (it would always be 1): val_top5 is None."""
     idx = eval_shard(len(loader.dataset), world.size, world.rank)
     sums = np.zeros((outputs, 4))  # top1, top5, loss, count
     confusion = np.zeros((outputs, classes, classes)) if classes else None
@@ -51,7 +54,8 @@ def evaluate_many(world, forward, outputs: int, loader: BatchLoader, batch_size:
     results = []
     for k in range(outputs):
         n = max(total[k, 3], 1)
-        result = {"val_top1": total[k, 0] / n, "val_top5": total[k, 1] / n, "val_loss": total[k, 2] / n,
+        result = {"val_top1": total[k, 0] / n, "val_top5": total[k, 1] / n if top5 else None,
+                  "val_loss": total[k, 2] / n,
                   "val_samples": int(total[k, 3])}
         if confusion is not None:
             result["confusion"] = both[sums.size:].reshape(confusion.shape)[k].astype(np.int64)
@@ -97,34 +101,51 @@ def plot_confusion(confusion: np.ndarray, names: list[str], path: str, title: st
     plt.close(fig)
 
 
+def eval_set(cfg, data: Optional[str], names: list[str], world):
+    """(data set, what it is, its key) that `distft eval` scores: --data, else the run's own
+    validation data (data.val, or data.val_split's hold-out of data.train), its classes matched
+    to the run's by name and its unreadable files left out exactly as training's validation
+    leaves them out (data.max_bad_fraction / data.max_bad_files)."""
+    from .data import open_dataset, open_training_sets
+    from .datacheck import without_unreadable
+
+    if data or cfg.data.val:
+        key, spec = ("--data", data) if data else ("data.val", cfg.data.val)
+        dataset = open_dataset(spec, "val", key)
+        map_validation(dataset, names, len(names), key)  # by name, as training's validation does
+    elif cfg.data.val_split:
+        key, spec = "data.val_split", f"{cfg.data.train} (data.val_split {cfg.data.val_split:g})"
+        _, dataset, _, _ = open_training_sets(cfg.data, len(names))
+    else:
+        raise DataError("data.val: not set (nor data.val_split); give --data PATH (an ImageFolder or .rec)")
+    return without_unreadable(dataset, key, world, cfg.data), spec, key
+
+
 def run(cfg, json_path: str, data: Optional[str] = None, checkpoint_dir: Optional[str] = None,
         head: Optional[str] = None, world=None) -> dict:
-    """`distft eval`: the trained network of `cfg`'s run on `data` (default data.val)."""
+    """`distft eval`: the trained network of `cfg`'s run on `data` (default: the run's own
+    validation data, data.val or data.val_split)."""
     from mxnet import gluon
 
-    from . import dist, trained
-    from .data import open_dataset
+    from . import dist, imaging, trained
 
-    spec = data or cfg.data.val
-    key = "--data" if data else "data.val"
-    if not spec:
-        raise DataError("data.val: not set; give --data PATH (an ImageFolder or .rec)")
+    if not (data or cfg.data.val or cfg.data.val_split):
+        raise DataError("data.val: not set (nor data.val_split); give --data PATH (an ImageFolder or .rec)")
     world = world or dist.init_world(stall_timeout=cfg.train.stall_timeout)
+    agreed_everywhere(world, "testing the image decoder", imaging.self_test)
     ctx = world.context()
-    dataset = open_dataset(spec, "val", key)
-    classes = cfg.model.classes
-    if dataset.classes > classes:
-        raise DataError(f"{key}: {spec} has labels up to {dataset.classes - 1}, the model has {classes} classes")
+    names = trained.run_classes(cfg)  # the run's classes (classes.json), model.classes: auto or not
+    classes = len(names)
     net, source = trained.load_network(cfg, ctx, checkpoint_dir, head)
+    dataset, spec, _ = eval_set(cfg, data, names, world)
     runner = trained.runner(cfg, net, ctx)
     loader = BatchLoader(dataset, trained.preprocessing(cfg).transform(), workers=cfg.data.workers,
-                         max_bad_fraction=cfg.data.max_bad_fraction)
+                         max_bad_fraction=cfg.data.max_bad_fraction, max_bad_files=cfg.data.max_bad_files)
     try:
         result = evaluate(world, runner, loader, cfg.data.val_batch_size or cfg.data.batch_size, ctx,
                           gluon.loss.SoftmaxCrossEntropyLoss(), classes=classes)
     finally:
         loader.close()
-    names = trained.class_names(cfg, dataset)
     confusion = result.pop("confusion")
     report = {
         "model": source, "data": spec, "samples": result["val_samples"],
@@ -139,7 +160,8 @@ def run(cfg, json_path: str, data: Optional[str] = None, checkpoint_dir: Optiona
         with open(json_path, "w") as fh:
             json.dump(report, fh, indent=1)
         png = os.path.splitext(json_path)[0] + ".png"
-        plot_confusion(confusion, names, png, f"{os.path.basename(spec.rstrip('/'))}: top-1 {report['top1']:.3f}")
+        plot_confusion(confusion, names, png, f"{os.path.basename(spec.split(' (')[0].rstrip('/'))}: "
+                                              f"top-1 {report['top1']:.3f}")
         top5 = "n/a" if report["top5"] is None else f"{report['top5']:.4f}"
         print(f"eval: {report['samples']} samples of {spec}, top-1 {report['top1']:.4f}, top-5 {top5}; "
               f"wrote {json_path} and {png}", flush=True)

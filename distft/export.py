@@ -3,8 +3,9 @@
 - `mxnet`: `HybridBlock.export` (PATH-symbol.json, PATH-0000.params), for MXNet Model Server
   and the C++/Scala predict APIs.
 - `onnx`: PATH (.onnx) via MXNet's own exporter (`mx.onnx.export_model`), batch dimension
-  dynamic. Needs the `export` extra (onnx < 1.19: MXNet 1.9.1's exporter imports
-  `onnx.mapping`, which onnx 1.19 removed; onnxruntime for the check).
+  dynamic, weights as initializers (constants) with `data` the only input. Needs the `export`
+  extra (onnx < 1.19: MXNet 1.9.1's exporter imports `onnx.mapping`, which onnx 1.19 removed;
+  onnxruntime for the check).
 
 The graph takes the normalised NCHW float32 tensor the network itself takes; preprocessing stays
 outside it and is printed (and written beside the export as STEM-input.json, with the class
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from typing import Optional
 
 import numpy as np
 
@@ -59,8 +61,21 @@ def export_onnx(net, path: str, input_shape: tuple) -> list[str]:
         sym, params = export_mxnet(net, os.path.join(tmp, "net"))
         export_model(sym, params, in_shapes=[input_shape], in_types=[np.float32], onnx_file_path=path,
                      dynamic=True, dynamic_input_shapes=[(None,) + tuple(input_shape[1:])])
+    weights_as_constants(onnx, path)
     onnx.checker.check_model(path)
     return [path]
+
+
+def weights_as_constants(onnx, path: str) -> None:
+    """MXNet 1.9.1's exporter lists every weight as a graph input as well as an initializer:
+    onnxruntime then treats weights as inputs a caller may override, cannot fold constants,
+    and warns once per weight per session. Only `data` stays an input."""
+    proto = onnx.load(path)
+    weights = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in weights]
+    del proto.graph.input[:]
+    proto.graph.input.extend(inputs)
+    onnx.save(proto, path)
 
 
 def run_onnx(files: list[str], x: np.ndarray) -> np.ndarray:
@@ -68,20 +83,20 @@ def run_onnx(files: list[str], x: np.ndarray) -> np.ndarray:
         import onnxruntime as ort
     except ImportError as exc:
         raise ModelError(f"--format onnx: checking the export needs onnxruntime ({exc}); {EXTRA_HINT}") from None
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # MXNet's exporter lists weights as inputs too; ORT warns per weight
-    session = ort.InferenceSession(files[0], options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(files[0], providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
-def run(cfg, fmt: str, output: str, log=print) -> dict:
+def run(cfg, fmt: str, output: str, log=print, head: Optional[str] = None) -> dict:
+    """Export the run's network (`head`: a grid's head by name), reload it and compare."""
     import mxnet as mx
 
     from . import trained
 
     ctx = mx.cpu()
+    names = trained.run_classes(cfg)  # the run's classes (classes.json), model.classes: auto or not
     # float32 graph whatever train.precision was: weights are float32, AMP's casts stay out
-    net, source = trained.load_network(cfg, ctx, enable_precision=False)
+    net, source = trained.load_network(cfg, ctx, head=head, enable_precision=False)
     prep = trained.preprocessing(cfg)
     x = _check_batch(prep)
     reference = trained.runner(cfg, net, ctx)(mx.nd.array(x, ctx=ctx)).asnumpy()  # as training ran it
@@ -104,7 +119,7 @@ def run(cfg, fmt: str, output: str, log=print) -> dict:
                          f"{diff:.3g} (limit {MAX_ABS_DIFF:g}); nothing written")
     side = stem(output, fmt) + "-input.json"
     with open(side, "w") as fh:
-        json.dump({"input": prep.to_json(), "input_name": "data", "classes": trained.class_names(cfg)}, fh, indent=1)
+        json.dump({"input": prep.to_json(), "input_name": "data", "classes": names}, fh, indent=1)
     files.append(side)
     log(f"export: {source} -> {', '.join(files)}")
     log(f"checked: reloaded, logits on a batch of {CHECK_BATCH} within {diff:.2g} of the training network's "

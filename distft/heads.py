@@ -124,23 +124,27 @@ def memory_estimate(cfg, plan, runner: model.SplitNet, heads: int, micro: int) -
     return est
 
 
-def plan_memory(cfg, plan, runner) -> dict:
+def plan_memory(cfg, stages: list, net) -> dict:
     """What `distft plan` shows: K x the trainable bytes, and the memory estimate against this
-    machine's (its first GPU, else the host's available RAM)."""
+    machine's (its first GPU, else the host's available RAM), for the stage that needs the
+    most. `stages`: [(label, plan)], the plan at epoch 0 first, then freeze.schedule's."""
     k = len(grid_points(cfg.heads.grid))
-    est = memory_estimate(cfg, plan, runner, k, cfg.data.batch_size)
+    estimates = [(label, plan, memory_estimate(cfg, plan, model.SplitNet(net, plan.prefix, plan.suffix), k,
+                                               cfg.data.batch_size)) for label, plan in stages]
+    label, plan, est = max(estimates, key=lambda e: e[2]["total"])  # the first of equals
     ctx = mx.gpu(0) if mx.context.num_gpus() else mx.cpu()
     have, what = device_memory(ctx)
-    return {**est, "trainable_bytes": k * plan.totals()["trainable_bytes"], "device_bytes": have,
-            "device": what, "fits": est["total"] <= have}
+    return {**est, "stage": label, "stages": len(stages), "trainable_bytes": k * plan.totals()["trainable_bytes"],
+            "device_bytes": have, "device": what, "fits": est["total"] <= have}
 
 
 def memory_lines(m: dict) -> str:
     def mib(n: int) -> str:
         return f"{n / 2 ** 20:,.1f} MiB"
 
+    stage = f", the largest stage: {m['stage']}" if m["stages"] > 1 else ""
     return (f"heads: {m['heads']} x trainable = {m['trainable_bytes']:,} B\n"
-            f"memory per rank (estimate, micro-batch {m['micro_batch']}): weights {mib(m['weights'])}, "
+            f"memory per rank (estimate, micro-batch {m['micro_batch']}{stage}): weights {mib(m['weights'])}, "
             f"gradients {mib(m['gradients'])}, optimizer state {mib(m['optimizer_state'])}, activations of the "
             f"trainable part {mib(m['activations'])} = {mib(m['total'])} of {mib(m['device_bytes'])} "
             f"({m['device']}){'' if m['fits'] else ': does not fit'}")
@@ -309,7 +313,8 @@ class HeadSet:
             features = runner.features(x)
             return [h.suffix(features) for h in heads]
 
-        results = evaluate_many(world, forward, len(heads), loader, batch_size, ctx, loss_fn, beat)
+        results = evaluate_many(world, forward, len(heads), loader, batch_size, ctx, loss_fn, beat,
+                                top5=self.cfg.model.classes > 5)
         for h, evals in zip(heads, results):
             h.evals = evals
         return list(zip(heads, results))

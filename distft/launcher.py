@@ -4,9 +4,10 @@
 
 (launch/launch.sh runs it; standard library only.)
 
-- horovodrun turns any rank's failure into its own exit 1. Here the code of the first rank to
-  fail (what horovodrun and mpirun report as `Exit code: N`) becomes this process's exit
-  status: 75 when the ranks stopped resumable, 2 for a user error.
+- horovodrun's Gloo controller turns any rank's failure into its own exit 1 (its MPI
+  controller execs mpirun, whose status is already the first failing rank's). Here the code of
+  the first rank to fail (what horovodrun and mpirun report as `Exit code: N`) becomes this
+  process's exit status either way: 75 when the ranks stopped resumable, 2 for a user error.
 - SIGTERM here (a pod eviction of the launcher, Slurm's `--signal=B:TERM@...`) is NOT passed to
   horovodrun: it would SIGTERM its local ranks and SIGKILL them 5 s later, and ranks on other
   nodes would never see it. Instead the launch id is written to the stop file

@@ -7,11 +7,13 @@ Images Pillow cannot read are reported and left out.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 
+import numpy as np
+
+from . import imaging
 from .data import ImageFolder, class_names_path, decode
 from .errors import DataError
 
@@ -35,14 +37,11 @@ def _encode(task: tuple) -> list[tuple[int, bytes | None, str | None]]:
             out.append((pos, None, str(exc)))
             continue
         if resize:
-            from PIL import Image
-
             h, w = img.shape[:2]
             scale = resize / min(h, w)
-            im = Image.fromarray(img).resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=quality)
-            payload = buf.getvalue()
+            small = imaging.Image.fromarray(img).resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                                        imaging.Image.BILINEAR)
+            payload = imaging.encode_jpeg(np.asarray(small), quality)
         out.append((pos, payload, None))
     return out
 
@@ -52,6 +51,7 @@ def make_rec(folder: str, out: str, resize: int = 0, quality: int = 95, jobs: in
 
     if not out.endswith(".rec"):
         raise DataError(f"{out}: the output name must end in .rec")
+    imaging.self_test()  # a broken decoder would skip every image as unreadable
     dataset = ImageFolder(folder)
     empty = [n for i, n in enumerate(dataset.class_names) if not (dataset.labels == i).any()]
     if empty:

@@ -268,7 +268,8 @@ class Metrics:
     def evaluation(self, evals: dict, epoch: int, step: Optional[int] = None, head: Optional[str] = None) -> None:
         labels = {"head": head} if head is not None else {}
         self.child(self.val_top1, **labels).set(evals["val_top1"])
-        self.child(self.val_top5, **labels).set(evals["val_top5"])
+        if evals["val_top5"] is not None:  # None: 5 classes or fewer
+            self.child(self.val_top5, **labels).set(evals["val_top5"])
         self.event("eval", epoch=epoch, step=step, **labels, **evals)
 
     def event(self, name: str, **fields) -> None:
@@ -339,16 +340,17 @@ def write_report(path: str, history: list, summary: dict) -> None:
     for head in heads or [None]:  # a grid: one curve per head
         if head is None:
             points = [(h["step"], h["loss"]) for h in history]
-            val = [(e["epoch"] + 1, e["val_top1"]) for e in evals]
+            val = [(e["epoch"], e["val_top1"]) for e in evals]  # numbered from 0, as the logs are
         else:
             points = [(h["step"], h["heads"][head]["loss"]) for h in history if head in h.get("heads", {})]
-            val = [(e["epoch"] + 1, e["val_top1"]) for e in evals if e.get("head") == head]
+            val = [(e["epoch"], e["val_top1"]) for e in evals if e.get("head") == head]
         if points:
             ax[0, 0].plot(*zip(*points), label=head)
         if val:
             ax[0, 1].plot(*zip(*val), marker="o", label=head)
     ax[0, 0].set(title="training loss" + (" per head" if heads else ""), xlabel="step")
     ax[0, 1].set(title="validation top-1", xlabel="epoch", ylim=(0, 1))
+    ax[0, 1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     if heads:
         ax[0, 0].legend(fontsize=7, ncol=2)
         ax[0, 1].legend(fontsize=7, ncol=2)

@@ -76,12 +76,38 @@ def model_names() -> tuple[str, ...]:
     return ()
 
 
-def build(name: str, classes: int) -> gluon.HybridBlock:
+def require_known(name: str) -> None:
     if name not in model_names():
         close = difflib.get_close_matches(name, model_names(), n=3, cutoff=0.5)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ModelError(f"model.name: no model-zoo network named {name!r}{hint}")
+
+
+def build(name: str, classes: int) -> gluon.HybridBlock:
+    require_known(name)
     return vision.get_model(name, classes=classes)
+
+
+def require_head(net: gluon.Block, cfg_model) -> None:
+    children = net._children  # noqa: SLF001
+    if cfg_model.head not in children:
+        raise ModelError(f"model.head: {cfg_model.name} has no top-level block {cfg_model.head!r} "
+                         f"(it has {', '.join(children)})")
+
+
+def check(cfg_model) -> None:
+    """What the model section can get wrong, found in seconds and before any data is read:
+    the network's name, its head, the input size, and that the pretrained weights are there
+    (a .params path that exists; model-zoo weights for the name). Whether the file fits the
+    network is known only once it is loaded (`create`)."""
+    require_known(cfg_model.name)
+    require_head(vision.get_model(cfg_model.name, classes=2), cfg_model)  # no weights are allocated
+    inputsize.require_fits(cfg_model.name, cfg_model.image_size)
+    pretrained = cfg_model.pretrained
+    if pretrained is True:
+        zoo.expected_sha1(cfg_model.name)
+    elif pretrained and not os.path.isfile(os.path.expanduser(pretrained)):
+        raise ModelError(f"model.pretrained: {pretrained}: no such file")
 
 
 def iter_blocks(net: gluon.Block, prefix: str = ""):
@@ -184,9 +210,7 @@ def load_pretrained(net: gluon.Block, path: str, head: str, ctx, what: str = "mo
 def create(cfg_model, ctx, seed: int) -> gluon.HybridBlock:
     """Build, initialise (shapes inferred from one dummy batch) and load pretrained weights."""
     net = build(cfg_model.name, cfg_model.classes)
-    if cfg_model.head not in net._children:  # noqa: SLF001
-        raise ModelError(f"model.head: {cfg_model.name} has no top-level block {cfg_model.head!r} "
-                         f"(it has {', '.join(net._children)})")  # noqa: SLF001
+    require_head(net, cfg_model)
     mx.random.seed(seed)
     np.random.seed(seed)
     net.initialize(mx.init.Xavier(magnitude=2.0), ctx=ctx)

@@ -1,7 +1,8 @@
 """`distft predict`: top-k class names with probabilities for images or folders of images.
 
 Images are decoded on `data.workers` threads and run in batches of data.val_batch_size (or
-data.batch_size), with the run's own preprocessing. An unreadable image does not stop the rest:
+data.batch_size), with the run's own preprocessing. Under a launcher (horovodrun, mpirun, srun)
+each rank takes a strided share of the images and rank 0 writes every result, in input order. An unreadable image does not stop the rest:
 it gets `{"image": path, "error": reason}` (JSON) or a row with empty rank/class/prob (CSV)."""
 from __future__ import annotations
 
@@ -14,18 +15,20 @@ from typing import Optional
 
 import numpy as np
 
-from .data import IMAGE_EXTENSIONS, decode
+from .data import IMAGE_EXTENSIONS, decode, is_hidden
 from .errors import ConfigError, DataError
 
 
 def collect(paths: list[str]) -> list[str]:
-    """Files as given; folders walked (sorted) for image files."""
+    """Files as given; folders walked (sorted) for image files, hidden ones (`.DS_Store`, macOS
+    `._*` files, `.ipynb_checkpoints/`) left out as training leaves them out."""
     found = []
     for path in paths:
         if os.path.isdir(path):
             for root, dirs, files in os.walk(path):
-                dirs.sort()
-                found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+                dirs[:] = sorted(d for d in dirs if not is_hidden(d))
+                found += [os.path.join(root, f) for f in sorted(files)
+                          if f.lower().endswith(IMAGE_EXTENSIONS) and not is_hidden(f)]
         elif os.path.exists(path):
             found.append(path)
         else:
@@ -70,22 +73,26 @@ def write(results: list[dict], path: str) -> None:
                 out.writerow([r["image"], rank, t["class"], f"{t['prob']:.6g}"])
 
 
-def run(cfg, images: list[str], output: str, k: Optional[int] = None) -> list[dict]:
+def run(cfg, images: list[str], output: str, k: Optional[int] = None, world=None,
+        head: Optional[str] = None) -> list[dict]:
+    """Top-k for every image of `images` with the run's network (`head`: a grid's head by name)."""
     import mxnet as mx
 
-    from . import precision, trained
-    from .dist import LocalWorld
+    from . import dist, imaging, precision, trained
+    from .agreement import agreed_everywhere
 
     output_format(output)  # refuse a bad --output before any work
-    classes = cfg.model.classes
+    world = world or dist.init_world(stall_timeout=cfg.train.stall_timeout)
+    agreed_everywhere(world, "testing the image decoder", imaging.self_test)  # else every image is "unreadable"
+    names = trained.run_classes(cfg)  # the run's classes (classes.json), model.classes: auto or not
+    classes = len(names)
     k = min(5, classes) if k is None else k
     if not 1 <= k <= classes:
         raise ConfigError(f"--top-k: must be between 1 and model.classes ({classes}), got {k}")
     files = collect(images)
-    ctx = LocalWorld().context()
-    net, _ = trained.load_network(cfg, ctx)
+    ctx = world.context()
+    net, _ = trained.load_network(cfg, ctx, head=head)
     runner = trained.runner(cfg, net, ctx)
-    names = trained.class_names(cfg)
     transform = trained.preprocessing(cfg).transform()
     batch = cfg.data.val_batch_size or cfg.data.batch_size
 
@@ -99,10 +106,11 @@ def run(cfg, images: list[str], output: str, k: Optional[int] = None) -> list[di
         except DataError as exc:
             return exc
 
+    mine = files[world.rank::world.size]
     results = []
     with ThreadPoolExecutor(max_workers=max(cfg.data.workers, 1)) as pool:
-        for start in range(0, len(files), batch):
-            chunk = files[start:start + batch]
+        for start in range(0, len(mine), batch):
+            chunk = mine[start:start + batch]
             xs = list(pool.map(load, chunk))
             good = [i for i, x in enumerate(xs) if not isinstance(x, DataError)]
             tops = []
@@ -116,7 +124,13 @@ def run(cfg, images: list[str], output: str, k: Optional[int] = None) -> list[di
                 else:
                     print(f"distft: warning: {xs[i]}", file=sys.stderr, flush=True)
                     results.append({"image": path, "error": str(xs[i])})
-    write(results, output)
+    if world.size > 1:  # rank r holds files r, r + N, …: interleave them back into input order
+        shares = [json.loads(b) for b in world.allgather_bytes(json.dumps(results).encode(), "distft.predict")]
+        results = [shares[i % world.size][i // world.size] for i in range(len(files))]
+    if world.rank == 0:
+        write(results, output)
     bad = sum("error" in r for r in results)
-    print(f"predict: {len(results) - bad} images, {bad} unreadable; top-{k} written to {output}", flush=True)
+    if world.rank == 0:
+        print(f"predict: {len(results) - bad} images, {bad} unreadable; top-{k} written to {output}"
+              + (f" ({world.size} ranks)" if world.size > 1 else ""), flush=True)
     return results

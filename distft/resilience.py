@@ -1,8 +1,9 @@
 """Preemption and hangs.
 
-- A stop request on any rank (SIGTERM; the stop file of launcher.py, read at every step; a
-  test's fault hook) travels in the next step's ballot; every rank stops at the same step,
-  checkpoints and exits 75.
+- A stop request on any rank (SIGTERM; Ctrl-C, i.e. SIGINT, which is a preemption too; the stop
+  file of launcher.py, read at every step; a test's fault hook) travels in the next step's
+  ballot; every rank stops at the same step, checkpoints and exits 75. A second Ctrl-C quits at
+  once, without a checkpoint (the last completed one is intact).
 - The preemption deadline (`train.preempt_grace`) is for a peer that is gone: it counts only
   while the stop is not yet agreed and the ranks are not in a phase they entered together
   (validation, the agreed checkpoint). Once every rank has agreed to stop it is disarmed, so no
@@ -28,6 +29,7 @@ class Resilience:
         self.stall_timeout, self.preempt_grace = stall_timeout, preempt_grace
         self.heartbeat = time.monotonic()
         self.stop_requested = False
+        self.stop_reason = "SIGTERM"  # what asked for the stop, for the message at the end
         self.finished = False
         self._together = 0  # depth of phases all ranks are in together
         self._agreed = False
@@ -53,9 +55,20 @@ class Resilience:
     def start(self) -> None:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda signum, frame: self.request_stop())
+            signal.signal(signal.SIGINT, self._on_sigint)
         self.beat()
         if self.stall_timeout:
             threading.Thread(target=self._watch, name="distft-watchdog", daemon=True).start()
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.stop_requested:  # the second Ctrl-C: the user will not wait
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.stop_reason = "Ctrl-C"
+        if self.world.rank == 0:
+            print("\n[distft] Ctrl-C: stopping at the next step with a checkpoint (Ctrl-C again quits now, "
+                  "without one)", file=sys.stderr, flush=True)
+        self.request_stop()
 
     def request_stop(self) -> None:
         if self.stop_requested:
@@ -79,7 +92,7 @@ class Resilience:
             if not self._together:
                 waited += tick
             if waited > self.preempt_grace:
-                print(f"distft: error (rank {self.world.rank}): SIGTERM {self.preempt_grace:g} s ago and no clean "
+                print(f"distft: error (rank {self.world.rank}): {self.stop_reason} {self.preempt_grace:g} s ago and no clean "
                       "stop (train.preempt_grace): a peer rank is gone; exiting, the last completed checkpoint "
                       "is intact", file=sys.stderr, flush=True)
                 os._exit(143)

@@ -144,13 +144,15 @@ def compose(job, stats: Stats, evals: dict, digests: list[str]) -> dict:
     return {
         "model": job.cfg.model.name,
         "classes": job.sets.class_names or [str(i) for i in range(job.cfg.model.classes)],
+        # per data set: its files and, per class, those read, unreadable (left out) and ignored
+        "data": job.sets.inventory,
         "epochs": round(state.step / job.data.steps_per_epoch, 3),
         "steps": state.step, "steps_this_run": stats.steps, "samples": state.samples,
         "global_batch": state.global_batch, "accumulation": job.batching.accumulate,
         "micro_batch": job.batching.micro,
         "samples_per_sec": rate, "samples_per_sec_per_rank": rate / world.size, "wall_seconds": wall,
         "data_wait_seconds": stats.data_seconds, "compute_seconds": stats.compute_seconds,
-        **{k: evals.get(k) for k in ("val_top1", "val_top5", "val_loss")},
+        **{k: evals.get(k) for k in ("val_top1", "val_top5", "val_loss", "val_samples")},
         "trainable_params": t["trainable_params"], "frozen_params": t["frozen_params"],
         "trainable_bytes": t["trainable_bytes"], "frozen_bytes": t["frozen_bytes"],
         "frozen_prefix": plan.prefix,

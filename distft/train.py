@@ -59,7 +59,9 @@ class Job:
         self.sets = open_data(cfg, world, lambda msg: log(world, msg))  # resolves model.classes: auto
         meta = self.checkpoints.find_resume_point()
         if meta:
-            check_relaunch(cfg, meta)
+            check_relaunch(cfg, meta, self.sets.identity)
+            if cfg.data.val_split and "data" not in meta:  # written before samples were held out by name
+                self.sets = open_data(cfg, world, lambda msg: log(world, msg), holdout_by_position=True)
         solving = cfg.optimizer.name == probe.SOLVER
         if solving:  # full batch: a step is a pass over all of data.train
             samples = len(self.sets.train)
@@ -330,7 +332,8 @@ class Job:
                                           self.loss_fn, self.guard.beat)
         for head, evals in results:
             name = f" head {head.name}" if self.heads.grid else ""
-            log(self.world, f"epoch {epoch}{name} val top1 {evals['val_top1']:.4f} top5 {evals['val_top5']:.4f} "
+            top5 = "n/a" if evals["val_top5"] is None else f"{evals['val_top5']:.4f}"  # n/a: 5 classes or fewer
+            log(self.world, f"epoch {epoch}{name} val top1 {evals['val_top1']:.4f} top5 {top5} "
                             f"loss {evals['val_loss']:.4f}")
             self.metrics.evaluation(evals, epoch, self.state.step, head=head.name if self.heads.grid else None)
         return self.heads.best().evals
@@ -349,7 +352,8 @@ class Job:
                 optimizer = self.heads.capture_optimizer(self.names, self.loss_scale)
                 extra = {"lr": self.heads[0].schedule(max(at.step - 1, 0)), **self.heads.checkpoint_meta()}
             self.checkpoints.save(at, self.params, self.heads.state_names(), optimizer, digests[0],
-                                  {"model": self.cfg.model.name, "classes": self.cfg.model.classes, **extra})
+                                  {"model": self.cfg.model.name, "classes": self.cfg.model.classes,
+                                   "data": self.sets.identity, **extra})
         self.metrics.event("checkpoint", step=at.step)
 
     def stop(self) -> None:
@@ -359,7 +363,7 @@ class Job:
             self.validate(self.state.epoch)  # the relaunch starts the next epoch: validate this one now
         self.save_checkpoint(self.state.at_epoch_end(self.data.steps_per_epoch))
         self.guard.finished = True
-        raise Preempted(f"preempted (SIGTERM) at step {self.state.step}; checkpoint written; "
+        raise Preempted(f"preempted ({self.guard.stop_reason}) at step {self.state.step}; checkpoint written; "
                         "run the same command again to resume")
 
     def switch_plan(self, epoch: int) -> None:
@@ -421,7 +425,8 @@ class Job:
         if self.heads.grid:
             log(self.world, f"heads (heads.select: {self.cfg.heads.select}):\n"
                             + heads_table(summary["heads"], summary["best_head"]))
-        log(self.world, f"done: {self.state.step} steps, val top1 {summary['val_top1']}, "
+        top1 = "n/a" if summary["val_top1"] is None else f"{summary['val_top1']:.4f}"
+        log(self.world, f"done: {self.state.step} steps, val top1 {top1}, "
                         f"{summary['samples_per_sec']:.1f} samples/s; wrote {os.path.join(self.out, 'model.params')}")
         self.guard.finished = True
         self.metrics.finish(summary)

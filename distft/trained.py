@@ -3,22 +3,27 @@ training ran it at the end; its class names; its preprocessing."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Optional
 
 from . import checkpoint, freeze, model, precision, preprocess
-from .data import ImageFolder
 from .errors import CheckpointError, ConfigError, DataError
 
-CLASSES_FILE = "classes.json"
-
-
 def params_file(cfg, head: Optional[str] = None) -> str:
-    """`train.output/model.params`; with `head` (grid runs), that head's network."""
-    if head:
-        return os.path.join(cfg.train.output, "heads", head, "model.params")
-    return os.path.join(cfg.train.output, "model.params")
+    """`train.output/model.params`; with `head` (grid runs), that head's network, which must
+    exist: an unknown name is an error listing the run's heads."""
+    if not head:
+        return os.path.join(cfg.train.output, "model.params")
+    heads = os.path.join(cfg.train.output, "heads")
+    path = os.path.join(heads, head, "model.params")
+    if os.path.isfile(path):
+        return path
+    names = sorted((d for d in (os.listdir(heads) if os.path.isdir(heads) else [])
+                    if os.path.isfile(os.path.join(heads, d, "model.params"))), key=lambda d: (len(d), d))
+    if names:
+        raise ConfigError(f"--head {head}: no head of that name in {heads} (the run's heads: {', '.join(names)})")
+    raise ConfigError(f"--head {head}: {cfg.train.output} has no heads (a heads.grid run writes "
+                      "heads/NAME/model.params)")
 
 
 def load_network(cfg, ctx, checkpoint_dir: Optional[str] = None, head: Optional[str] = None,
@@ -64,36 +69,44 @@ def runner(cfg, net, ctx) -> model.SplitNet:
     return run
 
 
-def class_names(cfg, dataset=None) -> list[str]:
-    """`train.output/classes.json` (a list of names) if the run saved one, else the folder names
-    of `dataset` or of data.train when they number model.classes, else "0", "1", …"""
-    classes = cfg.model.classes
-    path = os.path.join(cfg.train.output, CLASSES_FILE)
-    if os.path.isfile(path):
-        try:
-            with open(path) as fh:
-                doc = json.load(fh)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{path}: unreadable ({exc})") from None
-        names = doc.get("classes") if isinstance(doc, dict) else doc
-        if not isinstance(names, list) or len(names) != classes or not all(isinstance(n, str) for n in names):
-            raise ConfigError(f"{path}: expected a list of {classes} class names (model.classes)")
+def run_classes(cfg) -> list[str]:
+    """The finished run's class names (index = label), and `cfg.model.classes` set to their
+    number: what eval, predict and export build the network with, `model.classes: auto` or not.
+
+    From `train.output/classes.json` (written by every run). A run folder without one (an
+    older distft) falls back to what training would resolve: data.train's class folders, or
+    "0", "1", … for a numeric model.classes."""
+    from . import classes
+    from .data import resolve_model_classes
+
+    names = classes.load(cfg.train.output)
+    if names is not None:
+        if cfg.model.classes != "auto" and cfg.model.classes != len(names):
+            raise ConfigError(f"model.classes: {cfg.model.classes}, but the run in train.output was trained with "
+                              f"{len(names)} classes ({classes.CLASSES_FILE}); set it to {len(names)} or auto")
+        cfg.model.classes = len(names)
         return names
-    for source in (dataset, _train_folder(cfg)):
-        folders = getattr(source, "class_names", None)
-        if folders and len(folders) == classes:
-            return list(folders)
-    return [str(i) for i in range(classes)]
+    if cfg.model.classes == "auto":
+        if not cfg.data.train:
+            raise ConfigError(f"model.classes: auto, and {cfg.train.output} has no {classes.CLASSES_FILE} to read "
+                              "the classes from; set model.classes or data.train")
+        resolve_model_classes(cfg)
+    names = _train_names(cfg)
+    if names is not None and len(names) == cfg.model.classes:
+        return list(names)
+    return [str(i) for i in range(cfg.model.classes)]
 
 
-def _train_folder(cfg):
-    """data.train, when it is an ImageFolder: its folder names name the classes."""
-    if cfg.data.train and os.path.isdir(cfg.data.train):
-        try:
-            return ImageFolder(cfg.data.train)
-        except DataError:
-            return None
-    return None
+def _train_names(cfg) -> Optional[list]:
+    """data.train's class names, when it has them (folders, a .rec's .classes.json, the demo)."""
+    from .data import open_dataset
+
+    if not cfg.data.train:
+        return None
+    try:
+        return open_dataset(cfg.data.train, "train", "data.train").class_names
+    except DataError:
+        return None
 
 
 def preprocessing(cfg) -> preprocess.Preprocess:

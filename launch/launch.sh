@@ -47,6 +47,7 @@ fi
 echo "[launch] horovodrun $hosts --${DISTFT_CONTROLLER:-gloo}" >&2
 # distft.launcher runs horovodrun: SIGTERM here becomes a stop request to one rank (horovodrun
 # would SIGKILL its ranks 5 s after passing it on), and the ranks' exit code (75: stopped,
-# resumable; 2: user error) becomes ours (horovodrun's own is 1 for any failure)
+# resumable; 2: user error) becomes ours (horovodrun --gloo's own is 1 for any failure; --mpi
+# passes mpirun's through)
 # shellcheck disable=SC2086  # $hosts is "-np N -H list", split on purpose
 exec python -m distft.launcher horovodrun $hosts "--${DISTFT_CONTROLLER:-gloo}" "${extra[@]}" python -m distft "$@"

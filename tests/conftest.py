@@ -109,3 +109,9 @@ def read_summary(out_dir):
 
 def load_params(path):
     return {k: v.asnumpy() for k, v in mx.nd.load(str(path)).items()}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests marked `install` run last: launch/test.sh builds their install in the background
+    while the others run, and they wait for it."""
+    items.sort(key=lambda item: item.get_closest_marker("install") is not None)

@@ -1,4 +1,6 @@
 """The command line explains itself, and a bare `distft` never starts a demo training."""
+import pytest
+
 from distft import __version__
 
 from conftest import run_cli, write_config
@@ -38,3 +40,45 @@ def test_version_and_described_commands():
         assert proc.returncode == 0 and words in proc.stdout, (command, proc.stdout)
     top = run_cli(["--help"], timeout=60).stdout
     assert "examples:" in top and "distft --config job.yaml" in top and "make-rec" in top
+
+
+@pytest.mark.parametrize("command, words", [
+    ("eval", "per-class precision"), ("predict", "preprocess.json"), ("export", "onnxruntime"),
+    ("demo-prepare", "pretrained backbone")])
+def test_every_command_describes_itself(capsys, command, words):
+    from distft import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.parser().parse_args([command, "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    description = out.split("\n\n")[1]  # after the usage lines
+    assert not description.startswith(("options:", "positional arguments:")) and words in description, out
+
+
+def test_bench_writes_its_json_and_markdown_into_new_folders(tmp_path, monkeypatch, capsys):
+    from distft import bench, cli
+
+    monkeypatch.setattr(bench, "run", lambda *args, **kwargs: {"samples_per_sec": {"distft": 1.0}})
+    monkeypatch.setattr(bench, "markdown", lambda result: "| table |\n")
+    out = tmp_path / "bench" / "nested"
+    assert cli.main(["bench", "--json", str(out / "b.json"), "--markdown", str(tmp_path / "md" / "b.md")]) == 0
+    assert (out / "b.json").read_text().startswith("{") and (tmp_path / "md" / "b.md").read_text() == "| table |\n"
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--json", "--markdown"])
+def test_bench_refuses_an_output_it_cannot_write_before_it_runs(tmp_path, monkeypatch, capsys, flag):
+    from distft import bench, cli
+
+    ran = []
+    monkeypatch.setattr(bench, "run", lambda *args, **kwargs: ran.append(1) or {})
+    (tmp_path / "a-file").write_text("")
+    target = tmp_path / "a-file" / "b.out"  # under a file: no folder can be made there
+    assert cli.main(["bench", flag, str(target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not ran
+    assert err == [f"distft: error: {flag}: {target}: cannot write there ({tmp_path / 'a-file'} is a file, "
+                   "not a folder)"]
+    assert cli.main(["bench", flag, str(tmp_path)]) == 2  # a folder, not a file
+    assert capsys.readouterr().err.startswith(f"distft: error: {flag}: {tmp_path}: a folder") and not ran

@@ -25,6 +25,36 @@ def test_integer_is_accepted_for_a_float_key():
     assert load_config(None, ["optimizer.lr=1"]).optimizer.lr == 1.0
 
 
+@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("1E-3", 1e-3), ("5e-5", 5e-5), ("1.0e3", 1000.0),
+                                         ("+2e-2", 0.02), (".5e-1", 0.05), ("1.5E+2", 150.0)])
+def test_a_number_with_an_exponent_is_a_number_in_set(text, value):
+    """YAML 1.1 (PyYAML's) reads 1e-3 as a string; people write learning rates that way."""
+    assert load_config(None, [f"optimizer.lr={text}"]).optimizer.lr == pytest.approx(value)
+
+
+def test_a_number_with_an_exponent_is_a_number_in_the_config_file_and_the_grid(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optimizer:\n  lr: 1e-4\n  weight_decay: 5E-5\n  min_lr: 1e-6\n"
+                    "data: {val_split: 0.1}\nheads:\n  grid:\n    optimizer.lr: [1e-3, 3e-3]\n")
+    cfg = load_config(str(path))
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.optimizer.min_lr) == (1e-4, 5e-5, 1e-6)
+    assert cfg.heads.grid == {"optimizer.lr": [1e-3, 3e-3]}
+    cfg = load_config(str(path), ["heads.grid={optimizer.lr: [1e-2, 2e-2], optimizer.weight_decay: [0, 1e-4]}"])
+    assert cfg.heads.grid == {"optimizer.lr": [0.01, 0.02], "optimizer.weight_decay": [0, 1e-4]}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.lr=1e-3x", "optimizer.lr: expected a number, got '1e-3x'"),
+    ("optimizer.lr=e-3", "optimizer.lr: expected a number, got 'e-3'"),
+    ("optimizer.lr='1e-3'", "optimizer.lr: expected a number, got '1e-3'"),  # quoted: the user said string
+    ("heads.grid={optimizer.lr: [1e-3, 1e-3e]}", "heads.grid.optimizer.lr[1]: expected a number, got '1e-3e'"),
+])
+def test_a_string_that_only_looks_like_a_number_is_still_refused(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.val_split=0.1", override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.nmae=x", "model.nmae: unknown key (did you mean 'model.name'?)"),
     ("optimzer.lr=0.1", "optimzer: unknown key (did you mean 'optimizer'?)"),
@@ -34,11 +64,16 @@ def test_integer_is_accepted_for_a_float_key():
     ("data.batch_size=0", "data.batch_size: must be >= 1"),
     ("data.batch_size=2.5", "data.batch_size: expected an integer"),
     ("data.augment=maybe", "data.augment: expected true/false"),
-    ("freeze.trainable=output", "freeze.trainable: expected a list of a string"),
+    ("freeze.trainable=output", "freeze.trainable: expected a list of strings, got 'output'"),
+    ("data.mean=0.5", "data.mean: expected a list of numbers, got 0.5"),
+    ("optimizer.step_epochs=1", "optimizer.step_epochs: expected a list of integers"),
     ("freeze.trainable=['/(/']", "freeze.trainable[0]: bad regex"),
     ("freeze.batchnorm=frozn", "freeze.batchnorm: must be one of frozen, batch"),
     ("freeze.schedule=[{epoch: 1, unfreze: [a]}]", "freeze.schedule[0].unfreze: unknown key (did you mean 'unfreeze'?)"),
     ("freeze.schedule=[{epoch: -1, unfreeze: [a]}]", "freeze.schedule[0].epoch: expected an integer >= 0"),
+    ("freeze.schedule=[{epoch: 1, unfreeze: [a]}]",  # train.epochs: 1 (epochs 0 .. 0)
+     "freeze.schedule[0].epoch: 1, but train.epochs is 1 (epochs 0 to 0), so this stage would never start "
+     "(to stop a launch before it, set train.max_steps)"),
     ("optimizer.schedule=step", "optimizer.step_epochs: the `step` schedule needs at least one epoch"),
     ("model=3", "model: expected a mapping of keys"),
     ("data.std=[1, 0, 1]", "data.std: every value must be > 0"),
@@ -49,6 +84,15 @@ def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert message in str(err.value)
+
+
+def test_a_freeze_stage_past_the_last_epoch_is_refused_naming_it():
+    schedule = "freeze.schedule=[{epoch: 1, unfreeze: [features.8]}, {epoch: 5, unfreeze: [features.7]}]"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.epochs=3", schedule])
+    assert str(err.value) == ("freeze.schedule[1].epoch: 5, but train.epochs is 3 (epochs 0 to 2), so this "
+                              "stage would never start (to stop a launch before it, set train.max_steps)")
+    assert [s["epoch"] for s in load_config(None, ["train.epochs=6", schedule]).freeze.schedule] == [1, 5]
 
 
 def test_bad_yaml_file_is_a_config_error(tmp_path):

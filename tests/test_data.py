@@ -105,3 +105,35 @@ def test_demo_sets_are_disjoint_digits():
     assert pre.classes == ft.classes == 5
     assert len(pre) == round(0.8 * (target < 5).sum())
     assert len(ft) + len(val) == (target >= 5).sum() and abs(len(val) - 0.2 * (target >= 5).sum()) <= 1
+
+
+def test_a_users_folder_reads_nested_photos_and_never_hidden_ones(tmp_path):
+    """Nested photos belong to their class folder; hidden folders are never classes (an
+    `.ipynb_checkpoints/` made class 0 and shifted every label); hidden files, AppleDouble
+    `._*` files and non-images are ignored (and counted), not read as images."""
+    from imagefiles import make_users_folder
+
+    root = make_users_folder(tmp_path / "photos")
+    ds = ImageFolder(root)
+    assert ds.class_names == ["café", "cat", "dog", "red fox"]
+    per_class = np.bincount(ds.labels).tolist()
+    assert per_class == [6, 7, 10, 7]  # cat: + truncated.jpg; dog: + 4 nested; red fox: + UPPER.JPG
+    assert "dog/from_phone/2023/IMG_0000.jpg" in ds.ids and "red fox/UPPER.JPG" in ds.ids
+    assert not any("/." in p or "._" in p for p in ds.files)
+    assert sorted(p[len(root) + 1:] for p in ds.ignored) == sorted(
+        [".DS_Store", ".ipynb_checkpoints/", "café/._000.jpg", "cat/.DS_Store", "dog/Thumbs.db"])
+    assert ds.ignored_per_class == {"café": 1, "cat": 1, "dog": 1, "red fox": 0}
+
+
+def test_class_folders_differing_only_in_unicode_form_are_one_class(tmp_path):
+    import unicodedata
+
+    nfd = unicodedata.normalize("NFD", "café")
+    for name in ("café", nfd):
+        os.makedirs(tmp_path / name, exist_ok=True)
+    for i, img in enumerate(images(4)):
+        (tmp_path / ("café" if i % 2 else nfd) / f"{i}.png").write_bytes(png(img))
+    (tmp_path / "tea").mkdir()
+    (tmp_path / "tea" / "t.png").write_bytes(png(images(1)[0]))
+    ds = ImageFolder(str(tmp_path))
+    assert ds.class_names == ["café", "tea"] and list(ds.labels) == [0, 0, 0, 0, 1]

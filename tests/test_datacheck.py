@@ -53,7 +53,7 @@ def test_check_cli_exits_2_past_the_bad_file_limit(tmp_path):
     assert proc.stderr.strip() == (
         f"distft: error: data.train: 2 unreadable files of 8, more than the 1 allowed (max(data.max_bad_fraction "
         f"x files, data.max_bad_files)); first: {train}/ant/bad.png: not an image (unknown format, {len(BROKEN)} bytes)")
-    assert "data.train: " in proc.stdout and "per class: ant: 4, bee: 4" in proc.stdout
+    assert "data.train: " in proc.stdout and "per class: ant: 4 (1 unreadable), bee: 4 (1 unreadable)" in proc.stdout
 
 
 def test_make_rec_writes_recordio_distft_reads_with_class_names(tmp_path):
@@ -132,3 +132,19 @@ def test_pass_before_training_splits_files_across_ranks_and_leaves_bad_ones_out_
         assert len(view) == 5 and list(view.indices) == [0, 2, 3, 4, 5]
     assert sorted(os.listdir(tmp_path)) == ["c-rank0.json", "c-rank1.json", "train"]
     assert logged[-1].startswith("warning: data.train: 1 unreadable file(s) of 6 left out (limit 10): ")
+
+
+def test_check_counts_per_class_what_it_read_found_unreadable_and_ignored(tmp_path):
+    from imagefiles import make_users_folder
+
+    root = make_users_folder(tmp_path / "photos")
+    [report] = check(load_config(None, [f"data.train={root}"]), jobs=2, cache_path=str(tmp_path / "c.json"))
+    assert report.files == 30 and len(report.unreadable) == 1  # the truncated JPEG; not ._000.jpg
+    assert report.unreadable[0].startswith(f"{root}/cat/truncated.jpg: cannot decode image")
+    assert report.per_class == {"café": {"files": 6, "unreadable": 0, "ignored": 1},
+                                "cat": {"files": 7, "unreadable": 1, "ignored": 1},
+                                "dog": {"files": 10, "unreadable": 0, "ignored": 1},
+                                "red fox": {"files": 7, "unreadable": 0, "ignored": 0}}
+    assert "  per class: café: 6 (1 ignored), cat: 7 (1 unreadable, 1 ignored), dog: 10 (1 ignored), red fox: 7" \
+        in report.text().splitlines()
+    assert len(report.ignored) == 5

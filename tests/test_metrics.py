@@ -232,3 +232,33 @@ def test_pushgateway_holds_the_final_figures(tmp_path, pretrained):
     finally:
         gw.kill()
         gw.wait()
+
+
+def test_top5_of_five_classes_or_fewer_is_not_served(tmp_path):
+    from prometheus_client import generate_latest
+
+    m = Metrics(MetricsConfig(port=0, report=False), LocalWorld(), str(tmp_path), 1)
+    m.evaluation({"val_top1": 0.5, "val_top5": None, "val_loss": 1.0}, 0)
+    text = generate_latest(m.registry).decode()
+    assert re.search(r"^distft_validation_top1_ratio\{.*\} 0\.5$", text, re.M)
+    assert not re.search(r"^distft_validation_top5_ratio\{", text, re.M)
+    m.evaluation({"val_top1": 0.5, "val_top5": 0.75, "val_loss": 1.0}, 1)
+    assert re.search(r"^distft_validation_top5_ratio\{.*\} 0\.75$", generate_latest(m.registry).decode(), re.M)
+
+
+def test_report_numbers_epochs_as_the_logs_do(tmp_path, monkeypatch):
+    """report.png's validation curve: epoch 0 is the first, as in `epoch 0 val top1 ...`."""
+    import matplotlib.axes
+
+    from distft import metrics
+
+    drawn = []
+    plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *args, **kw: drawn.append((ax, args))
+                        or plot(ax, *args, **kw))
+    history = [{"step": s, "loss": 1.0, "samples_per_sec": 10.0, "rank_step_seconds": [0.1]} for s in (2, 4)]
+    summary = {"val_history": [{"epoch": 0, "val_top1": 0.4}, {"epoch": 1, "val_top1": 0.6}], "model": "m",
+               "world_size": 1, "samples_per_sec": 10.0, "val_top1": 0.6}
+    metrics.write_report(str(tmp_path / "report.png"), history, summary)
+    (val,) = [args for ax, args in drawn if ax.get_title() == "validation top-1"]
+    assert list(val[0]) == [0, 1] and list(val[1]) == [0.4, 0.6]

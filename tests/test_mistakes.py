@@ -85,3 +85,38 @@ def test_no_warnings_for_a_pretrained_job_with_enough_steps(tmp_path, pretrained
     proc = run_cli(["--config", job(tmp_path, model={"pretrained": pretrained})], timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "[distft] warning" not in proc.stdout + proc.stderr
+
+
+MODEL_MISTAKES = [({"pretrained": "/nonexistent/backbone.params"},
+                   "model.pretrained: /nonexistent/backbone.params: no such file"),
+                  ({"name": "resnet18_v3"}, "model.name: no model-zoo network named 'resnet18_v3' (did you mean")]
+
+
+def fatal_data(tmp_path):
+    """A folder with an unreadable file and no allowance for it: fatal once it is read."""
+    train = folder(tmp_path / "train", {"ant": 2, "bee": 2})
+    (tmp_path / "train" / "ant" / "bad.png").write_bytes(b"not an image")
+    return {"train": train, "max_bad_files": 0, "max_bad_fraction": 0.0}
+
+
+@pytest.mark.parametrize("model, message", MODEL_MISTAKES)
+def test_a_model_mistake_stops_training_before_any_data_is_read(tmp_path, model, message):
+    proc = run_cli(["--config", job(tmp_path, model=model, data=fatal_data(tmp_path))], timeout=300)
+    assert one_line_error(proc).startswith(f"distft: error: {message}")
+    assert not (tmp_path / "out" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("model, message", MODEL_MISTAKES)
+def test_a_model_mistake_is_reported_by_check_plan_and_bench_before_their_data(tmp_path, capsys, monkeypatch,
+                                                                                 model, message):
+    from distft import bench, cli
+
+    monkeypatch.setattr(bench, "_run", lambda *args, **kwargs: pytest.fail("bench ran a job"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    checked = job(tmp_path / "a", model=model, data=fatal_data(tmp_path))
+    missing = job(tmp_path / "b", model=model, data={"train": str(tmp_path / "no-such-folder")})
+    for command, cfg in (("check", checked), ("plan", missing), ("bench", missing)):
+        assert cli.main([command, "--config", cfg]) == 2, command
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"distft: error: {message}") and captured.out == "", (command, captured)

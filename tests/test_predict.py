@@ -12,19 +12,21 @@ from distft.config import load_config
 from distft.dist import LocalWorld
 from distft.train import run
 
-from imagefiles import make_folder
+from imagefiles import make_photo_folder
 
 CLASSES = ["cat", "dog", "emu", "fox", "owl", "yak"]  # sorted, as ImageFolder numbers them
 
 
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory, pretrained):
-    """A run trained on a 6-class ImageFolder (also the folder to predict)."""
+    """A run trained with model.classes: auto (as the README recommends) on a 6-class folder of
+    JPEG photos of several kinds and PNGs (also the folder to predict): predict reads the class
+    count and names from the run (classes.json)."""
     tmp = tmp_path_factory.mktemp("predict")
-    folder = make_folder(tmp / "imgs", CLASSES, per_class=3)
-    doc = small_config(tmp, pretrained, model={"classes": 6}, freeze={"trainable": ["features.8", "output"]},
-                       data={"train": folder, "val": None, "batch_size": 6}, optimizer={"lr": 0.02},
-                       train={"max_steps": None, "epochs": 8})
+    folder = make_photo_folder(tmp / "imgs", CLASSES, per_class=3)
+    doc = small_config(tmp, pretrained, model={"classes": "auto"}, freeze={"trainable": ["output"]},
+                       data={"train": folder, "val": None, "batch_size": 6}, optimizer={"lr": 0.05},
+                       train={"max_steps": None, "epochs": 10})
     cfg = write_config(tmp / "c.yaml", doc)
     run(load_config(cfg), LocalWorld())
     return cfg, folder
@@ -88,3 +90,31 @@ def test_bad_arguments_are_one_line(folder_run, tmp_path, capsys, args, message)
     argv += args + (["--output", base["--output"]] if "--output" not in args else [])
     assert cli.main(argv) == 2
     assert capsys.readouterr().err.strip() == f"distft: error: {message}"
+
+
+@pytest.mark.horovod
+def test_predict_under_horovodrun_shares_the_images_and_writes_what_one_process_writes(folder_run, tmp_path):
+    from conftest import horovodrun, run_cli
+
+    cfg, folder = folder_run
+    assert cli.main(["predict", "--config", cfg, "--images", folder, "--output", str(tmp_path / "one.json")]) == 0
+    proc = run_cli(["predict", "--config", cfg, "--images", folder, "--output", str(tmp_path / "two.json")],
+                   launcher=horovodrun(2, "gloo"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "predict: 18 images, 0 unreadable" in proc.stdout and "(2 ranks)" in proc.stdout
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert [r["image"] for r in two] == [r["image"] for r in one]
+    for a, b in zip(one, two):
+        assert [t["class"] for t in a["top"]] == [t["class"] for t in b["top"]]
+        assert max(abs(x["prob"] - y["prob"]) for x, y in zip(a["top"], b["top"])) <= 1e-6
+
+
+def test_predict_on_a_users_folder_skips_hidden_files_and_reads_nested_ones(folder_run, tmp_path):
+    from imagefiles import make_users_folder
+
+    cfg, _ = folder_run
+    root = make_users_folder(tmp_path / "photos")
+    assert cli.main(["predict", "--config", cfg, "--images", root, "--output", str(tmp_path / "p.json")]) == 0
+    results = json.loads((tmp_path / "p.json").read_text())
+    assert len(results) == 30 and sum("error" in r for r in results) == 1  # the truncated JPEG only
+    assert not any("/." in r["image"] or "._" in r["image"] for r in results)

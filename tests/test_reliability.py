@@ -1,6 +1,7 @@
 """Faults, for real: signals to real ranks, a full file system, corrupt images, NaN, fuzzed
 configs. Nothing completed is lost and nothing hangs."""
 import os
+import re
 import signal
 import string
 import subprocess
@@ -102,7 +103,54 @@ def test_sigterm_single_process_exits_75(tmp_path, pretrained):
         if proc.poll() is None:
             kill_tree(proc)
     assert proc.returncode == 75, text
-    assert text.strip().splitlines()[-1].startswith("distft: error: preempted (SIGTERM) at step")
+    # a clean stop is not an error: one plain line, the stop step, the checkpoint, how to resume
+    assert re.fullmatch(r"distft: preempted \(SIGTERM\) at step \d+; checkpoint written; run the same command "
+                        r"again to resume", text.strip().splitlines()[-1]), text
+    assert "distft: error" not in text
+
+
+def test_ctrl_c_to_one_process_is_a_preemption(tmp_path, pretrained):
+    """Ctrl-C (SIGINT) gave exit 130, no message and no checkpoint; it now does what SIGTERM does:
+    every rank agrees on a step, checkpoints there and exits 75 with the way to resume."""
+    cfg, proc = start_job(tmp_path, pretrained, [], **LONG_JOB)
+    out = tmp_path / "out"
+    try:
+        wait_for(lambda: checkpoint.list_checkpoints(str(out)), 120, "a first checkpoint")
+        proc.send_signal(signal.SIGINT)
+        text, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert proc.returncode == 75, text
+    assert "[distft] Ctrl-C: stopping at the next step with a checkpoint" in text
+    last = text.strip().splitlines()[-1]
+    assert "preempted (Ctrl-C) at step " in last and last.endswith("run the same command again to resume")
+    step = int(last.split("preempted (Ctrl-C) at step ")[1].split(";")[0])
+    assert checkpoint.latest(str(out)).meta["step"] == step
+
+
+@pytest.mark.horovod
+def test_ctrl_c_to_horovodrun_checkpoints_every_rank_at_one_step(tmp_path, pretrained):
+    """A terminal's Ctrl-C reaches horovodrun (its ranks run in a session of their own), which
+    passes SIGTERM to them: they checkpoint at one agreed step and each exits 75; the relaunch
+    resumes there. (horovodrun's Gloo launcher then exits 1 for any rank's non-zero code:
+    launch/launch.sh reports the ranks' 75.)"""
+    cfg, proc = start_job(tmp_path, pretrained, horovodrun(2, "gloo"), **LONG_JOB)
+    out = tmp_path / "out"
+    try:
+        rank_pids(proc.pid)
+        wait_for(lambda: checkpoint.list_checkpoints(str(out)), 120, "a first checkpoint")
+        os.killpg(proc.pid, signal.SIGINT)  # the terminal's foreground process group
+        text, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert "Process 0 exit with status code 75." in text and "Process 1 exit with status code 75." in text
+    step = int(text.split("preempted (SIGTERM) at step ")[1].split(";")[0])
+    assert checkpoint.latest(str(out)).meta["step"] == step
+    again = run_cli(["--config", cfg, "--set", f"train.max_steps={step + 2}"], launcher=horovodrun(2, "gloo"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert read_summary(out)["steps_this_run"] == 2
 
 
 @pytest.mark.horovod

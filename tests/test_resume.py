@@ -273,3 +273,39 @@ def test_a_checkpoint_slower_than_the_grace_period_is_still_written_after_sigter
     assert proc.returncode == 75, text
     step = int(text.split("preempted (SIGTERM) at step ")[1].split(";")[0])
     assert checkpoint.latest(str(tmp_path / "out")).meta["step"] == step
+
+
+def test_a_data_set_that_changed_since_the_checkpoint_is_refused_unless_accepted(tmp_path, pretrained):
+    """12 images added between launches were resumed silently, and val_split's hold-out then
+    leaked into training. A relaunch compares data.train's files (names and sizes) with the
+    checkpoint's record; data.on_change: accept resumes knowingly (the hold-out, chosen by each
+    file's name, still holds out the same files)."""
+    from distft.config import load_config
+    from distft.data import open_training_sets
+    from distft.dist import LocalWorld
+    from distft.errors import DataError
+    from distft.train import run
+
+    from imagefiles import make_photo_folder
+
+    root = make_photo_folder(tmp_path / "photos", ["ant", "bee"], per_class=10)
+    cfg = write_config(tmp_path / "c.yaml", small_config(
+        tmp_path, pretrained, model={"classes": "auto"}, data={"train": root, "val_split": 0.25, "batch_size": 4},
+        train={"max_steps": None, "epochs": 1}))
+    first = run(load_config(cfg), LocalWorld())
+    before = open_training_sets(load_config(cfg).data, "auto")
+    make_photo_folder(tmp_path / "more", ["ant", "bee"], per_class=6, seed=9)
+    for p in (tmp_path / "more").rglob("*.*"):
+        shutil.copy(p, os.path.join(root, p.parent.name, "new-" + p.name))
+    with pytest.raises(DataError) as err:
+        run(load_config(cfg, ["train.epochs=2"]), LocalWorld())
+    assert str(err.value) == (
+        f"data.train: {root} has changed since this job's checkpoints were written (20 files then, 32 now; "
+        "names or sizes differ): a resume would train on another data set; set data.on_change: accept to resume "
+        "on it knowingly, or start a new job (another train.output, or train.resume: false)")
+    second = run(load_config(cfg, ["train.epochs=2", "data.on_change=accept"]), LocalWorld())
+    assert second["steps"] > first["steps"] and second["resumed"]
+    after = open_training_sets(load_config(cfg).data, "auto")
+    ids = lambda part: {part.base.ids[i] for i in part.indices}  # noqa: E731
+    assert ids(before[1]) <= ids(after[1]) and not ids(before[0]) & ids(after[1])  # nothing trained on is validated
+    assert second["data"]["data.train"]["files"] == 32

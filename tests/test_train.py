@@ -1,6 +1,7 @@
 """Single-process training: frozen means frozen, checkpoints round-trip, resume is exact."""
 import json
 import os
+import re
 import shutil
 
 import mxnet as mx
@@ -156,8 +157,8 @@ def test_relaunch_with_another_freeze_plan_is_refused_naming_the_key(tmp_path, p
         tmp_path, pretrained, freeze={"trainable": ["features.7", "output"]}, train={"max_steps": 5}))])
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
-        "distft: error: freeze.trainable: this job's checkpoints were written with ['features.8', 'output'], "
-        "this launch asks for ['features.7', 'output']; a resumed job keeps it (use another train.output, "
+        "distft: error: freeze.trainable: this job's checkpoints were written with freeze.trainable: "
+        "[features.8, output]; this launch asks for [features.7, output]; a resumed job keeps it (use another train.output, "
         "or train.resume: false to start over)")
 
 
@@ -230,3 +231,41 @@ def test_demo_reaches_accuracy_far_above_chance(tmp_path):
     s = read_summary(tmp_path / "ft")
     assert s["val_top1"] >= 0.6  # 5 classes: chance is 0.2
     assert s["trainable_params"] == 512 * 5 + 5
+
+
+UNROUNDED = re.compile(r"\d\.\d{5,}")  # 0.35294117647058826, not 0.3529
+
+
+def test_top5_is_null_with_five_classes_and_log_lines_round_their_figures(tmp_path, pretrained, capsys):
+    s = train(tmp_path, pretrained, data={"val": "demo"}, train={"max_steps": 3, "log_every": 1})
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[distft]")]
+    assert s["val_top5"] is None and read_summary(tmp_path / "out")["val_top5"] is None
+    (val,) = [line for line in lines if " val top1 " in line and "done" not in line]
+    assert re.fullmatch(r"\[distft\] epoch 0 val top1 \d\.\d{4} top5 n/a loss \d+\.\d{4}", val), val
+    (done,) = [line for line in lines if line.startswith("[distft] done:")]
+    assert f"val top1 {s['val_top1']:.4f}," in done
+    assert not [line for line in lines if UNROUNDED.search(line)]
+    events = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
+    (evaluation,) = [e for e in events if e.get("event") == "eval"]
+    assert evaluation["val_top5"] is None and 0 <= evaluation["val_top1"] <= 1
+
+
+def test_top5_is_reported_with_more_than_five_classes(tmp_path, pretrained, capsys):
+    from imagefiles import make_photo_folder
+
+    folder = make_photo_folder(tmp_path / "imgs", ["a", "b", "c", "d", "e", "f"], per_class=3)
+    s = train(tmp_path, pretrained, model={"classes": "auto"},
+              data={"train": folder, "val": folder, "batch_size": 6}, train={"max_steps": 2})
+    assert 0 <= s["val_top1"] <= s["val_top5"] <= 1
+    assert re.search(r"val top1 \d\.\d{4} top5 \d\.\d{4} loss", capsys.readouterr().out)
+
+
+def test_a_relaunch_that_changes_the_job_says_so_in_the_configs_words(tmp_path):
+    from distft.checkpointer import check_relaunch, job_identity
+    from distft.errors import ConfigError
+
+    meta = {"job": job_identity(load_config(None, ["data.augment=false"]))}
+    with pytest.raises(ConfigError) as err:
+        check_relaunch(load_config(None, ["data.augment=true"]), meta)
+    assert str(err.value).startswith("data.augment: this job's checkpoints were written with data.augment: "
+                                     "false; this launch asks for true; a resumed job keeps it")

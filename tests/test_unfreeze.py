@@ -35,7 +35,7 @@ def scheduled_run(tmp_path_factory, pretrained):
 
 
 def test_block_is_bitwise_frozen_before_its_epoch_and_trains_after(tmp_path, pretrained, scheduled_run):
-    run2(job(tmp_path, pretrained, "first-epoch", 1))
+    run2(job(tmp_path, pretrained, "first-epoch", 2, max_steps=11))  # epoch 0 alone (11 steps)
     before = load_params(pretrained)
     first = load_params(tmp_path / "first-epoch" / "model.params")
     both = load_params(scheduled_run / "full" / "model.params")
@@ -77,6 +77,21 @@ def test_plan_shows_the_schedule(tmp_path, capsys, pretrained):
     (stage,) = doc["schedule"]
     assert stage["epoch"] == 1 and "features.8.0.conv1.weight" in stage["newly_trainable"]
     assert stage["trainable_params"] > doc["trainable_params"]
+
+
+def test_plan_memory_covers_the_largest_stage_of_the_schedule(tmp_path, capsys, pretrained):
+    """The schedule's second stage trains features.8 too: the estimate is that stage's, and says so."""
+    cfg = job(tmp_path, pretrained, "plan", 2)
+    assert cli.main(["plan", "--config", cfg, "--json"]) == 0
+    staged = json.loads(capsys.readouterr().out)["memory"]
+    assert cli.main(["plan", "--config", cfg, "--json", "--set", "freeze.schedule=[]"]) == 0
+    first = json.loads(capsys.readouterr().out)["memory"]
+    assert staged["stage"] == "freeze.schedule[0] (epoch 1)" and first["stage"] == "freeze.trainable"
+    assert staged["total"] > first["total"] and staged["gradients"] > first["gradients"]
+    assert staged["weights"] == first["weights"]  # the same network
+    assert cli.main(["plan", "--config", cfg]) == 0
+    text = capsys.readouterr().out
+    assert "memory per rank (estimate, micro-batch 32, the largest stage: freeze.schedule[0] (epoch 1))" in text
 
 
 def test_lr_mult_with_an_unknown_block_names_the_key(tmp_path, capsys, pretrained):

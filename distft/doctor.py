@@ -1,0 +1,435 @@
+"""`distft doctor`: what is installed, read from the files (wheel metadata, libmxnet.so's needed
+libraries and GPU kernels, Horovod's library), the driver and GPUs when there are any, and
+whether MXNet's kernels run on each GPU, or on a GPU of a given compute capability.
+
+Nothing here imports MXNet or Horovod: on a machine with no driver, where `import mxnet` of a GPU
+build fails, every file field is still filled in. The same verdict stops `distft train` and
+`distft check` before any collective when a visible GPU cannot run the kernels (exit 2)."""
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+from . import cudalibs, elffile, gpus
+from .errors import DistftError
+
+FEATURE_LIBRARIES = {  # MXNet feature -> the library (soname prefix) that implies it
+    "CUDA": "libcudart.so", "CUDNN": "libcudnn.so", "NCCL": "libnccl.so", "CUDA_RTC": "libnvrtc.so",
+    "TENSORRT": "libnvinfer.so", "OPENMP": "libgomp.so", "BLAS_OPEN": "libopenblas.so", "BLAS_MKL": "libmkl_rt.so",
+}
+DEFAULT_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu",
+                "/usr/lib/aarch64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib")
+MXNET_DISTRIBUTIONS = ("mxnet", "mxnet-cu112", "mxnet-cu117", "mxnet-cu110", "mxnet-cu102", "mxnet-native")
+# the first CUDA release that compiles for an architecture (nvcc --list-gpu-arch)
+FIRST_CUDA = {120: "12.8", 100: "12.8", 90: "11.8", 89: "11.8", 87: "11.4", 86: "11.1", 80: "11.0"}
+INSTALL_GPU = "DISTFT_EXTRA=cu112 bash launch/install.sh"
+
+
+class GpuUnsupported(DistftError):
+    """A visible GPU cannot run the installed MXNet's kernels: stop before the first kernel."""
+
+
+class DamagedInstall(DistftError):
+    """An installed library cannot be read: distft cannot run here (the doctor's exit 1)."""
+
+    exit_code = 1
+
+
+# --- judging a GPU ------------------------------------------------------------------------------
+
+
+def parse_capability(text: str) -> tuple:
+    found = re.fullmatch(r"\s*(\d+)\.(\d)\s*", str(text))
+    if not found:
+        raise ValueError(f"--capability: {text!r} is not a compute capability like 8.6")
+    return int(found.group(1)), int(found.group(2))
+
+
+def _number(arch: str) -> int:
+    return int(re.sub(r"\D", "", arch))
+
+
+def runs_on(kernels: elffile.Kernels, capability: tuple):
+    """(True, how) when code in `kernels` loads on a GPU of `capability`, else (False, why).
+
+    SASS for sm_XY runs on compute capability X.Z for Z >= Y (same major); PTX for compute_AB is
+    compiled by the driver for any GPU of capability >= A.B."""
+    major, minor = capability
+    target = major * 10 + minor
+    sass = [a for a in kernels.sass if _number(a) // 10 == major and _number(a) % 10 <= minor]
+    if sass:
+        best = max(sass, key=_number)
+        same = _number(best) == target
+        return True, f"{best} kernels" + ("" if same else f" (binary compatible with {major}.{minor})")
+    ptx = [a for a in kernels.ptx if _number(a) <= target]
+    if ptx:
+        best = max(ptx, key=_number)
+        return True, f"PTX {best}, compiled by the driver at the first start (slow once, then cached)"
+    return False, f"no kernel for sm_{target}"
+
+
+def fix_for(capability: tuple) -> str:
+    target = capability[0] * 10 + capability[1]
+    arch = f"{capability[0]}.{capability[1]}"
+    if target < 50:
+        return f"build MXNet from source with CUDA 11.x (sm_{target} was dropped in CUDA 12) and MXNET_CUDA_ARCH including {arch}"
+    first = next((cuda for arch, cuda in FIRST_CUDA.items() if target >= arch), "11.2")
+    return f"build MXNet from source with CUDA >= {first} and MXNET_CUDA_ARCH including {arch} (+PTX)"
+
+
+def _kernel_list(kernels: elffile.Kernels) -> str:
+    sass = ", ".join(kernels.sass) if kernels.sass else "no SASS"
+    ptx = ("PTX " + ", ".join(kernels.ptx)) if kernels.ptx else "no PTX"
+    return f"{sass} and {ptx}"
+
+
+def verdict(who: str, capability: tuple, mx: "MxnetBuild", horovod_kernels=None):
+    """(supported, reason, line): line is the one-line message when unsupported, else None."""
+    target = f"sm_{capability[0]}{capability[1]}"
+    head = f"{who} of compute capability {capability[0]}.{capability[1]} ({target})"
+    if not mx.is_gpu_build:
+        reason = f"{mx.distribution} {mx.version} is a CPU build: it has no GPU kernels"
+        return False, reason, f"{head}: {reason}; fix: install the GPU build ({INSTALL_GPU})"
+    ok, how = runs_on(mx.kernels, capability)
+    if not ok:
+        reason = f"libmxnet.so has kernels for {_kernel_list(mx.kernels)}: none loads on {target}"
+        return False, reason, (f"{head} cannot run {mx.distribution} {mx.version}: its {reason} (the first kernel "
+                               f"would fail with \"no kernel image is available\"); fix: {fix_for(capability)}")
+    if horovod_kernels is not None and (horovod_kernels.sass or horovod_kernels.ptx):
+        hvd_ok, _ = runs_on(horovod_kernels, capability)
+        if not hvd_ok:
+            reason = f"Horovod's kernels are for {_kernel_list(horovod_kernels)}: none loads on {target}"
+            return False, reason, (f"{head}: MXNet runs there but {reason}; fix: rebuild Horovod with "
+                                   f"HOROVOD_BUILD_CUDA_CC_LIST including {capability[0]}{capability[1]}")
+    return True, f"MXNet: {how}", None
+
+
+# --- reading the install ------------------------------------------------------------------------
+
+
+def _ldconfig_cache() -> dict:
+    ldconfig = shutil.which("ldconfig") or next((p for p in ("/sbin/ldconfig", "/usr/sbin/ldconfig")
+                                                 if os.path.exists(p)), None)
+    if not ldconfig:
+        return {}
+    try:
+        out = subprocess.run([ldconfig, "-p"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    found = {}
+    for line in out.splitlines():
+        m = re.match(r"\s+(\S+) \(([^)]*)\) => (\S+)", line)
+        if m and ("x86-64" in m.group(2) or "AArch64" in m.group(2) or "64" in m.group(2)):
+            found.setdefault(m.group(1), m.group(3))
+    return found
+
+
+class Resolver:
+    """Where the dynamic linker would find a soname for a library: what the nvidia wheels provide
+    (distft/cudalibs.py loads those first), the library's run path, LD_LIBRARY_PATH, the ldconfig
+    cache, the default folders."""
+
+    def __init__(self):
+        self.wheels = cudalibs.index()
+        self._cache = None
+
+    def find(self, soname: str, library: str, search_path=()) -> Optional[str]:
+        if soname in self.wheels:
+            return self.wheels[soname]
+        origin = os.path.dirname(os.path.realpath(library))
+        dirs = [p.replace("$ORIGIN", origin).replace("${ORIGIN}", origin) for p in search_path]
+        dirs += [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(":") if d]
+        for d in dirs:
+            if os.path.exists(os.path.join(d, soname)):
+                return os.path.join(d, soname)
+        if self._cache is None:
+            self._cache = _ldconfig_cache()
+        if soname in self._cache:
+            return self._cache[soname]
+        for d in DEFAULT_DIRS:
+            if os.path.exists(os.path.join(d, soname)):
+                return os.path.join(d, soname)
+        return None
+
+
+def _owner(path: Optional[str]) -> Optional[str]:
+    """'nvidia-cudnn-cu11 8.9.6.50' for a file a distribution installed, else None."""
+    if not path:
+        return None
+    real = os.path.realpath(path)
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"] or ""
+        if not name.startswith("nvidia-"):
+            continue
+        for f in dist.files or ():
+            if os.path.realpath(dist.locate_file(f)) == real:
+                return f"{name} {dist.version}"
+    return None
+
+
+@dataclass
+class MxnetBuild:
+    distribution: Optional[str]
+    version: Optional[str]
+    library: Optional[str]
+    _kernels: Optional[elffile.Kernels] = None
+
+    @property
+    def installed(self) -> bool:
+        return self.library is not None
+
+    @property
+    def kernels(self) -> elffile.Kernels:
+        if self._kernels is None:
+            self._kernels = elffile.kernels(self.library) if self.library else elffile.Kernels()
+        return self._kernels
+
+    @property
+    def is_gpu_build(self) -> bool:
+        return bool(self.kernels.sass or self.kernels.ptx)
+
+
+def installed_mxnet() -> MxnetBuild:
+    """The installed MXNet: its distribution (mxnet, mxnet-cu112, ...) and libmxnet.so."""
+    for name in MXNET_DISTRIBUTIONS:
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        return MxnetBuild(name, version, cudalibs.mxnet_library())
+    return MxnetBuild(None, None, cudalibs.mxnet_library())
+
+
+def _library_entry(soname: Optional[str], resolver: Resolver, library: str, search_path) -> Optional[dict]:
+    if not soname:
+        return None
+    path = resolver.find(soname, library, search_path)
+    return {"needs": soname, "path": path, "provided_by": _owner(path)}
+
+
+def read_mxnet(mx: MxnetBuild, resolver: Resolver) -> tuple:
+    """(the report's "mxnet" section, problems)."""
+    if not mx.installed:
+        return ({"version": mx.version, "distribution": mx.distribution, "library": None, "cuda": None,
+                 "cudnn": None, "nccl": None, "features": {}, "needed": {}, "kernels": {"sass": [], "ptx": []}},
+                ["mxnet is not installed (no libmxnet.so); fix: bash launch/install.sh"])
+    with elffile.SharedLibrary(mx.library) as lib:
+        needed, search_path = lib.needed, lib.search_path
+    problems, resolved = [], {}
+    for soname in needed:
+        path = resolver.find(soname, mx.library, search_path)
+        resolved[soname] = path
+        if path is None and soname != gpus.DRIVER_SONAME:
+            problems.append(f"{mx.library} needs {soname}, which is not installed here; "
+                            f"fix: {INSTALL_GPU if mx.is_gpu_build else 'bash launch/install.sh'}")
+
+    def need(prefix):
+        return next((s for s in needed if s.startswith(prefix)), None)
+
+    cuda = None
+    if need("libcudart.so"):
+        built = re.search(r"-cu(\d+)(\d)$", mx.distribution or "")
+        cuda = {**_library_entry(need("libcudart.so"), resolver, mx.library, search_path),
+                "built_with": f"{built.group(1)}.{built.group(2)}" if built else None}
+    section = {
+        "version": mx.version,
+        "distribution": mx.distribution,
+        "library": mx.library,
+        "cuda": cuda,
+        "cudnn": _library_entry(need("libcudnn.so"), resolver, mx.library, search_path),
+        "nccl": _library_entry(need("libnccl.so"), resolver, mx.library, search_path),
+        # the features its linked libraries imply (ones compiled in without a library are not seen)
+        "features": {name: any(s.startswith(prefix) for s in needed) for name, prefix in FEATURE_LIBRARIES.items()},
+        "needed": resolved,
+        "kernels": mx.kernels.to_json(),
+    }
+    return section, problems
+
+
+def built_constant(code: Optional[bytes]) -> Optional[int]:
+    """The constant a tiny `int f() { return K; }` returns, read from its machine code (x86-64:
+    mov eax, K / xor eax, eax; aarch64: mov w0, #K), or None when the code is anything else."""
+    if not code:
+        return None
+    if code.startswith(b"\xf3\x0f\x1e\xfa"):  # endbr64
+        code = code[4:]
+    if code[:1] == b"\xb8" and code[5:6] == b"\xc3":
+        return int.from_bytes(code[1:5], "little")
+    if code[:3] in (b"\x31\xc0\xc3", b"\x33\xc0\xc3"):
+        return 0
+    if len(code) >= 8 and code[4:8] == b"\xc0\x03\x5f\xd6":
+        word = int.from_bytes(code[:4], "little")
+        if word & 0xFFE0001F == 0x52800000:  # movz w0, #imm16
+            return (word >> 5) & 0xFFFF
+    return None
+
+
+def horovod_library() -> Optional[str]:
+    import glob
+    import importlib.util
+
+    spec = importlib.util.find_spec("horovod")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(glob.glob(os.path.join(spec.submodule_search_locations[0], "mxnet", "mpi_lib*.so")))
+    return found[0] if found else None
+
+
+def read_horovod(mx: MxnetBuild, resolver: Resolver) -> tuple:
+    """(the report's "horovod" section, Horovod's kernels, problems). mpi/gloo/nccl are what
+    Horovod's own horovod_*_built() return, read from their code in its library."""
+    try:
+        version = metadata.version("horovod")
+    except metadata.PackageNotFoundError:
+        version = None
+    library = horovod_library()
+    section = {"version": version, "library": library, "mpi": None, "gloo": None, "nccl": None,
+               "nccl_version": None, "cuda": None, "kernels": {"sass": [], "ptx": []}}
+    if not library:
+        return section, elffile.Kernels(), ["horovod (its MXNet library) is not installed; fix: bash launch/install.sh"]
+    problems = []
+    with elffile.SharedLibrary(library) as lib:
+        needed, search_path = lib.needed, lib.search_path
+        for what in ("mpi", "gloo", "nccl", "cuda"):
+            value = built_constant(lib.function_bytes(f"horovod_{what}_built"))
+            section[what] = None if value is None else bool(value)
+            if what == "nccl" and value and value > 1:  # Horovod returns NCCL_VERSION_CODE
+                section["nccl_version"] = f"{value // 10000}.{value % 10000 // 100}.{value % 100}"
+        kernels = lib.kernels()
+    for what, prefix in (("mpi", "libmpi.so"), ("nccl", "libnccl.so")):
+        if section[what] is None:  # code not recognised: the library it links tells
+            section[what] = any(s.startswith(prefix) for s in needed)
+    section["kernels"] = kernels.to_json()
+    for soname in needed:
+        if soname == "libmxnet.so":
+            continue  # taken from the mxnet package, which Horovod imports first
+        if soname != gpus.DRIVER_SONAME and resolver.find(soname, library, search_path) is None:
+            problems.append(f"{library} needs {soname}, which is not installed here; fix: bash launch/install.sh")
+    if mx.is_gpu_build and section["nccl"] is False:
+        problems.append(f"horovod {version} was built without NCCL: GPU gradients cannot be exchanged; "
+                        f"fix: {INSTALL_GPU} (it builds Horovod with HOROVOD_GPU_OPERATIONS=NCCL)")
+    if not mx.is_gpu_build and section["nccl"]:
+        problems.append(f"horovod {version} was built with NCCL against a GPU MXNet, but {mx.distribution} "
+                        "is a CPU build; fix: bash launch/install.sh")
+    return section, kernels, problems
+
+
+def report(capability: Optional[tuple] = None, probe=None, files_only: bool = False) -> dict:
+    """Everything the doctor knows, with "ok" and "problems". `capability` judges a GPU of that
+    compute capability instead of this machine's; `files_only` skips the driver and GPUs."""
+    resolver = Resolver()
+    mx = installed_mxnet()
+    try:
+        mx_section, problems = read_mxnet(mx, resolver)
+        hvd_section, hvd_kernels, hvd_problems = read_horovod(mx, resolver)
+    except elffile.ElfError as exc:  # a damaged install: say which file, no traceback
+        raise DamagedInstall(f"{exc}; fix: reinstall (bash launch/install.sh)") from None
+    problems += hvd_problems
+    result = {"mxnet": mx_section, "horovod": hvd_section, "driver": None, "gpus": []}
+    gpu_lines = []
+    if not files_only:
+        driver, visible = (probe or gpus.probe)()
+        result["driver"] = driver.to_json() if driver else None
+        for gpu in visible:
+            ok, reason, line = verdict(gpu.label, gpu.capability, mx, hvd_kernels) if mx.installed else \
+                (False, "mxnet is not installed", None)
+            result["gpus"].append({"index": gpu.index, "name": gpu.name,
+                                   "capability": f"{gpu.capability[0]}.{gpu.capability[1]}",
+                                   "memory_bytes": gpu.memory_bytes, "supported": ok, "reason": reason})
+            if line and capability is None:
+                gpu_lines.append(line)
+        if capability is not None and mx.installed:
+            ok, reason, line = verdict("a GPU", capability, mx, hvd_kernels)
+            result["capability"] = {"capability": f"{capability[0]}.{capability[1]}", "supported": ok,
+                                    "reason": reason}
+            if line:
+                gpu_lines.append(line)
+    result["problems"] = problems + gpu_lines
+    result["ok"] = not result["problems"]
+    return result
+
+
+def summary(result: dict, files_only: bool = False) -> list:
+    """The human lines of a report."""
+    mx, hvd = result["mxnet"], result["horovod"]
+    lines = []
+    if mx["library"]:
+        libs = [f"{key} {entry['needs']} <- {entry['provided_by'] or entry['path'] or 'MISSING'}"
+                for key in ("cuda", "cudnn", "nccl") if (entry := mx[key])]
+        lines.append(f"mxnet {mx['version']} ({mx['distribution']}): {mx['library']}")
+        if libs:
+            lines.append("  " + "; ".join(libs))
+        k = mx["kernels"]
+        lines.append(f"  kernels read from libmxnet.so: SASS {', '.join(k['sass']) or 'none'}; "
+                     f"PTX {', '.join(k['ptx']) or 'none'}")
+    if hvd["library"]:
+        def yes(v):
+            return {True: "yes", False: "no", None: "unknown"}[v]
+        nccl = f" ({hvd['nccl_version']})" if hvd.get("nccl_version") else ""
+        lines.append(f"horovod {hvd['version']}: MPI {yes(hvd['mpi'])}, Gloo {yes(hvd['gloo'])}, "
+                     f"NCCL {yes(hvd['nccl'])}{nccl}")
+    if not files_only:
+        driver = result["driver"]
+        if driver is None:
+            lines.append("driver: none (no libcuda.so.1 here)")
+        else:
+            lines.append(f"driver: {driver['library']} (version {driver['version'] or 'unknown'}, CUDA "
+                         f"{driver['cuda'] or 'unknown'})" + (f": {driver['error']}" if driver["error"] else ""))
+        for gpu in result["gpus"]:
+            mem = f"{gpu['memory_bytes'] / 2**30:.0f} GiB" if gpu["memory_bytes"] else "memory unknown"
+            lines.append(f"GPU {gpu['index']}: {gpu['name']}, compute capability {gpu['capability']}, {mem}: "
+                         f"{'supported' if gpu['supported'] else 'NOT supported'} ({gpu['reason']})")
+    if "capability" in result:
+        c = result["capability"]
+        lines.append(f"compute capability {c['capability']}: {'supported' if c['supported'] else 'NOT supported'} "
+                     f"({c['reason']})")
+    return lines
+
+
+def main(json_path: Optional[str] = None, capability: Optional[str] = None, install_check: bool = False,
+         probe=None, out=sys.stdout) -> int:
+    """Exit 0: this machine (or a GPU of `capability`) can run distft; 1: it cannot, with one line
+    per reason. The JSON is written whatever the verdict."""
+    cap = parse_capability(capability) if capability is not None else None
+    result = report(cap, probe, files_only=install_check)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(result, fh, indent=1)
+    for line in summary(result, files_only=install_check):
+        print(line, file=out)
+    if result["ok"]:
+        if install_check:
+            print("ok: the installed files are consistent", file=out)
+        elif cap is not None:
+            print(f"ok: a GPU of compute capability {cap[0]}.{cap[1]} can run distft", file=out)
+        elif not result["gpus"]:
+            print("ok: the installed files are consistent; no GPU is visible here", file=out)
+        else:
+            print("ok: every visible GPU can run distft", file=out)
+        return 0
+    for line in result["problems"]:
+        print(line, file=sys.stderr)
+    return 1
+
+
+def require_supported_gpus(probe=None) -> None:
+    """Before anything collective (train, check): raise GpuUnsupported with the doctor's line when
+    a GPU this process can see cannot run the installed MXNet's kernels. A CPU build of MXNet
+    trains on the CPU whatever GPUs there are, so it is not stopped."""
+    _driver, visible = (probe or gpus.probe)()
+    if not visible:
+        return
+    mx = installed_mxnet()
+    if not mx.installed or not mx.is_gpu_build:
+        return
+    for gpu in visible:
+        ok, _reason, line = verdict(gpu.label, gpu.capability, mx)
+        if not ok:
+            raise GpuUnsupported(line)
