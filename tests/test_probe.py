@@ -234,7 +234,7 @@ def test_one_two_and_four_ranks_and_a_stopped_solve_end_with_the_same_weights(tm
 @pytest.mark.parametrize("overrides, message", [
     (["data.augment=true"], "optimizer.name: lbfgs solves the head on fixed features, and data.augment: true "
                             "changes them every epoch (set data.augment: false, or use sgd)"),
-    (["freeze.schedule=[{epoch: 1, unfreeze: [features.8]}]"],
+    (["freeze.schedule=[{epoch: 1, unfreeze: [features.8]}]", "train.epochs=5"],
      "optimizer.name: lbfgs trains the head alone, and freeze.schedule unfreezes blocks (remove it, or use sgd)"),
     (["heads.grid={optimizer.lr: [0.1, 0.01]}", "data.val_split=0.2"],
      "heads.grid.optimizer.lr: optimizer.name: lbfgs has no lr; its heads may vary optimizer.weight_decay and "
