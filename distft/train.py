@@ -219,20 +219,21 @@ class Job:
                         f"{solver.extract_seconds:.1f} s")
         stats.start_epoch()
         solving = time.perf_counter()
-        while state.step < self.data.total_steps and not solver.done:
-            stats.begin_step()
-            stop = solver.step(self.guard.stop_requested)
-            state.advance()
-            state.start_epoch(state.epoch + 1)  # a pass is an epoch
-            stats.end_step(state.global_batch)
-            self.record_pass(stats)
-            self.guard.poll(state.step)
-            if stop:
-                self.stop()
-            if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0:
-                self.save_checkpoint(state)
-            self.guard.beat()
-            stats.mark()
+        with solver.threads():
+            while state.step < self.data.total_steps and not solver.done:
+                stats.begin_step()
+                stop = solver.step(self.guard.stop_requested)
+                state.advance()
+                state.start_epoch(state.epoch + 1)  # a pass is an epoch
+                stats.end_step(state.global_batch)
+                self.record_pass(stats)
+                self.guard.poll(state.step)
+                if stop:
+                    self.stop()
+                if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0:
+                    self.save_checkpoint(state)
+                self.guard.beat()
+                stats.mark()
         solver.solve_seconds = time.perf_counter() - solving  # every pass, with its metrics and checkpoints
         solver.write_weights()
         self.solve_ended()
