@@ -25,7 +25,6 @@ same weights on 1, 2 or 4 ranks, and again on a relaunch.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Iterable, Iterator, Optional
 
@@ -321,12 +320,13 @@ class LinearProbe:
         return all(m.done for m in self.machines)
 
     def threads(self):
-        """A context in which numpy's BLAS uses this rank's share of the node's cores: ranks
-        that share a node (and MXNet's own threads) otherwise oversubscribe it, and a pass is
-        small matrix products whose threads spin (measured on the demo, 2 ranks on 2 cores:
-        2.5 to 3.2 s with one thread each against 3.9 to 6.4 s)."""
-        cores = len(os.sched_getaffinity(0))
-        return threadpool_limits(max(1, cores // max(self.world.local_size, 1)), user_api="blas")
+        """A context in which numpy's BLAS runs one thread. Its products' bits depend on its
+        thread count (measured: the demo's objective differed in the last bits between 1 rank
+        with 2 threads and 2 ranks with 1), and the totals must not depend on how many ranks
+        share a node. It is faster here too: ranks that share a node (and MXNet's own threads)
+        oversubscribe it, and a pass is small products whose threads spin (the demo, 2 ranks
+        on 2 cores: 2.3 to 2.7 s against 3.9 to 6.4 s, load ~3.8)."""
+        return threadpool_limits(1, user_api="blas")
 
     def extract(self, runner, loader, beat=None) -> None:
         """This rank's features, once, a block per batch, into the cache (what every pass
