@@ -253,10 +253,12 @@ class Job:
             self.metrics.window(global_step=state.step, total_steps=self.data.total_steps, epoch=state.epoch,
                                 loss=loss, lr=0.0, heads=per_head)
             if not self.metrics.shows_progress:
-                worst = max(solver.machines, key=lambda m: m.gradient_norm if not m.done else -1.0)
-                log(self.world, f"pass {state.step}: {sum(not m.done for m in solver.machines)} of "
-                                f"{len(solver.machines)} head(s) solving; objective {worst.f:.6g}, gradient norm "
-                                f"{worst.gradient_norm:.3g} ({worst.iterations} iterations)")
+                head, worst = max(zip(self.heads, solver.machines),
+                                  key=lambda hm: (not hm[1].done, hm[1].gradient_norm))
+                which = f"{sum(not m.done for m in solver.machines)} of {len(self.heads)} heads solving, the " \
+                        f"farthest {head.name}: " if self.heads.grid else ""
+                log(self.world, f"pass {state.step}: {which}objective {worst.f:.4f}, gradient norm "
+                                f"{worst.gradient_norm:.2e} ({worst.iterations} iterations)")
 
     def solve_ended(self) -> None:
         """Heads whose objective is not finite are stopped; a solve cut short by train.epochs
