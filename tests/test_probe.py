@@ -2,6 +2,8 @@
 solver and the objective as plain numpy; the optimum against scikit-learn's on features this
 test extracts itself; the same weights on 1, 2 and 4 ranks and across a stop; the objective an
 SGD run reports at its end; the plans it refuses."""
+import re
+
 import numpy as np
 import pytest
 import mxnet as mx
@@ -151,7 +153,7 @@ def objective_at(x, y, weight, bias, wd):
     return -logp[np.arange(len(y)), y].mean() + 0.5 * wd * (weight ** 2).sum()
 
 
-def test_the_solved_head_is_scikit_learns_logistic_regression_with_c_1_over_wd_n(tmp_path, pretrained):
+def test_the_solved_head_is_scikit_learns_logistic_regression_with_c_1_over_wd_n(tmp_path, pretrained, capsys):
     """The reference: LogisticRegression(C = 1 / (wd N)) solved by newton-cg on the centred
     features, its intercept taken back (the same objective, the bias unpenalised). On these
     features (a backbone pretrained for 2 epochs: |x| up to ~300) scikit-learn's default
@@ -168,6 +170,8 @@ def test_the_solved_head_is_scikit_learns_logistic_regression_with_c_1_over_wd_n
                        heads={"grid": {"optimizer.weight_decay": grid}})
     summary = run(load_config(write_config(tmp_path / "c.yaml", doc)), LocalWorld())
     assert summary["solver"]["samples"] == len(y) and summary["passes"] < 3000
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[distft] pass ")]
+    assert lines and not [line for line in lines if re.search(r"\d\.\d{5,}", line)], lines
     mean = x.mean(axis=0)
     for wd, head in zip(grid, summary["heads"]):
         ref = LogisticRegression(C=1.0 / (wd * len(y)), solver="newton-cg", tol=1e-10, max_iter=1000).fit(x - mean, y)
