@@ -90,18 +90,18 @@ def in_batches(indices: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
 
 
-def features(runner, loader, ctx, batches: list, cache=None, beat=None) -> Iterator:
+def features(runner, loader, ctx, batches: list, cache=None, beat=None, count: bool = True) -> Iterator:
     """(indices, features float32 (n, D), labels) for each batch of data-set indices: from
     `cache` where it holds the batch, else through the frozen prefix (inference mode) and into
-    `cache`."""
+    `cache`. `count`: the cache counts these reads (not when they only measure)."""
     skip = cache.has_all if cache is not None else None
     for _, idx, x, y in loader.iterate(list(enumerate(batches)), 0, skip=skip):
         if x is None:
-            out = cache.get(idx)
+            out = cache.get(idx, count)
         else:
             out = precision.to_float32(runner.features(mx.nd.array(x, ctx=ctx))).asnumpy()
             if cache is not None:
-                cache.put(idx, out)
+                cache.put(idx, out, count)
         if beat is not None:
             beat()
         yield idx, out.reshape(len(idx), -1), np.asarray(y, dtype=np.int64)

@@ -404,7 +404,7 @@ class Job:
             loader = self.data.train_loader
             rest = sampler.unassigned()[world.rank::world.size]
             parts = [probe.features(runner, loader, self.ctx, probe.in_batches(sampler.shard(), batch), self.cache,
-                                    self.guard.beat),
+                                    self.guard.beat, count=False),  # training's hits and misses stay as they were
                      probe.features(runner, loader, self.ctx, probe.in_batches(rest, batch), None, self.guard.beat)]
             chunks = ((x, y) for part in parts for _, x, y in part)
             figures = probe.measure(cfg, world, self.heads, len(self.sets.train), chunks)

@@ -200,6 +200,7 @@ def test_an_sgd_head_only_run_with_the_cache_reports_the_objective_and_gradient_
     assert s["objective"] == pytest.approx(objective_at(x, y, weight, bias, 1e-3), rel=1e-4)
     assert s["gradient_norm"] == pytest.approx(np.linalg.norm(grad), rel=1e-3)
     assert "passes" not in s and "solver" not in s
+    assert s["feature_cache"]["hits"] + s["feature_cache"]["misses"] == s["steps"] * 64  # training's reads only
 
 
 # --- every world size, and a stop --------------------------------------------------------------------
