@@ -66,7 +66,15 @@ def _run(cmd: list, what: str, timeout: int, env: dict | None = None) -> None:
         raise DistftError(f"bench: the {what} run failed (exit {proc.returncode}):\n{tail}")
 
 
-def run(config: str, overrides: list, np_: int, steps: int, window: int, controller: str = "gloo",
+def default_controller() -> str:
+    """The controller horovodrun itself picks when given neither --gloo nor --mpi: MPI when
+    Horovod was built with it, else Gloo."""
+    from horovod.common.util import mpi_built
+
+    return "mpi" if mpi_built() else "gloo"
+
+
+def run(config: str, overrides: list, np_: int, steps: int, window: int, controller: str = "auto",
         timeout: int = 3600, cache_epochs: int = 3, repeats: int = 1, trace: bool = True) -> dict:
     if steps < 3 * window:
         raise DistftError(f"bench: --steps {steps} must be at least 3 windows of {window}")
@@ -76,6 +84,8 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
         raise DistftError(f"bench: --cache-epochs {cache_epochs}: 0 (no cached run) or at least 2")
     from . import model
 
+    if controller == "auto":
+        controller = default_controller()
     first = load_config(config, overrides + ["data.val=null", f"data.val_split={GRID_VAL_SPLIT}"])
     if first.optimizer.name == "lbfgs":
         raise DistftError("bench: optimizer.name: lbfgs takes no steps to time; `python -m distft.probebench "
@@ -134,8 +144,9 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
                  "synchronized BatchNorm floor", timeout)
             with open(floor) as fh:
                 sync_bn = json.load(fh)
-            sync_bn["layers"] = sync_layers
-            if trace:
+            sync_bn["layers"], sync_bn["channel"] = sync_layers, summary["bn_channel"]
+            sync_bn["exchanges_per_step"] = {k: v / summary["steps_this_run"] for k, v in summary["bn_exchanges"].items()}
+            if trace and sync_bn["channel"] == "horovod":  # only then are they in Horovod's timeline
                 sync_bn["in_training"] = _traced(config, common, steps, window, work, launcher, timeout)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -143,11 +154,13 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
     out = {
         "model": cfg.model.name, "image_size": cfg.model.image_size, "trainable": cfg.freeze.trainable,
         "batch_size_per_rank": cfg.data.batch_size, "world_size": np_, "steps": steps, "window": window,
-        "repeats": repeats,
+        "repeats": repeats, "controller": controller,
         "samples_per_sec": {"distft": d["samples_per_sec"], "baseline": b["samples_per_sec"],
                             "limit": lim["samples_per_sec"]},
         "ratios": {"distft_over_baseline": d["samples_per_sec"] / b["samples_per_sec"],
-                   "distft_over_limit": d["samples_per_sec"] / lim["samples_per_sec"]},
+                   "distft_over_limit": d["samples_per_sec"] / lim["samples_per_sec"],
+                   # each run's largest rank, the largest over the repeats
+                   "peak_rss_distft_over_baseline": max(d["peak_rss_bytes"]) / max(b["peak_rss_bytes"])},
         "peak_rss_bytes": {"distft": max(d["peak_rss_bytes"]), "baseline": max(b["peak_rss_bytes"]),
                            "limit": max(lim["peak_rss_bytes"])},
         "bytes_broadcast": {"distft": d["bytes_broadcast"], "baseline": b["bytes_broadcast"]},
@@ -160,18 +173,17 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
         "machine": _machine(),
     }
     if sync_layers:
-        # the exchanges a step waits for, one after another: each layer's statistics in forward,
-        # its two gradient sums in backward, per micro-batch
-        exchanges = 2 * sync_layers * summary["accumulation"]
-        floor_s = exchanges * sync_bn["exchange_us"] / 1e6
+        # the exchanges a step waits for, one after another (each layer needs the one before):
+        # each layer's statistics in forward, its two gradient sums in backward (none where its
+        # input needs no gradient), per micro-batch, as counted in training
+        exchanges = sum(sync_bn["exchanges_per_step"].values())
+        floor_s = exchanges * sync_bn["exchange_us"][sync_bn["channel"]] / 1e6
         # the baseline's time for the samples of one distft step (which may hold several micro-batches)
         baseline_step_s = summary["global_batch"] / b["samples_per_sec"]
         fraction = floor_s / baseline_step_s
-        out["sync_bn"] = {**sync_bn, "exchanges_per_step": exchanges, "floor_ms_per_step": floor_s * 1e3,
-                          "floor_fraction_of_baseline_step": fraction,
-                          # a step waits for its exchanges one after another (each layer needs
-                          # the one before): with nothing else running meanwhile, distft can at
-                          # best take the baseline's step plus the floor
+        out["sync_bn"] = {**sync_bn, "floor_ms_per_step": floor_s * 1e3, "floor_fraction_of_baseline_step": fraction,
+                          # with nothing else running during an exchange, distft can at best
+                          # take the baseline's step plus the floor
                           "bound_distft_over_baseline": 1 / (1 + fraction)}
         if "steps" in sync_bn.get("in_training", {}):
             out["sync_bn"]["in_training"]["untraced_step_ms"] = summary["global_batch"] / d["samples_per_sec"] * 1e3
@@ -234,6 +246,7 @@ def markdown(r: dict) -> str:
         ("vs forward-only limit", *(f"{r['samples_per_sec'][k] / r['samples_per_sec']['limit']:.2f}"
                                     for k in ("distft", "baseline", "limit"))),
         ("peak RSS per rank (MiB)", *(f"{r['peak_rss_bytes'][k] / mb:.0f}" for k in ("distft", "baseline", "limit"))),
+        ("peak RSS vs the baseline's", f"{r['ratios']['peak_rss_distft_over_baseline']:.2f}", "1.00", "-"),
         ("bytes broadcast at start", f"{r['bytes_broadcast']['distft']:,}", f"{r['bytes_broadcast']['baseline']:,}", "-"),
         ("bytes allreduced per step", f"{r['allreduce_bytes_per_step']['distft']:,}",
          f"{r['allreduce_bytes_per_step']['baseline']:,}", "-"),
@@ -247,7 +260,8 @@ def markdown(r: dict) -> str:
                      f"{r['samples_per_sec']['baseline']:.1f}", "-"))
     m = r["machine"]
     head = (f"`{r['model']}` at {r['image_size']}px, trainable {', '.join(r['trainable'])}, "
-            f"{r['world_size']} ranks x batch {r['batch_size_per_rank']}; {m['cores']} cores ({m['cpu'] or 'cpu'}), "
+            f"{r['world_size']} ranks x batch {r['batch_size_per_rank']}, horovodrun --{r['controller']}; "
+            f"{m['cores']} cores ({m['cpu'] or 'cpu'}), "
             f"{m['gpus']} GPUs, MXNet {m['mxnet']}. distft/baseline = {r['ratios']['distft_over_baseline']:.2f}, "
             f"distft/limit = {r['ratios']['distft_over_limit']:.2f}"
             + (f", cached epochs/baseline = {r['ratios']['cached_over_baseline']:.1f}" if "cache" in r else "")
@@ -257,14 +271,19 @@ def markdown(r: dict) -> str:
 
 
 def _sync_bn_lines(f: dict) -> str:
-    layers = "; ".join(f"batch {b}: local {v['local']:.0f} us, synchronized {v['sync']:.0f} us"
-                       for b, v in f["layer_us"].items())
-    return (f"\nSynchronized BatchNorm: {f['layers']} layers, {f['exchanges_per_step']} exchanges per step, "
-            f"one exchange {f['exchange_us']:.0f} us ({f['exchange_fresh_names_us']:.0f} us with a new name per "
-            f"call): floor {f['floor_ms_per_step']:.1f} ms per step = {100 * f['floor_fraction_of_baseline_step']:.1f}% "
-            f"of the baseline's step, so distft/baseline <= 1 / (1 + {f['floor_fraction_of_baseline_step']:.3f}) = "
-            f"{f['bound_distft_over_baseline']:.2f} while nothing else runs during an exchange. One layer forward + "
-            f"backward ({f['channels']} channels, {f['spatial']}x{f['spatial']}): {layers}.\n"
+    names = sorted(f["exchange_us"], key=lambda n: n != f["channel"])  # the job's channel first
+    channels = ", ".join(f"{n} {f['exchange_us'][n]:.0f} us" + (" (this job's)" if n == f["channel"] else "")
+                         for n in names)
+    layers = "; ".join(f"batch {b}: local {v['local']:.0f} us, " + ", ".join(
+        f"synchronized over {n} {v[n]:.0f} us" for n in names) for b, v in f["layer_us"].items())
+    per_step = f["exchanges_per_step"]
+    return (f"\nSynchronized BatchNorm: {f['layers']} layers, statistics over {f['channel']}; "
+            f"{per_step.get('forward', 0):.0f} forward + {per_step.get('backward', 0):.0f} backward exchanges per step. "
+            f"One exchange ({2 * f['channels'] + 1} values), per channel: {channels}. Floor {f['floor_ms_per_step']:.1f} ms "
+            f"per step = {100 * f['floor_fraction_of_baseline_step']:.1f}% of the baseline's step, so distft/baseline "
+            f"<= 1 / (1 + {f['floor_fraction_of_baseline_step']:.3f}) = {f['bound_distft_over_baseline']:.2f} while nothing "
+            f"else runs during an exchange. One layer forward + backward ({f['channels']} channels, "
+            f"{f['spatial']}x{f['spatial']}): {layers}.\n"
             + (_timeline_lines(f["in_training"]) if "in_training" in f else ""))
 
 
@@ -290,7 +309,7 @@ def _timeline_lines(t: dict) -> str:
 GRID_VAL_SPLIT = 0.05  # a grid needs validation data; the one-head run holds out the same samples
 
 
-def run_grid(config: str, overrides: list, np_: int, steps: int, window: int, controller: str = "gloo",
+def run_grid(config: str, overrides: list, np_: int, steps: int, window: int, controller: str = "mpi",
              timeout: int = 3600, cache_epochs: int = 3, repeats: int = 1) -> dict:
     """distft with heads.grid (K heads) and with one head (the grid's first point alone), in turn
     `repeats` times: steady samples/s (median over windows after the first, then over repeats),
@@ -339,7 +358,7 @@ def run_grid(config: str, overrides: list, np_: int, steps: int, window: int, co
     out = {
         "model": cfg.model.name, "image_size": cfg.model.image_size, "trainable": cfg.freeze.trainable,
         "batch_size_per_rank": cfg.data.batch_size, "world_size": np_, "steps": steps, "window": window,
-        "repeats": repeats, "heads": k, "grid": cfg.heads.grid,
+        "repeats": repeats, "heads": k, "grid": cfg.heads.grid, "controller": controller,
         "samples_per_sec": {"grid": median("grid", "samples_per_sec"), "one_head": median("one", "samples_per_sec")},
         "rounds": {"grid": [x["samples_per_sec"] for x in runs["grid"]],
                    "one_head": [x["samples_per_sec"] for x in runs["one"]]},

@@ -105,6 +105,12 @@ class Network:
     plan_epoch: int
     runner: model.SplitNet
     synchronized_bn: int  # BatchNorm layers synchronized across ranks (0: none)
+    exchanges: Optional[object] = None  # their exchanges (distft.bnexchange), None without them
+
+    @property
+    def bn_channel(self) -> str:
+        """How their statistics cross ranks (distft.bnchannel), "none" without them."""
+        return self.exchanges.channel.name if self.exchanges is not None else "none"
 
     def local_stats(self, dist_bn: str) -> list[str]:
         """BatchNorm statistics that drift apart between ranks (`dist.batchnorm: local`)."""
@@ -118,14 +124,16 @@ def build_network(cfg, world, net, spec, epoch: int, ctx) -> Network:
                           synchronized_bn=sync)
     freeze.apply(net, plan)
     moving_bn = [p for p, m in plan.bn_modes.items() if m != freeze.BN_FROZEN]
-    if sync:
-        syncbn.convert(net, moving_bn, world)
+    exchanges = None
+    if sync and moving_bn:
+        exchanges = world.bn_exchanges(cfg.dist.bn_channel)
+        syncbn.convert(net, moving_bn, exchanges)
     runner = model.SplitNet(net, plan.prefix, plan.suffix)
     if cfg.train.hybridize:
         unreliable_bn = model.cached_batchnorm_is_unreliable(ctx.device_type)
         runner.hybridize(keep_imperative=lambda b: syncbn.is_sync(b) or (
             unreliable_bn and model.is_training_batchnorm(b)))
-    return Network(plan, epoch, runner, len(moving_bn) if sync else 0)
+    return Network(plan, epoch, runner, len(moving_bn) if sync else 0, exchanges)
 
 
 def build_cache(cfg, network: Network, sampler: ShardSampler, rank: int) -> Optional[FeatureCache]:

@@ -113,7 +113,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--np", type=int, default=2, help="ranks (default 2)")
     b.add_argument("--steps", type=int, default=30, help="timed steps per run (default 30)")
     b.add_argument("--window", type=int, default=5, help="steps per throughput window (default 5)")
-    b.add_argument("--controller", choices=("gloo", "mpi"), default="gloo")
+    b.add_argument("--controller", choices=("auto", "gloo", "mpi"), default="auto",
+                   help="horovodrun's controller (default auto: the one horovodrun picks itself, MPI when "
+                        "Horovod has it)")
     b.add_argument("--repeats", type=int, default=1,
                    help="run limit, baseline and distft this many times in turn; report medians (default 1)")
     b.add_argument("--cache-epochs", type=int, default=3,
@@ -230,6 +232,8 @@ def cmd_bench(args) -> int:
     result = bench.run(args.config, args.overrides, args.np, args.steps, args.window, args.controller,
                        cache_epochs=args.cache_epochs, repeats=args.repeats, trace=args.timeline)
     table = bench.markdown_grid(result) if "heads" in result else bench.markdown(result)
+    print(f"controller: horovodrun --{result['controller']}" + (" (horovodrun's own choice)" if args.controller == "auto"
+                                                               else ""))
     print(table)
     if args.json_path:
         with open(args.json_path, "w") as fh:

@@ -177,6 +177,10 @@ class TrainConfig:
 class DistConfig:
     # trainable BatchNorm across ranks: `sync` (global batch statistics) or `local`
     batchnorm: str = field(default="sync", metadata=_choices("sync", "local"))
+    # how a synchronized BN's statistics cross ranks, apart from the gradient queue: `mpi`
+    # (mpi4py on duplicates of MPI_COMM_WORLD: mpirun, horovodrun without --gloo, srun
+    # --mpi=pmix), `horovod` (Horovod's allreduce), `auto` (mpi wherever MPI is up)
+    bn_channel: str = field(default="auto", metadata=_choices("auto", "mpi", "horovod"))
     # gradients are allreduced in buckets of about this many bytes (0: one call per tensor);
     # several buckets let the first ones travel while backward still computes the rest
     bucket_bytes: int = field(default=8 * 1024 * 1024, metadata=_at_least(0))

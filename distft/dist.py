@@ -82,10 +82,23 @@ class LocalWorld:
     def allreduce_numpy(self, value: np.ndarray, name: str) -> np.ndarray:
         return np.asarray(value)
 
+    _bn_exchanges = None
+
+    def bn_exchanges(self, choice: str = "auto"):
+        """The synchronized BatchNorm exchanges of this world over the statistics channel
+        `dist.bn_channel` asks for (bnchannel), opened once (collective: every rank at the same
+        point)."""
+        from .bnchannel import open_channel
+        from .bnexchange import Exchanges
+
+        if self._bn_exchanges is None or self._bn_exchanges[0] != choice:
+            self._bn_exchanges = (choice, Exchanges(open_channel(choice, self)))
+        return self._bn_exchanges[1]
 
 
 class HorovodWorld(LocalWorld):
     backend = "horovod"
+    mpi_comm = None  # MPI_COMM_WORLD where an MPI launcher started the ranks
 
     def __init__(self):
         imaging.load_pillow()  # Pillow's codecs bound before Horovod makes MXNet's global
@@ -96,9 +109,11 @@ class HorovodWorld(LocalWorld):
             hvd.init()  # horovodrun --gloo: its rendezvous names the ranks
         else:
             # MPI launchers (mpirun, srun, horovodrun --mpi): take the ranks the scheduler started
+            # (mpi4py asks for MPI_THREAD_MULTIPLE: the statistics channel needs it)
             from mpi4py import MPI
 
             hvd.init(comm=MPI.COMM_WORLD)
+            self.mpi_comm = MPI.COMM_WORLD
         self.rank, self.size = hvd.rank(), hvd.size()
         self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
         self.cross_rank = hvd.cross_rank()

@@ -41,10 +41,11 @@ class FreezePlan:
     prefix: list[str]  # stages run as the frozen prefix (outside autograd)
     suffix: Optional[list[str]]  # stages run under autograd (None: the whole net)
     # MXNet updates a BN's running statistics (CPU) in its backward pass, and backward skips a
-    # BN with no trainable parameter when nothing upstream needs a gradient; it skips a custom
-    # autograd.Function (our synchronized BN) whose data input needs none, dropping its
-    # gamma/beta gradients. If such a BN sits upstream of every trainable weight, the suffix
-    # input asks for a gradient so backward reaches it.
+    # BN with no trainable parameter when nothing upstream needs a gradient. If such a BN sits
+    # upstream of every trainable weight, the suffix input asks for a gradient so backward
+    # reaches it. A synchronized BN needs none: it folds its statistics in forward, and its
+    # backward writes gamma/beta gradients whatever its input needs (so the first trainable one
+    # after the frozen prefix makes no backward exchange).
     input_grad: bool = False
     entries: list[str] = field(default_factory=list)
 
@@ -140,8 +141,7 @@ def selected_at(spec: ModelSpec, trainable: list[str], schedule: list[dict], epo
 def resolve(spec: ModelSpec, trainable: list[str], batchnorm: str = BN_FROZEN,
             schedule: Optional[list[dict]] = None, epoch: int = 0,
             synchronized_bn: bool = False) -> FreezePlan:
-    """`synchronized_bn`: moving BNs will be synchronized across ranks (an autograd.Function,
-    which MXNet skips in backward when its data input needs no gradient)."""
+    """`synchronized_bn`: moving BNs will be synchronized across ranks (distft.syncbn)."""
     selected = selected_at(spec, trainable, schedule or [], epoch)
     bn_paths = {b.path for b in spec.blocks if b.is_batchnorm}
     bn_modes = {}
@@ -175,7 +175,8 @@ def resolve(spec: ModelSpec, trainable: list[str], batchnorm: str = BN_FROZEN,
     input_grad = False
     for stage in stages:
         for bn, mode in bn_modes.items():
-            needs_backward = synchronized_bn or not any(p.spec.block == bn and p.trainable for p in plans)
+            # a synchronized BN folds its statistics in forward: it needs no backward for them
+            needs_backward = not synchronized_bn and not any(p.spec.block == bn and p.trainable for p in plans)
             if mode != BN_FROZEN and (not stage or _under(bn, stage)) and needs_backward:
                 input_grad = True
         if not stage or any(_under(n, stage) for n in trainable_names):

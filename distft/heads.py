@@ -23,9 +23,9 @@ from typing import Optional
 
 import mxnet as mx
 import numpy as np
-from mxnet import gluon
+from mxnet import autograd, gluon
 
-from . import freeze, model
+from . import freeze, model, syncbn
 from .console import log, warn
 from .errors import ConfigError, NumericalError
 from .evaluate import evaluate_many
@@ -200,6 +200,7 @@ class HeadSet:
         self.plan_state = plan_state  # the network's own trainable state (head h0's, and any shared)
         self.grid = bool(cfg.heads.grid)
         self.exchange = None
+        self.exchanges = None  # the synchronized BNs' (distft.bnexchange), None without them
 
     def __iter__(self):
         return iter(self.heads)
@@ -263,6 +264,24 @@ class HeadSet:
 
     def checkpoint_meta(self) -> dict:
         return {"diverged_heads": {h.name: h.diverged for h in self.heads if h.diverged}} if self.grid else {}
+
+    # --- forward ----------------------------------------------------------------------------------
+    def losses(self, heads: list, features, labels, scale: float) -> list:
+        """Each of `heads`' (loss, scaled loss), recorded. With synchronized BNs the heads run
+        side by side, one exchange per layer carrying all of them (bnexchange.lockstep); the
+        caller runs backward after."""
+        def run(h):
+            def forward():
+                with autograd.record():
+                    loss = h.loss_fn(h.suffix(features), labels)
+                    return loss, (loss * scale if scale != 1.0 else loss)
+            return forward
+
+        return self.exchanges.lockstep([run(h) for h in heads])
+
+    @property
+    def in_lockstep(self) -> bool:
+        return self.exchanges is not None and len(self.active) > 1
 
     # --- a step's verdict, per head --------------------------------------------------------------
     def judge(self, world, verdict, sums: np.ndarray, step: int, epoch: int) -> list[Head]:
@@ -403,14 +422,13 @@ def build_heads(cfg, world, net, network, params: dict, ctx) -> HeadSet:
 
     heads = [head(0, points[0], network.runner.suffix, {n: structural[n] for n in suffix_names}, "")]
     if len(points) > 1:
-        if network.synchronized_bn:
-            raise ConfigError("heads.grid: the trainable part has BatchNorm layers synchronized across ranks "
-                              "(dist.batchnorm: sync), which a grid cannot copy; set dist.batchnorm: local")
         check_fits(cfg, world, plan, network.runner, len(points), ctx)
         for i, point in enumerate(points[1:], start=1):
-            suffix, all_params = _copy_trainable_part(cfg, net, plan, suffix_names, ctx)
+            suffix, all_params = _copy_trainable_part(cfg, net, plan, suffix_names, ctx, network.exchanges)
             heads.append(head(i, point, suffix, all_params, f"{COPY_PREFIX}{point.name}."))
-    return HeadSet(cfg, heads, state_names)
+    out = HeadSet(cfg, heads, state_names)
+    out.exchanges = network.exchanges
+    return out
 
 
 def check_fits(cfg, world, plan, runner, heads: int, ctx) -> None:
@@ -426,11 +444,15 @@ def check_fits(cfg, world, plan, runner, heads: int, ctx) -> None:
                f"of {have / 2**30:.1f} GiB ({what})")
 
 
-def _copy_trainable_part(cfg, net, plan, suffix_names: list[str], ctx):
+def _copy_trainable_part(cfg, net, plan, suffix_names: list[str], ctx, exchanges=None):
     """Another instance of the trainable part: the same model built again, only its trainable
-    part's tensors allocated (the frozen prefix stays unallocated), set to `net`'s values."""
+    part's tensors allocated (the frozen prefix stays unallocated), set to `net`'s values. Its
+    BatchNorms are synchronized as the network's are (`exchanges`), under the same layer names:
+    each head keeps its own statistics, and one exchange per layer carries every head's."""
     twin = model.build(cfg.model.name, cfg.model.classes)
     freeze.apply(twin, plan)
+    if exchanges is not None:
+        syncbn.convert(twin, [p for p, m in plan.bn_modes.items() if m != freeze.BN_FROZEN], exchanges)
     runner = model.SplitNet(twin, plan.prefix, plan.suffix)
     source, mine = model.structural_params(net), model.structural_params(twin)
     for n in suffix_names:
@@ -440,5 +462,6 @@ def _copy_trainable_part(cfg, net, plan, suffix_names: list[str], ctx):
         p.set_data(source[n].data())
     if cfg.train.hybridize:
         unreliable_bn = model.cached_batchnorm_is_unreliable(ctx.device_type)
-        runner.hybridize(keep_imperative=lambda b: unreliable_bn and model.is_training_batchnorm(b))
+        runner.hybridize(keep_imperative=lambda b: syncbn.is_sync(b) or (
+            unreliable_bn and model.is_training_batchnorm(b)))
     return runner.suffix, {n: mine[n] for n in suffix_names}

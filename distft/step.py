@@ -77,6 +77,15 @@ class TrainingStep:
             if self.plan.input_grad:
                 features.attach_grad()  # so backward reaches a statistics-only BN (see FreezePlan)
             labels = mx.nd.array(y[part], ctx=self.ctx)
+            if self.heads.in_lockstep:  # synchronized BNs: every head's forward, then one backward
+                losses = self.heads.losses(heads, features, labels, scale)
+                for k, (h, (loss, scaled)) in enumerate(zip(heads, losses)):
+                    # one backward call per head: one call for all plans their buffers as one
+                    # sequence, which makes a head's exchange wait for a later head's (a hang);
+                    # their graphs share the prefix output, kept until the last head's call
+                    scaled.backward(retain_graph=k < len(losses) - 1)
+                    totals[h.index] = loss.sum() if j == 0 else totals[h.index] + loss.sum()
+                continue
             for h in heads:  # one prefix pass (or cache read), every head's trainable part
                 with autograd.record():
                     loss = h.loss_fn(h.suffix(features), labels)

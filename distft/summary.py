@@ -165,6 +165,10 @@ def compose(job, stats: Stats, evals: dict, digests: list[str]) -> dict:
         "bytes_full_broadcast": t["total_bytes"] * (world.size > 1),
         "allreduce_bytes_per_step": exchange.bytes_per_step,
         "synchronized_bn_layers": job.network.synchronized_bn,
+        "bn_channel": job.network.bn_channel,
+        # synchronized BN exchanges made in this launch, per direction (forward: one per layer;
+        # backward: none for a layer whose input needs no gradient)
+        "bn_exchanges": dict(job.network.exchanges.counts) if job.network.exchanges is not None else {},
         # the exchange left in flight while the next batch starts (off: read before the update)
         "exchange_overlapped": job.step is not None and job.step.deferred,
         "allreduce_seconds": exchange.seconds_total,

@@ -1,18 +1,17 @@
-"""The floor of a synchronized BatchNorm on this machine, for `distft bench`.
+"""What a synchronized BatchNorm costs on this machine, per statistics channel, for `distft bench`.
 
-Run under horovodrun (every rank takes part):
+Run under a launcher (every rank takes part):
 
-    horovodrun -np 2 python -m distft.syncbench --channels 512 --spatial 4 --batches 8,32 --out r.json
+    horovodrun -np 2 python -m distft.syncbench --channels 512 --spatial 2 --batches 8,32 --out r.json
 
-- `exchange_us`: one statistics exchange as SyncBatchNorm sends it (2C+1 float64, one stable
-  name), enqueued and waited for: the latency a layer's forward or backward cannot hide inside
-  the layer. `exchange_fresh_names_us`: the same with a new name per call (what distft did
-  before names were stable: Horovod's response cache never hits).
-- `layer_us[batch]`: one BatchNorm layer, forward + backward of a (batch, C, S, S) input, waited
-  for: MXNet's BatchNorm (hybridized, as `dist.batchnorm: local` runs it) against ours
-  synchronized across the ranks.
-Every figure is the median of its repeats; the variants are interleaved, so that a slow spell of
-a shared machine hits them alike.
+- `exchange_us[channel]`: one statistics exchange as a layer sends it (2C+1 float64 from the
+  host, summed over the ranks and waited for), through each channel this launcher offers: `mpi`
+  (where MPI is up) and `horovod` (Horovod's queue), side by side;
+- `layer_us[batch]`: one BatchNorm layer, forward + backward of a (batch, C, S, S) input whose
+  gradient is needed, waited for: MXNet's BatchNorm (hybridized, as `dist.batchnorm: local`
+  runs it) against ours synchronized over each channel.
+Every figure is the median of its repeats, the slower rank's; the variants are interleaved, so
+that a slow spell of a shared machine hits them alike.
 """
 from __future__ import annotations
 
@@ -25,21 +24,32 @@ import mxnet as mx
 from mxnet import autograd
 from mxnet.gluon import nn
 
+from . import bnchannel
+
 
 def _median_us(samples: list) -> float:
     return statistics.median(samples) * 1e6
 
 
-def _layer(channels: int, world, sync: bool):
+def channels(world) -> dict:
+    """Every statistics channel this world can open, by name (the MPI one where MPI is up)."""
+    out = {"horovod": bnchannel.HorovodChannel(world.hvd)}
+    if getattr(world, "mpi_comm", None) is not None and bnchannel.mpi_thread_level_ok()[0]:
+        out["mpi"] = bnchannel.MPIChannel(world.mpi_comm)
+    return out
+
+
+def _layer(channels_: int, channel):
     from . import syncbn
+    from .bnexchange import Exchanges
 
     net = nn.HybridSequential()
-    net.add(nn.BatchNorm(in_channels=channels))
+    net.add(nn.BatchNorm(in_channels=channels_))
     net.initialize()
-    if sync:
-        syncbn.convert(net, ["0"], world)
-    else:
+    if channel is None:
         net.hybridize(static_alloc=True, static_shape=True)
+    else:
+        syncbn.convert(net, ["0"], Exchanges(channel))
     return net
 
 
@@ -53,33 +63,24 @@ def _fwd_bwd(net, x, w) -> float:
     return time.perf_counter() - start
 
 
-def measure(world, channels: int, spatial: int, batches: list, iters: int) -> dict:
-    size = 2 * channels + 1
-    stable, fresh = [], []
-    for i in range(iters + 5):
-        for samples, name in ((stable, "distft.syncbench.stats"), (fresh, f"distft.syncbench.fresh.{i}")):
-            buf = mx.nd.ones((size,), dtype="float64")
-            buf.wait_to_read()
-            start = time.perf_counter()
-            world.allreduce_([buf], name=name, average=False)
-            buf.wait_to_read()
-            if i >= 5:  # the first calls negotiate and fill the cache
-                samples.append(time.perf_counter() - start)
+def measure(world, channels_: int, spatial: int, batches: list, iters: int) -> dict:
+    offered = channels(world)
+    exchange = {name: bnchannel.latency_us(ch, 2 * channels_ + 1, iters) for name, ch in offered.items()}
     layers = {}
     for batch in batches:
-        x = mx.nd.random.normal(shape=(batch, channels, spatial, spatial))
+        x = mx.nd.random.normal(shape=(batch, channels_, spatial, spatial))
         w = mx.nd.random.normal(shape=x.shape)
-        x.attach_grad()
-        nets = {"local": _layer(channels, world, False), "sync": _layer(channels, world, True)}
-        times = {k: [] for k in nets}
+        x.attach_grad()  # a layer inside the stage: its backward exchanges
+        nets = {"local": _layer(channels_, None), **{name: _layer(channels_, ch) for name, ch in offered.items()}}
+        times: dict = {k: [] for k in nets}
         for i in range(iters + 5):
             for kind, net in nets.items():
                 took = _fwd_bwd(net, x, w)
                 if i >= 5:
                     times[kind].append(took)
         layers[str(batch)] = {k: _median_us(v) for k, v in times.items()}
-    return {"channels": channels, "spatial": spatial, "iters": iters, "world_size": world.size,
-            "exchange_us": _median_us(stable), "exchange_fresh_names_us": _median_us(fresh), "layer_us": layers}
+    return {"channels": channels_, "spatial": spatial, "iters": iters, "world_size": world.size,
+            "exchange_us": exchange, "layer_us": layers}
 
 
 def main(argv=None) -> int:
@@ -95,8 +96,8 @@ def main(argv=None) -> int:
     world = init_world()
     result = measure(world, args.channels, args.spatial, [int(b) for b in args.batches.split(",")], args.iters)
     # every rank measured; report the slower rank's figures (what the step waits for)
-    for key in ("exchange_us", "exchange_fresh_names_us"):
-        result[key] = _max_over_ranks(world, result[key], key)
+    for name in result["exchange_us"]:
+        result["exchange_us"][name] = _max_over_ranks(world, result["exchange_us"][name], f"exchange.{name}")
     for batch, kinds in result["layer_us"].items():
         for kind in kinds:
             kinds[kind] = _max_over_ranks(world, kinds[kind], f"{batch}.{kind}")

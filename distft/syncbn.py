@@ -1,224 +1,262 @@
-"""Synchronized BatchNorm over Horovod ranks.
+"""Synchronized BatchNorm across ranks, at the cost of its exchanges.
 
 Forward normalises with the statistics of the global batch; backward is the exact gradient
 through them: dx = gamma/sigma * (dy - mean_g(dy) - xhat * mean_g(dy*xhat)), the means taken over
 the global batch. gamma/beta gradients stay local sums; the trainer's allreduce averages them like
 every other gradient, which matches one process with the union batch.
 
-Cost model: one allreduce per layer forward (shifted sum, shifted sum of squares and the count,
-in one buffer, float64 but under AMP) and one per layer backward (both reductions in one
-buffer), under stable per-layer names so Horovod's response cache and fusion work from the
-second step on. The main thread never waits here: Horovod's MXNet ops are asynchronous engine
-operations, so the rest of the step (and the next batch's frozen prefix) is queued while an
-exchange runs. Only backward,
-which MXNet runs on its custom-operator thread, waits for its own results before it returns.
+One exchange per layer forward (the shifted sum, the shifted sum of squares and the count) and
+one backward (both gradient sums), each 2C+1 or 2C float64 values through the statistics
+channel (`bnchannel`, `bnexchange`), staged through the host whatever the device. No backward
+exchange where the layer's input needs no gradient (the first trainable BN after the frozen
+prefix). Every pass over the data runs on MXNet's BatchNorm kernel, several times faster on
+CPU than generic reductions; the per-channel arithmetic (2C values) runs in float64 numpy, in
+microseconds, where float32 on the device cancelled (a channel at 10 with spread 0.01).
 
-Two engine-ordering rules keep that deadlock-free and correct:
-- backward runs later, on MXNet's custom-operator thread, after the main thread may already
-  have queued the optimizer update that writes gamma. A read of gamma pushed from backward would
-  queue behind that update, which waits for this very backward's gradients: a cycle (the hang
-  that once forced the gradient exchange to be waited for with a synchronized BN). So backward
-  reads only arrays made in forward (`scale` = gamma / sigma, the statistics), never a
-  parameter, and touches no array that the next forward writes (`_Kernels`);
-- one name is never in flight twice: a layer's forward exchange reads the running mean (its
-  shift) that the previous forward wrote after its own exchange, and each backward exchange is
-  queued after the layer's previous one (`_after`).
+What a layer costs beyond MXNet's own BatchNorm, and what was taken out of it (measured with
+distft.syncbench, one process, 8x512x2x2; `distft bench` prints the 2-rank figures):
+- MXNet's autograd.Function: its per-call ctypes callbacks, and a copy of every returned
+  gradient into the engine's buffer. `_Recorded` registers the layer with
+  MXCustomFunctionRecord under two callbacks made once, and backward writes each gradient into
+  its buffer directly, with the request MXNet gives (write, add, or null: nothing to compute);
+- a queue built for gradients: Horovod's cycle and negotiation per exchange (`bnchannel`);
+- a dozen small imperative ops per pass. Forward is now three kernel calls around a host step,
+  backward two cached graphs around one.
 
-Horovod's allreduce is not differentiable, so the layer is an mx.autograd.Function: it is never
-part of the network's cached graph and its exchanges are called imperatively; only the
-per-channel stretches between them run as small cached graphs of their own (`_Fused`).
+Engine-order rules (a backward runs later, on MXNet's custom-operator thread, after the main
+thread may have queued the update and the next forward):
+- backward reads only arrays made for it (x, a per-call staging array, its own constants), never
+  a parameter: a read of gamma from backward would queue behind the update that waits for this
+  backward (a cycle: the overlap hang of an earlier version);
+- the staging array is new for each call, so no later forward writes what a backward reads.
 """
 from __future__ import annotations
 
+import ctypes
+import itertools
 import time
+import traceback
+from ctypes import CFUNCTYPE, POINTER, c_int, c_void_p
 
 import mxnet as mx
 import numpy as np
 from mxnet import autograd
+from mxnet.base import MXNetError
 from mxnet.gluon import nn
 
-from . import faults, precision
+from . import bnchannel, faults
 
 
-def running_var_sample(var, count, device_type: str, F=mx.nd):
+def running_var_sample(var, count, device_type: str):
     """The variance a BatchNorm of MXNet on `device_type` folds into its running variance: the
     biased batch variance on CPU (MXNet's own and oneDNN kernels), the unbiased one on GPU with
     cuDNN (MXNet's choice there for 4-D input unless cudnn_off; its own CUDA kernel, used
     otherwise, folds the biased one: not handled). `count` is the global batch's values per
     channel. The GPU rule is from cuDNN's documentation and has not run."""
     if device_type == "gpu":
-        return F.broadcast_mul(var, F.broadcast_div(count, F.maximum(count - 1, F.ones_like(count))))
+        return var * (count / max(count - 1.0, 1.0))
     return var
 
 
-def _after(arr, earlier, F=mx.nd):
-    """`arr` unchanged, but computed only once `earlier` is (0 * a finite 0/1 flag: NaN or Inf
-    in `earlier` cannot leak into `arr`)."""
-    if earlier is None:
-        return arr
-    first = F.slice_axis(earlier, axis=0, begin=0, end=1)
-    return F.broadcast_add(arr, F.broadcast_equal(first, first) * 0)
+def recorded(arr) -> bool:
+    """Whether autograd recorded `arr` (a trainable leaf or computed from one): only then does
+    backward ask for its gradient."""
+    try:
+        autograd.get_symbol(arr)
+        return True
+    except MXNetError:
+        return False
 
 
-class _Fused(nn.HybridBlock):
-    """One stretch of the layer as one cached graph: one Python call and one engine operation
-    where imperative code makes a dozen. Each of those costs tens of microseconds of Python and
-    a hand-off to the engine's worker, and with a layer's few thousand values that, not the
-    arithmetic, was the layer's cost (measured with distft.syncbench)."""
+# --- an autograd node of our own ------------------------------------------------------------------
 
-    def __init__(self, fn, **constants):
-        super().__init__()
-        self._fn, self._constants = fn, constants
-        self.hybridize(static_alloc=True, static_shape=True)
-
-    def hybrid_forward(self, F, *arrays):
-        return self._fn(F, *arrays, **self._constants)
+_BACKWARD = CFUNCTYPE(c_int, c_int, c_int, POINTER(c_void_p), POINTER(c_int), c_int, c_void_p)
+_DELETE = CFUNCTYPE(c_int, c_void_p)
+_live: dict = {}
+_keys = itertools.count(1)
 
 
-# MXNet's own BatchNorm kernel does every pass over the data: it is several times faster on CPU
-# than generic reductions over (N, H, W) and broadcast arithmetic. Used three ways: in training
-# mode for per-channel means (output_mean_var), with given statistics to normalise, and with
-# statistics (0, 1 - eps) as a per-channel affine map x * scale + shift.
-
-def _channel_stats(F, x, ones, zeros, scratch_mean, scratch_var, eps):
-    """(mean, 1 / sqrt(var + eps)) per channel, of this rank's batch."""
-    _, mean, inv_std = F.BatchNorm(x, ones, zeros, scratch_mean, scratch_var, eps=eps, fix_gamma=False,
-                                   output_mean_var=True)
-    return mean, inv_std
-
-
-def _affine(F, x, scale, shift, zeros, one_less_eps, eps):
-    return F.BatchNorm(x, scale, shift, zeros, one_less_eps, eps=eps, fix_gamma=False, use_global_stats=True)
+def _backward_entry(n_out, n_in, handles, reqs, is_train, key):
+    try:
+        node = _live[key]
+        arrays = [mx.nd.NDArray(ctypes.cast(handles[i], mx.base.NDArrayHandle), writable=i >= n_out)
+                  for i in range(n_out + n_in)]
+        node.backward(arrays[:n_out], arrays[n_out:], [reqs[i] for i in range(n_in)])
+        return True
+    except Exception:  # noqa: BLE001 - MXNet reads a failed callback from its return value
+        print(f"distft: synchronized BatchNorm backward failed:\n{traceback.format_exc()}", flush=True)
+        return False
 
 
-def _local_stats(F, x, shift, count, ones, zeros, scratch_mean, scratch_var, eps, wide):
-    """This rank's contribution to the statistics exchange: per channel, the sum of (x - shift)
-    and of (x - shift)^2, then the count, in `wide` (float64; float32 under AMP, whose casts take
-    no float64). Shifted by the running mean (the same on every rank), the ranks' statistics
-    combine with less of the cancellation of E[x^2] - E[x]^2; float64 removes the rest, for a
-    batch whose mean is far from the running mean against its spread (a channel at 10 with
-    spread 0.01: its variance 3% off in float32). 2C+1 values: the extra bytes are nothing on
-    the wire."""
-    mean, inv_std = _channel_stats(F, x, ones, zeros, scratch_mean, scratch_var, eps)
-    offset = F.cast(mean, dtype=wide) - F.cast(shift, dtype=wide)
-    var = F.cast(1.0 / F.square(inv_std) - eps, dtype=wide)  # this rank's own: no cancellation
-    count = F.cast(count, dtype=wide)
-    return F.concat(F.broadcast_mul(offset, count), F.broadcast_mul(var + F.square(offset), count), count, dim=0)
+def _delete_entry(key):
+    _live.pop(key, None)
+    return True
 
 
-def _normalise(F, x, gamma, beta, totals, running_mean, running_var, zeros, one_less_eps, channels, eps, momentum,
-               device_type, wide):
-    """y from the global statistics in `totals` (of type `wide`); what backward needs; the new
-    running statistics."""
-    n_wide = F.slice_axis(totals, axis=0, begin=2 * channels, end=2 * channels + 1)
-    mean_offset = F.broadcast_div(F.slice_axis(totals, axis=0, begin=0, end=channels), n_wide)
-    second = F.broadcast_div(F.slice_axis(totals, axis=0, begin=channels, end=2 * channels), n_wide)
-    var = F.cast(F.relu(second - F.square(mean_offset)), dtype="float32")
-    mean = F.cast(F.cast(running_mean, dtype=wide) + mean_offset, dtype="float32")  # the shift of _local_stats
-    n = F.cast(n_wide, dtype="float32")
-    scale = gamma * F.rsqrt(var + eps)  # what backward needs of gamma, taken now (see the module's doc)
-    y = _affine(F, x, scale, beta - mean * scale, zeros, one_less_eps, eps)
-    sample = running_var_sample(var, n, device_type, F)
-    return (y, mean, var, n, scale, running_mean * momentum + mean * (1 - momentum),
-            running_var * momentum + sample * (1 - momentum))
+_CALLBACKS = (_BACKWARD(_backward_entry), _DELETE(_delete_entry))  # made once, kept alive
 
 
-def _local_grads(F, dy, x, mean, var, scale, earlier, count, ones, zeros, no_shift, one_less_eps, s0, s1, s2, s3,
-                 eps):
-    """This rank's sums of dy (dbeta) and of dy * xhat (dgamma), packed for the exchange (queued
-    after the layer's previous one: `earlier`), and the part of dx with the statistics fixed."""
-    xhat = F.BatchNorm(x, ones, zeros, mean, var, eps=eps, fix_gamma=False, use_global_stats=True)
-    mean_dy, _ = _channel_stats(F, dy, ones, zeros, s0, s1, eps)
-    mean_dy_xhat, _ = _channel_stats(F, dy * xhat, ones, zeros, s2, s3, eps)
-    dbeta, dgamma = F.broadcast_mul(mean_dy, count), F.broadcast_mul(mean_dy_xhat, count)
-    dx_fixed = _affine(F, dy, scale, no_shift, zeros, one_less_eps, eps)
-    return _after(F.concat(dbeta, dgamma, dim=0), earlier, F), dx_fixed, dgamma, dbeta
+class _Recorded:
+    """A node of MXNet's autograd graph whose backward is `self.backward(out_grads, in_grads,
+    reqs)`: it writes each input's gradient into MXNet's buffer itself (req 1/2 write, 3 add,
+    0 nothing). MXNet's autograd.Function makes two ctypes callbacks per call and copies each
+    returned gradient once more; it also writes nothing for an input after one that needs no
+    gradient, and nothing for `add`."""
+
+    def record(self, inputs: list, outputs: list) -> None:
+        key = next(_keys)
+        callbacks = ctypes.cast(mx.base.c_array(CFUNCTYPE(c_int), [ctypes.cast(c, CFUNCTYPE(c_int))
+                                                                    for c in _CALLBACKS]),
+                                POINTER(CFUNCTYPE(c_int)))
+        contexts = ctypes.cast(mx.base.c_array(c_void_p, [key, key]), POINTER(c_void_p))
+        self._callbacks = mx.base.MXCallbackList(c_int(2), callbacks, contexts)  # alive until deleted
+        _live[key] = self
+        mx.base.check_call(mx.base._LIB.MXCustomFunctionRecord(  # noqa: SLF001 - the C API of autograd.Function
+            c_int(len(inputs)), mx.base.c_handle_array(inputs), c_int(len(outputs)),
+            mx.base.c_handle_array(outputs), ctypes.byref(self._callbacks)))
 
 
-def _input_grad(F, dx_fixed, x, totals, n, mean, var, scale, zeros, one_less_eps, channels, eps):
-    """dx = dx_fixed - scale * (mean(dy) + xhat * mean(dy * xhat)), the means over the global
-    batch: the terms through the global statistics, as a per-channel affine map of x."""
-    inv_std = F.rsqrt(var + eps)
-    mean_dy = F.broadcast_div(F.slice_axis(totals, axis=0, begin=0, end=channels), n)
-    slope = scale * inv_std * F.broadcast_div(F.slice_axis(totals, axis=0, begin=channels, end=2 * channels), n)
-    return dx_fixed + _affine(F, x, -slope, slope * mean - scale * mean_dy, zeros, one_less_eps, eps)
+def _settled(arrays) -> None:
+    """Wait, on this custom-operator thread, until the gradients written here are computed.
+    MXNet 1.9.1 treats them as final once the callback returns: left queued, they were read
+    half-written (non-finite gradients within a few steps, measured with 2 ranks; the main
+    thread is not held: it queues the rest of the step meanwhile)."""
+    for arr in arrays:
+        arr.wait_to_read()
 
 
-class _Kernels:
-    """One layer's fused stretches, for one input shape and device, each with constant arrays
-    of its own. The BatchNorm kernel writes its moving statistics even when it only reads them,
-    so an array given to two stretches orders them on the engine; shared between forward and
-    backward, it would queue a backward behind the next step's forward (see the module's doc)."""
+# --- the kernels --------------------------------------------------------------------------------
 
-    def __init__(self, channels: int, count: int, eps: float, momentum: float, ctx):
-        def arr(value, size=channels):
-            return mx.nd.full((size,), value, ctx=ctx)
-
-        # moving statistics of the statistics-only BatchNorm calls: written, never used
-        wide = "float32" if precision.amp_enabled() else "float64"
-        self.local_stats = _Fused(_local_stats, eps=eps, wide=wide)
-        self.local_stats_args = (arr(count, 1), arr(1.0), arr(0.0), arr(0.0), arr(1.0))
-        self.normalise = _Fused(_normalise, channels=channels, eps=eps, momentum=momentum,
-                                device_type=ctx.device_type, wide=wide)
-        self.normalise_args = (arr(0.0), arr(1.0 - eps))
-        self.no_earlier = arr(0.0, 2 * channels)
-        self.local_grads = _Fused(_local_grads, eps=eps)
-        self.local_grads_args = (arr(count, 1), arr(1.0), arr(0.0), arr(0.0), arr(1.0 - eps),
-                                 arr(0.0), arr(1.0), arr(0.0), arr(1.0))
-        self.input_grad = _Fused(_input_grad, channels=channels, eps=eps)
-        self.input_grad_args = (arr(0.0), arr(1.0 - eps))
-        self.ones = arr(1.0)  # gamma, with fix_gamma
+_BN_BACKWARD = mx.base.OpHandle()
+mx.base.check_call(mx.base._LIB.NNGetOpHandle(mx.base.c_str("_backward_BatchNorm"),  # noqa: SLF001
+                                              ctypes.byref(_BN_BACKWARD)))
 
 
-class _SyncBNFunction(autograd.Function):
+def _bn_backward(dy, x, gamma, mean, var, out: list, **attrs) -> None:
+    """MXNet's BatchNorm backward kernel with the statistics given (use_global_stats): dy * gamma
+    / sigma, sum(dy * xhat), sum(dy) in one pass. Not exposed to Python (a backward op has no
+    shape inference of its own: `out` gives the shapes)."""
+    from mxnet._ctypes.ndarray import _imperative_invoke
+
+    keys = list(attrs)
+    _imperative_invoke(_BN_BACKWARD.value, [dy, mean, var, x, gamma, gamma, mean, var], keys,
+                       [str(attrs[k]) for k in keys], out, False, True)
+
+
+class _Layer:
+    """One layer's constants for one input shape and device. The BatchNorm kernel writes its
+    moving statistics even where it only reads them (or ignores them: scratch), so forward and
+    backward each have their own: shared, they would order a backward behind the next forward."""
+
+    def __init__(self, channels: int, count: int, eps: float, ctx):
+        def arr(value):
+            return mx.nd.full((channels,), value, ctx=ctx)
+
+        self.count = count
+        self.stats_args = (arr(1.0), arr(0.0), arr(0.0), arr(1.0))  # forward: gamma, beta, scratch
+        self.ones, self.zeros = arr(1.0), arr(0.0)  # backward
+        # a per-channel affine map x * gamma + beta is a BatchNorm with statistics (0, 1 - eps)
+        self.affine_args = (arr(0.0), arr(1.0 - eps))
+
+    def normalised_args(self, mean, var) -> tuple:
+        return self.ones, self.zeros, mean, var
+
+
+class _SyncBN(_Recorded):
     def __init__(self, layer: "SyncBatchNorm", running_mean, running_var):
-        super().__init__()
-        self.layer = layer
-        self.running_mean, self.running_var = running_mean, running_var
+        self.layer, self.running_mean, self.running_var = layer, running_mean, running_var
 
-    def forward(self, x, gamma_beta):
+    def __call__(self, x, gamma, beta):
         layer = self.layer
-        k = layer._kernels_for(x)  # noqa: SLF001
-        channels = x.shape[1]
-        gamma, beta = gamma_beta[:channels], gamma_beta[channels:]
-        gamma = k.ones if layer._kwargs["fix_gamma"] else gamma  # noqa: SLF001
-        # the running mean is read here and written below, after the exchange: the next call's
-        # exchange (the same name) cannot start before this one has finished
-        totals = k.local_stats(x, self.running_mean, *k.local_stats_args)
-        layer._world.allreduce_([totals], name=f"distft.syncbn.{layer._layer_name}.stats",  # noqa: SLF001
-                                average=False)
-        y, mean, var, n, scale, running_mean, running_var = k.normalise(
-            x, gamma, beta, totals, self.running_mean, self.running_var, *k.normalise_args)
-        self.running_mean[:] = running_mean
-        self.running_var[:] = running_var
-        self.save_for_backward(x, mean, var, n, scale)
+        c = x.shape[1]
+        eps, momentum, fix_gamma = (layer._kwargs[k] for k in ("eps", "momentum", "fix_gamma"))  # noqa: SLF001
+        k = layer.constants_for(x)
+        # the inputs autograd recorded (a trainable leaf or computed from one): only they go into
+        # the node. One that needs no gradient (the frozen prefix's output before the first
+        # trainable BN) would get a buffer of no shape, which makes autograd's backward call
+        # wait until this node's backward has run, on the main thread (a grid's heads then
+        # could not exchange side by side, and the gradient exchange could not start early)
+        self.inputs = [i for i, a in enumerate((x, gamma, beta)) if autograd.is_recording() and recorded(a)]
+        recording = autograd.set_recording(False)
+        try:
+            # this rank's statistics (the kernel's pass over the data), to the host
+            _, mean, inv_std = mx.nd.BatchNorm(x, *k.stats_args, eps=eps, fix_gamma=False, output_mean_var=True)
+            mean, inv_std, rm, rv = bnchannel.to_host(mean, inv_std, self.running_mean, self.running_var)
+            g = np.ones(c) if fix_gamma else bnchannel.to_host(gamma)[0]
+            # moments about the running mean (the same on every rank), in float64: no cancellation
+            count = float(k.count)
+            offset = mean - rm
+            local = np.concatenate([count * offset, count * (1.0 / np.square(inv_std) - eps + np.square(offset)),
+                                    [count]])
+            total, self.where = layer.exchanges.forward(layer.layer_key, local, 0 in self.inputs)
+            n = total[-1]
+            mean_offset = total[:c] / n
+            var = np.maximum(total[c:2 * c] / n - np.square(mean_offset), 0.0)
+            mean_g = rm + mean_offset
+            self.n, self.scale = n, g / np.sqrt(var + eps)
+            # global mean and variance, and gamma for backward (which must not read the parameter)
+            staged = bnchannel.to_device(np.concatenate([mean_g, var, g]), x.context)
+            self.mean, self.var, self.gamma = staged[:c], staged[c:2 * c], staged[2 * c:]
+            y = mx.nd.BatchNorm(x, gamma, beta, self.mean, self.var, eps=eps, fix_gamma=fix_gamma,
+                                use_global_stats=True)
+            bnchannel.copy_into(self.running_mean, rm * momentum + mean_g * (1 - momentum))
+            bnchannel.copy_into(self.running_var, rv * momentum + running_var_sample(var, n, x.context.device_type)
+                                * (1 - momentum))
+        finally:
+            autograd.set_recording(recording)
+        if self.inputs:
+            self.x = x
+            self.record([(x, gamma, beta)[i] for i in self.inputs], [y])
         return y
 
-    def backward(self, dy):
+    def backward(self, out_grads: list, recorded_grads: list, recorded_reqs: list) -> None:
         delay = faults.syncbn_backward_delay()
         if delay:
             time.sleep(delay)
-        x, mean, var, n, scale = self.saved_tensors
-        layer = self.layer
-        k = layer._kernels_for(x)  # noqa: SLF001
-        earlier = layer._last_grad_totals  # noqa: SLF001
-        totals, dx_fixed, dgamma, dbeta = k.local_grads(dy, x, mean, var, scale,
-                                                        k.no_earlier if earlier is None else earlier,
-                                                        *k.local_grads_args)
-        layer._world.allreduce_([totals], name=f"distft.syncbn.{layer._layer_name}.grad",  # noqa: SLF001
-                                average=False)
-        layer._last_grad_totals = totals  # noqa: SLF001
-        dx = k.input_grad(dx_fixed, x, totals, n, mean, var, scale, *k.input_grad_args)
-        if layer._kwargs["fix_gamma"]:  # noqa: SLF001
-            dgamma = mx.nd.zeros_like(dgamma)
-        # MXNet 1.9.1 takes the values we return as final once this callback returns: left
-        # queued behind the exchange, they are read unwritten (non-finite gradients at the
-        # second step, measured). This waits on the custom-operator thread only; the main
-        # thread is already queueing the rest of the step.
-        dgamma_beta = mx.nd.concat(dgamma, dbeta, dim=0)
-        for arr in (dx, dgamma_beta):
-            arr.wait_to_read()
-        return dx, dgamma_beta
+        in_grads, reqs = [None] * 3, [0] * 3  # for x, gamma, beta
+        for i, g, r in zip(self.inputs, recorded_grads, recorded_reqs):
+            in_grads[i], reqs[i] = g, r
+        layer, (dy,), x = self.layer, out_grads, self.x
+        c, eps = x.shape[1], layer._kwargs["eps"]  # noqa: SLF001
+        # dx with the statistics held fixed, this rank's sum(dy * xhat) and sum(dy): one kernel
+        # call, straight into MXNet's buffers where it asks for a write
+        # (a buffer MXNet gives for an input that needs no gradient may hold nothing: shapes from x)
+        shapes = (x.shape, (c,), (c,))
+        out = [g if r in (1, 2) else mx.nd.empty(shape, ctx=x.context) for g, r, shape in zip(in_grads, reqs, shapes)]
+        _bn_backward(dy, x, self.gamma, self.mean, self.var, out, eps=eps, use_global_stats=True,
+                     fix_gamma=layer._kwargs["fix_gamma"])  # noqa: SLF001
+        written = out[1:]
+        for i in (1, 2):
+            if reqs[i] == 3:
+                in_grads[i] += out[i]
+                written.append(in_grads[i])
+        if self.where is None:  # forward found the input needs no gradient: nothing to exchange
+            _settled(written)
+            return
+        if not reqs[0]:
+            layer.exchanges.backward(self.where, None)  # every rank skips alike
+            _settled(written)
+            return
+        # everything that reads x is queued now, before this thread waits for the exchange:
+        # queued after it, it could come behind the next step's forward, which may already
+        # rewrite x (a static buffer of the cached graph that made it) once the update of the
+        # few parameters it waits for is done
+        k = layer.constants_for(x)
+        xhat = mx.nd.BatchNorm(x, *k.normalised_args(self.mean, self.var), eps=eps, fix_gamma=False,
+                               use_global_stats=True)
+        dgamma, dbeta = bnchannel.to_host(out[1], out[2])
+        total = layer.exchanges.backward(self.where, np.concatenate([dbeta, dgamma]))
+        # the terms through the global statistics: -scale * (mean_g(dy) + xhat * mean_g(dy * xhat)),
+        # a per-channel affine map of xhat
+        coef = bnchannel.to_device(np.concatenate([-self.scale * total[c:] / self.n,
+                                                   -self.scale * total[:c] / self.n]), x.context)
+        through = mx.nd.BatchNorm(xhat, coef[:c], coef[c:], *k.affine_args, eps=eps, fix_gamma=False,
+                                  use_global_stats=True)
+        if reqs[0] in (1, 2):
+            in_grads[0] += through
+        else:
+            in_grads[0] += out[0] + through
+        _settled(written + [in_grads[0]])
 
 
 class SyncBatchNorm(nn.BatchNorm):
@@ -227,41 +265,35 @@ class SyncBatchNorm(nn.BatchNorm):
     Made by `convert`, which re-classes an existing layer in place: its parameters, names and
     registration stay exactly as they were (a checkpoint of it is a plain BatchNorm's)."""
 
-    _world = None
-    _layer_name = ""
-    _last_grad_totals = None
-    _kernels = None
+    exchanges = None  # bnexchange.Exchanges
+    layer_key = ""  # the layer's structural path: the same for a grid's copies of it
+    _constants = None
 
-    def _kernels_for(self, x) -> _Kernels:
-        """This layer's fused arithmetic for x's shape and device (not child blocks: the
-        network's hybridize must not reach them)."""
+    def constants_for(self, x) -> _Layer:
+        """This layer's constants for x's shape and device (not child blocks: the network's
+        hybridize must not reach them)."""
         key = (x.shape, x.context)
-        if self._kernels is None:
-            self._kernels = {}
-        if key not in self._kernels:
-            self._kernels[key] = _Kernels(x.shape[1], x.size // x.shape[1], self._kwargs["eps"],
-                                          self._kwargs["momentum"], x.context)
-        return self._kernels[key]
+        if self._constants is None:
+            self._constants = {}
+        if key not in self._constants:
+            self._constants[key] = _Layer(x.shape[1], x.size // x.shape[1], self._kwargs["eps"], x.context)
+        return self._constants[key]
 
     def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var):
-        if not autograd.is_training() or self._kwargs["use_global_stats"] or self._world is None:
+        if not autograd.is_training() or self._kwargs["use_global_stats"] or self.exchanges is None:
             return super().hybrid_forward(F, x, gamma, beta, running_mean, running_var)
         if np.dtype(x.dtype) != np.float32:
-            # mixed precision (train.precision: amp): statistics are summed in float32
+            # mixed precision (train.precision: amp): statistics are taken in float32
             x = mx.nd.amp_cast(x, dtype="float32")
-        # gamma and beta enter as one recorded array: MXNet 1.9.1's Function.backward writes
-        # nothing for an input whose gradient request is 'add' (gradient accumulation over
-        # micro-batches) and nothing after an input whose request is 'null'. An intermediate
-        # array's request is 'write'; autograd then hands each parameter its share under its own
-        # request. x comes first: in training it always needs its gradient (FreezePlan.input_grad).
-        return _SyncBNFunction(self, running_mean, running_var)(x, F.concat(gamma, beta, dim=0))
+        return _SyncBN(self, running_mean, running_var)(x, gamma, beta)
 
     def hybridize(self, active=True, **kwargs):
-        super().hybridize(False)  # its allreduce cannot live inside a cached graph
+        super().hybridize(False)  # its exchange cannot live inside a cached graph
 
 
-def convert(net, bn_paths: list[str], world) -> int:
-    """Make the BatchNorm layers at `bn_paths` synchronized. Returns how many changed."""
+def convert(net, bn_paths: list[str], exchanges) -> int:
+    """Make the BatchNorm layers at `bn_paths` synchronized through `exchanges`. Returns how
+    many changed."""
     from .model import find_block
 
     count = 0
@@ -272,7 +304,7 @@ def convert(net, bn_paths: list[str], world) -> int:
         if not isinstance(bn, SyncBatchNorm):
             bn.__class__ = SyncBatchNorm
             count += 1
-        bn._world, bn._layer_name = world, path  # noqa: SLF001
+        bn.exchanges, bn.layer_key = exchanges, path
     return count
 
 

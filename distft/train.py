@@ -163,7 +163,8 @@ class Job:
                  f"global batch {b.global_batch} ({b.accumulate} x {b.micro} per rank), "
                  f"{self.data.steps_per_epoch} steps/epoch")
         log(world, f"{cfg.model.name}: {t['trainable_params']:,} trainable / {t['frozen_params']:,} frozen params; "
-                   f"frozen prefix {len(self.network.plan.prefix)} stages; {world.size} rank(s) [{world.backend}], "
+                   f"frozen prefix {len(self.network.plan.prefix)} stages; {world.size} rank(s) [{world.backend}"
+                   f"{'' if not self.network.synchronized_bn else ', BN statistics over ' + self.network.bn_channel}], "
                    + steps)
         if meta:
             log(world, f"resumed at step {self.state.step} (epoch {self.state.epoch}), written on "

@@ -51,11 +51,15 @@ def test_sandwich_plan_keeps_the_middle_frozen(resnet18):
     assert not any(n.startswith("features.7.") for n in plan.trainable_names())
 
 
-def test_synchronized_bn_at_the_suffix_input_asks_for_an_input_gradient(resnet18):
+def test_synchronized_bn_at_the_suffix_input_asks_for_no_input_gradient(resnet18):
+    """A synchronized BN folds its statistics in forward and writes its gamma/beta gradients
+    whatever its input needs: the prefix output gets no gradient, so the first trainable BN
+    makes no backward exchange. A local BN that only re-estimates statistics still needs one."""
     _, spec = resnet18
     assert not freeze.resolve(spec, ["features.8", "output"]).input_grad
-    assert freeze.resolve(spec, ["features.8", "output"], synchronized_bn=True).input_grad
-    assert not freeze.resolve(spec, ["output"], synchronized_bn=True).input_grad  # no moving BN
+    assert not freeze.resolve(spec, ["features.8", "output"], synchronized_bn=True).input_grad
+    assert not freeze.resolve(spec, ["output"], batchnorm="batch", synchronized_bn=True).input_grad
+    assert freeze.resolve(spec, ["output"], batchnorm="batch").input_grad
 
 
 def test_regex_entries_select_parameters(resnet18):

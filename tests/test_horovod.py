@@ -68,6 +68,8 @@ def test_two_ranks_learn_what_one_rank_with_twice_the_batch_learns(tmp_path, pre
     # sync BN's backward stopped reading gamma: see distft/syncbn.py)
     assert summary["exchange_overlapped"] is True
     assert summary["synchronized_bn_layers"] == (4 if case == "sync-bn" else 0)
+    # the statistics channel: MPI wherever MPI is up, Horovod's queue under --gloo
+    assert summary["bn_channel"] == ({"mpi": "mpi", "gloo": "horovod"}[backend] if case == "sync-bn" else "none")
     one, two = load_params(single_runs[case] / "model.params"), load_params(tmp_path / "out" / "model.params")
     before = load_params(pretrained)
     trained = [n for n in two if n.startswith(tuple(p + "." for p in CASES[case]))]
@@ -225,13 +227,19 @@ def test_rank_with_a_different_pretrained_file_stops_the_job(tmp_path, pretraine
     assert not os.path.exists(tmp_path / "out" / "model.params")
 
 
-def test_plain_mpirun_launch(tmp_path, pretrained):
+def test_plain_mpirun_launch_learns_what_one_rank_with_twice_the_batch_learns(tmp_path, pretrained, single_runs):
+    """Plain mpirun (no horovodrun): Horovod over MPI, synchronized BNs over the MPI statistics
+    channel (duplicates of MPI_COMM_WORLD), and the same model as one rank with 2B."""
     mpirun = shutil.which("mpirun")
-    proc = run_cli(["--config", job(tmp_path, pretrained, "out", ["output"], B)],
+    proc = run_cli(["--config", job(tmp_path, pretrained, "out", CASES["sync-bn"], B)],
                    launcher=[mpirun, "-np", "2", "--oversubscribe"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = read_summary(tmp_path / "out")
-    assert s["world_size"] == 2 and s["backend"] == "mpi"
+    assert s["world_size"] == 2 and s["backend"] == "mpi" and s["bn_channel"] == "mpi"
+    assert s["synchronized_bn_layers"] == 4 and s["exchange_overlapped"] is True
+    one, two = load_params(single_runs["sync-bn"] / "model.params"), load_params(tmp_path / "out" / "model.params")
+    for n in one:
+        np.testing.assert_allclose(two[n], one[n], rtol=1e-4, atol=1e-4 * float(np.abs(one[n]).max()), err_msg=n)
 
 
 def test_demo_runs_on_two_ranks(tmp_path, pretrained):

@@ -5,6 +5,7 @@ from mxnet import autograd
 from mxnet.gluon import nn
 
 from distft import syncbn
+from distft.dist import LocalWorld
 
 
 def test_running_variance_folds_in_the_estimator_mxnets_own_batchnorm_uses_on_this_device():
@@ -24,27 +25,8 @@ def test_running_variance_folds_in_the_estimator_mxnets_own_batchnorm_uses_on_th
     np.testing.assert_allclose(mxnet_sample, biased, rtol=1e-4)
     assert not np.allclose(mxnet_sample, biased * n / (n - 1), rtol=1e-4)  # the test can tell them apart
 
-    var, count = mx.nd.array(biased), mx.nd.array([n])
-    np.testing.assert_allclose(syncbn.running_var_sample(var, count, "cpu").asnumpy(), biased, rtol=1e-6)
-    np.testing.assert_allclose(syncbn.running_var_sample(var, count, "gpu").asnumpy(), biased * n / (n - 1),
-                               rtol=1e-6)
-
-
-def test_after_orders_without_changing_values_even_behind_a_non_finite_array():
-    earlier = mx.nd.array([float("nan"), 1.0])
-    arr = mx.nd.array([1.0, -2.0, 3.5])
-    np.testing.assert_array_equal(syncbn._after(arr, earlier).asnumpy(), arr.asnumpy())
-    np.testing.assert_array_equal(syncbn._after(arr, mx.nd.array([float("inf")])).asnumpy(), arr.asnumpy())
-    assert syncbn._after(arr, None) is arr
-
-
-def test_affine_is_a_per_channel_scale_and_shift():
-    rng = np.random.default_rng(4)
-    x = rng.normal(0, 2, (2, 3, 2, 2)).astype(np.float32)
-    scale, shift = np.array([0.5, -2.0, 3.0], np.float32), np.array([1.0, 0.0, -4.0], np.float32)
-    got = syncbn._affine(mx.nd, mx.nd.array(x), mx.nd.array(scale), mx.nd.array(shift), mx.nd.zeros(3),
-                         mx.nd.full((3,), 1 - 1e-5), 1e-5).asnumpy()
-    np.testing.assert_allclose(got, x * scale[None, :, None, None] + shift[None, :, None, None], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(syncbn.running_var_sample(biased, float(n), "cpu"), biased, rtol=1e-6)
+    np.testing.assert_allclose(syncbn.running_var_sample(biased, float(n), "gpu"), biased * n / (n - 1), rtol=1e-6)
 
 
 def _two_passes(bn, batches, grad_req):
@@ -64,10 +46,8 @@ def _two_passes(bn, batches, grad_req):
 def test_gamma_and_beta_gradients_accumulate_over_micro_batches_as_mxnets_batchnorm_does():
     """With micro-batches the trainer sets grad_req 'add'. MXNet 1.9.1's autograd.Function writes
     nothing for an input whose request is 'add' (and nothing after one whose request is 'null'):
-    the synchronized layer's gamma/beta gradients were dropped. One process: the exchange is
-    the identity, so the layer must match MXNet's BatchNorm exactly."""
-    from distft.dist import LocalWorld
-
+    the synchronized layer's gamma/beta gradients were dropped once. One process: the exchange
+    is the identity, so the layer must match MXNet's BatchNorm exactly."""
     rng = np.random.default_rng(5)
     batches = [(rng.normal(1.0, 2.0, (4, 3, 2, 2)).astype(np.float32),
                 rng.normal(0, 1, (4, 3, 2, 2)).astype(np.float32)) for _ in range(2)]
@@ -79,7 +59,7 @@ def test_gamma_and_beta_gradients_accumulate_over_micro_batches_as_mxnets_batchn
             net.initialize()
             net[0].gamma.set_data(mx.nd.array([0.5, 1.5, 2.0]))
             nets.append(net)
-        assert syncbn.convert(nets[1], ["0"], LocalWorld()) == 1
+        assert syncbn.convert(nets[1], ["0"], LocalWorld().bn_exchanges()) == 1
         plain, synced = nets[0][0], nets[1][0]
         want, got = _two_passes(plain, batches, grad_req), _two_passes(synced, batches, grad_req)
         for a, b in zip(got[0], want[0]):
@@ -94,8 +74,6 @@ def test_statistics_keep_their_precision_when_the_batch_mean_is_far_from_the_run
     channel at 10 with spread 0.01, running mean 0: a fresh layer, or a new data set) made
     float32 cancel in E[(x-s)^2] - E[x-s]^2: the variance came out 3% off. One process: the
     exchange is the identity, so the layer must normalise as MXNet's own BatchNorm does."""
-    from distft.dist import LocalWorld
-
     rng = np.random.default_rng(7)
     x = np.concatenate([rng.normal(10.0, 0.01, (8, 1, 3, 3)), rng.normal(-300.0, 0.5, (8, 1, 3, 3)),
                         rng.normal(0.0, 1.0, (8, 1, 3, 3))], axis=1).astype(np.float32)
@@ -105,7 +83,7 @@ def test_statistics_keep_their_precision_when_the_batch_mean_is_far_from_the_run
         net.add(nn.BatchNorm(in_channels=3))
         net.initialize()
         if sync:
-            syncbn.convert(net, ["0"], LocalWorld())
+            syncbn.convert(net, ["0"], LocalWorld().bn_exchanges())
         with mx.autograd.record():
             y = net(mx.nd.array(x))
         outs.append(y.asnumpy())

@@ -12,6 +12,7 @@ from distft import model, syncbn
 from distft.dist import init_world
 
 out_path = sys.argv[1]
+channel = sys.argv[2] if len(sys.argv) > 2 else "auto"
 world = init_world()
 rng = np.random.default_rng(0)
 x_full = rng.normal(1.5, 2.0, (8, 4, 5, 5)).astype(np.float32)
@@ -25,7 +26,7 @@ net.add(nn.BatchNorm(in_channels=4, momentum=0.8))
 net.initialize()
 net[0].gamma.set_data(mx.nd.array(gamma))
 net[0].beta.set_data(mx.nd.array(beta))
-assert syncbn.convert(net, ["0"], world) == 1
+assert syncbn.convert(net, ["0"], world.bn_exchanges(channel)) == 1
 model._hybridize_except(net, syncbn.is_sync)  # as training does: the sync BN stays imperative
 x = mx.nd.array(x_full[half])
 x.attach_grad()
