@@ -33,6 +33,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from . import model, precision
+from .bnchannel import open_channel
 from .cache import FeatureCache
 from .errors import CheckpointError, ConfigError
 from .lbfgs import LBFGS, NOT_FINITE
@@ -246,10 +247,14 @@ class Objective:
         return loss, f, grad
 
 
-def agreed_sums(world, local: np.ndarray, stop: bool) -> tuple[np.ndarray, bool]:
-    """Every rank's sums added up (float64), and whether any rank asked to stop: one allreduce."""
+def agreed_sums(world, local: np.ndarray, stop: bool, channel=None) -> tuple[np.ndarray, bool]:
+    """Every rank's sums added up (float64), and whether any rank asked to stop: one allreduce,
+    through `channel` (bnchannel's MPI channel) when given, else through the world."""
     flat = np.concatenate([local.ravel(), [1.0 if stop else 0.0]])
-    total = np.asarray(world.allreduce_numpy(flat, "distft.probe"), dtype=np.float64)
+    if channel is not None:
+        total = channel.allreduce(flat, "forward", "probe")
+    else:
+        total = np.asarray(world.allreduce_numpy(flat, "distft.probe"), dtype=np.float64)
     return total[:-1].reshape(local.shape), bool(total[-1] > 0)
 
 
@@ -306,6 +311,10 @@ class LinearProbe:
                          for _ in heads]
         self.cache = FeatureCache(self.indices, cfg.train.cache_dtype, cfg.train.cache_memory_bytes,
                                   f"{cfg.train.output}/cache", world.rank) if len(self.indices) else None
+        # a pass's one allreduce waits on the critical path: through the statistics channel
+        # (dist.bn_channel) where that is MPI (microseconds), else Horovod's queue (milliseconds)
+        channel = open_channel(cfg.dist.bn_channel, world)  # collective: every rank, in set-up
+        self.channel = channel if channel.name == "mpi" else None
         self.labels: list[np.ndarray] = []  # per block
         self.feature_max = 0.0  # the largest |feature| of data.train (agreed)
         self.losses = [None] * len(heads)  # each head's mean cross-entropy at its last evaluation
@@ -361,7 +370,7 @@ class LinearProbe:
         exponents = self.objective.exponents(points, self.feature_max)
         local = self.objective.local_sums(points, active, self.chunks(), exponents)
         waited = time.perf_counter()
-        words, stopped = agreed_sums(self.world, local, stop)
+        words, stopped = agreed_sums(self.world, local, stop, self.channel)
         self.seconds_total += time.perf_counter() - waited
         loss, f, grad = self.objective.totals(points, active, self.objective.from_fixed(words, exponents))
         for j, i in enumerate(active):
