@@ -395,7 +395,8 @@ class LinearProbe:
 
     def summary(self) -> dict:
         """summary.json's `solver`: per head (in head order) its figures; this launch's timings."""
-        return {"name": SOLVER, "tol": self.cfg.optimizer.tol, "history": self.history,
+        channel = self.channel.name if self.channel is not None else "horovod" if self.world.size > 1 else "local"
+        return {"name": SOLVER, "tol": self.cfg.optimizer.tol, "history": self.history, "channel": channel,
                 "samples": self.objective.samples, "passes_this_run": self.passes,
                 "feature_seconds": self.extract_seconds, "solve_seconds": self.solve_seconds,
                 "heads": self.figures()}

@@ -229,7 +229,7 @@ def test_one_two_and_four_ranks_and_a_stopped_solve_end_with_the_same_weights(tm
     proc = run_cli(["--config", stopped], launcher=horovodrun(2, "gloo"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two, four = read_summary(tmp_path / "two"), read_summary(tmp_path / "four")
-    assert (four["backend"], two["backend"]) == ("mpi", "gloo")
+    assert (four["solver"]["channel"], two["solver"]["channel"], one["solver"]["channel"]) == ("mpi", "horovod", "local")
     assert one["passes"] == two["passes"] == four["passes"] and two["resumed"]
     assert one["objective"] == two["objective"] == four["objective"]
     for head in ("h0", "h1"):
