@@ -17,7 +17,7 @@ def warnings(cfg, plan, steps_per_epoch: int, train_samples: int) -> list[str]:
         found.append(f"model.pretrained: false, yet {frozen_params:,} parameters are frozen: they keep their "
                      "random initial values, so the head trains on random features (set model.pretrained, "
                      "or freeze.trainable: ['/.*/'] to train everything)")
-    if steps_per_epoch < MIN_STEPS_PER_EPOCH:
+    if steps_per_epoch < MIN_STEPS_PER_EPOCH and cfg.optimizer.name != "lbfgs":  # a solve: one step a pass
         found.append(f"data.train: {train_samples} samples make {steps_per_epoch} step(s) per epoch at the "
                      f"global batch; under {MIN_STEPS_PER_EPOCH}, per-epoch figures (validation, checkpoints, "
                      "throughput) say little: use more data or a smaller data.batch_size")

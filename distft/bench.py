@@ -87,6 +87,9 @@ def run(config: str, overrides: list, np_: int, steps: int, window: int, control
     if controller == "auto":
         controller = default_controller()
     first = load_config(config, overrides + ["data.val=null", f"data.val_split={GRID_VAL_SPLIT}"])
+    if first.optimizer.name == "lbfgs":
+        raise DistftError("bench: optimizer.name: lbfgs takes no steps to time; `python -m distft.probebench "
+                          "--config X --np N` puts it beside scikit-learn on the same features")
     model.check(first.model)  # before any run reads data
     if first.heads.grid:
         return run_grid(config, overrides, np_, steps, window, controller, timeout, cache_epochs, repeats)

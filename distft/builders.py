@@ -57,14 +57,15 @@ def open_data(cfg, world, warn, holdout_by_position: bool = False) -> DataSets:
 @dataclass
 class Data:
     train_set: object
-    sampler: ShardSampler
+    sampler: Optional[ShardSampler]
     train_loader: BatchLoader
     val_loader: Optional[BatchLoader]
     total_steps: int
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.sampler.steps_per_epoch
+        """A solve (no sampler) takes all of data.train at every step: one step per epoch."""
+        return self.sampler.steps_per_epoch if self.sampler is not None else 1
 
     def close(self) -> None:
         for loader in (self.train_loader, self.val_loader):
@@ -73,12 +74,16 @@ class Data:
 
 
 def build_data(cfg, world, batching: Batching, sets: DataSets) -> Data:
+    """The loaders, and the sampler of an SGD job (a solve, optimizer.name: lbfgs, takes all of
+    data.train at every step, sharded by probe.py)."""
     train_set = sets.train
-    sampler = ShardSampler(len(train_set), batching.per_rank, world.size, world.rank, cfg.data.seed,
-                           fixed=cfg.fixed_shards)
-    if sampler.steps_per_epoch == 0:
-        raise ConfigError(f"data.global_batch: the global batch ({batching.global_batch} samples) is larger than "
-                          f"data.train ({len(train_set)} samples)")
+    sampler = None
+    if cfg.optimizer.name != "lbfgs":
+        sampler = ShardSampler(len(train_set), batching.per_rank, world.size, world.rank, cfg.data.seed,
+                               fixed=cfg.fixed_shards)
+        if sampler.steps_per_epoch == 0:
+            raise ConfigError(f"data.global_batch: the global batch ({batching.global_batch} samples) is larger "
+                              f"than data.train ({len(train_set)} samples)")
     transform = Transform(cfg.model.image_size, cfg.data.mean, cfg.data.std, cfg.data.augment, cfg.data.seed)
     bad = {"max_bad_fraction": cfg.data.max_bad_fraction, "max_bad_files": cfg.data.max_bad_files}
     train_loader = BatchLoader(train_set, transform, workers=cfg.data.workers, **bad)
@@ -86,7 +91,7 @@ def build_data(cfg, world, batching: Batching, sets: DataSets) -> Data:
     if sets.val is not None:
         val_loader = BatchLoader(sets.val, Transform(cfg.model.image_size, cfg.data.mean, cfg.data.std, False,
                                                      cfg.data.seed), workers=cfg.data.workers, **bad)
-    total = sampler.steps_per_epoch * cfg.train.epochs
+    total = (sampler.steps_per_epoch if sampler is not None else 1) * cfg.train.epochs
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)
     return Data(train_set, sampler, train_loader, val_loader, total)

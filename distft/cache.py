@@ -43,15 +43,16 @@ class FeatureCache:
     def has_all(self, indices: np.ndarray) -> bool:
         return bool(self.filled[self._slots(indices)].all())
 
-    def get(self, indices: np.ndarray) -> np.ndarray:
-        self.hits += len(indices)
+    def get(self, indices: np.ndarray, count: bool = True) -> np.ndarray:
+        """`count`: a read of training (counted in `hits`), not one that measures (probe.py)."""
+        self.hits += len(indices) if count else 0
         return np.asarray(self.store[self._slots(indices)], dtype=np.float32)
 
-    def put(self, indices: np.ndarray, features: np.ndarray) -> None:
+    def put(self, indices: np.ndarray, features: np.ndarray, count: bool = True) -> None:
         if self.store is None:
             self._allocate(features.shape[1:])
         slots = self._slots(indices)
-        self.misses += len(indices)
+        self.misses += len(indices) if count else 0
         self.store[slots] = features.astype(self.dtype, copy=False)
         self.filled[slots] = True
 

@@ -146,6 +146,15 @@ class Checkpointer:
         self.loaded = None
         return sent
 
+    def restore_solver(self, solver, meta: dict) -> int:
+        """A solve's state (optimizer.name: lbfgs: every head's L-BFGS machine) on every rank.
+        Returns bytes broadcast."""
+        arrays = self.loaded.optimizer if self.world.rank == 0 else {}
+        agreed(self.world, "restoring the solver state", lambda: solver.check_state(arrays, meta))
+        sent = solver.load_state_dict(self.world, arrays, meta)
+        self.loaded = None
+        return sent
+
     # --- writing --------------------------------------------------------------------------------
     def save(self, state: TrainState, params: dict, names_to_save: list[str], optimizer: OptimizerState,
              digest: str, extra: dict) -> str:

@@ -283,7 +283,7 @@ def cmd_make_rec(args) -> int:
 def cmd_plan(args) -> int:
     import mxnet as mx
 
-    from . import freeze, heads, model
+    from . import freeze, heads, model, probe
     from .config import load_config
     from .data import resolve_model_classes
 
@@ -293,6 +293,8 @@ def cmd_plan(args) -> int:
     net = model.create(cfg.model, mx.cpu(), seed=cfg.train.seed)
     spec = model.describe(net, cfg.model.name, cfg.model.head)
     plan = freeze.resolve(spec, cfg.freeze.trainable, cfg.freeze.batchnorm, cfg.freeze.schedule, 0)
+    if cfg.optimizer.name == probe.SOLVER:  # what training would refuse
+        probe.check_plan(cfg, plan, net)
     stages, prev, labelled = [], plan, [("freeze.trainable", plan)]
     for e in sorted({s["epoch"] for s in cfg.freeze.schedule}):
         pl = freeze.resolve(spec, cfg.freeze.trainable, cfg.freeze.batchnorm, cfg.freeze.schedule, e)

@@ -106,7 +106,10 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = field(default="sgd", metadata=_choices("sgd", "nag", "adam"))
+    # `sgd`, `nag`, `adam`; or `lbfgs`: a head-only plan (freeze.trainable: [the head], a Dense
+    # layer) solved to its optimum by full-batch L-BFGS on the frozen features, one pass over
+    # them per evaluation, capped by train.epochs (see the README)
+    name: str = field(default="sgd", metadata=_choices("sgd", "nag", "adam", "lbfgs"))
     lr: float = field(default=0.01, metadata=_at_least(0.0))  # learning rate (before lr_scaling)
     momentum: float = field(default=0.9, metadata=_at_least(0.0))  # sgd/nag momentum; adam's beta1
     # applied to trainable weights only (biases and BatchNorm too with decay_bias_and_bn)
@@ -124,18 +127,27 @@ class OptimizerConfig:
     lr_scaling: str = field(default="none", metadata=_choices("none", "linear"))
     # {block path or /regex/: multiplier}, e.g. {features: 0.1}
     lr_mult: dict[str, float] = field(default_factory=dict)
+    # lbfgs: stop once the gradient's Euclidean norm (over the head's weight and bias) is at most this
+    tol: float = field(default=1e-4, metadata=_at_least(0.0))
+    # lbfgs: curvature pairs kept per head (2 x history x the head's size float64 numbers, in
+    # memory and in checkpoints); `auto`: as many as fit in 256 MiB per head, 10 to 100 (more
+    # pairs, fewer passes on a weakly penalised head)
+    history: Union[int, str] = field(default="auto", metadata=_at_least(1))
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = field(default=1, metadata=_at_least(1))  # passes over data.train
+    # passes over data.train (optimizer.name: lbfgs: the most passes over the features, one per
+    # evaluation of the objective; a pass is its step and its epoch)
+    epochs: int = field(default=1, metadata=_at_least(1))
     max_steps: Optional[int] = field(default=None, metadata=_at_least(1))  # stop after this many steps (null: no limit)
     # run folder: checkpoints, model.params, classes.json, summary.json, config.yaml (resolved), log.jsonl
     output: str = "runs/distft"
     hybridize: bool = True  # static-memory cached graphs
     log_every: int = field(default=10, metadata=_at_least(1))  # steps per log line (or progress update)
     checkpoint_every_epochs: int = field(default=1, metadata=_at_least(0))  # 0: only at the end
-    checkpoint_every_steps: Optional[int] = field(default=None, metadata=_at_least(1))  # also every N steps
+    # also every N steps (lbfgs: every N passes, and at the end; not every epoch)
+    checkpoint_every_steps: Optional[int] = field(default=None, metadata=_at_least(1))
     keep_checkpoints: int = field(default=3, metadata=_at_least(1))  # the newest N are kept
     resume: bool = True  # continue from the newest valid checkpoint in train.output
     seed: int = 0  # weight initialisation of the new head
@@ -349,6 +361,8 @@ def _build(cls: type, data: Any, path: str) -> Any:
 
 def _check(cfg: Config) -> None:
     """Cross-field checks that a single key's type cannot express."""
+    if isinstance(cfg.optimizer.history, str) and cfg.optimizer.history != "auto":
+        raise ConfigError(f"optimizer.history: expected an integer or auto, got {cfg.optimizer.history!r}")
     if isinstance(cfg.model.classes, str) and cfg.model.classes != "auto":
         raise ConfigError(f"model.classes: expected an integer or auto, got {cfg.model.classes!r}")
     if not cfg.freeze.trainable:
@@ -408,6 +422,27 @@ def _check(cfg: Config) -> None:
     if cfg.train.label_smoothing >= 1.0:
         raise ConfigError(f"train.label_smoothing: a fraction below 1, got {cfg.train.label_smoothing!r}")
     _check_grid(cfg)
+    if cfg.optimizer.name == "lbfgs":
+        _check_solver(cfg)
+
+
+# the keys a grid of heads solved together (optimizer.name: lbfgs) may vary: its objective's
+SOLVER_GRID_KEYS = ("optimizer.weight_decay", "train.label_smoothing")
+
+
+def _check_solver(cfg: Config) -> None:
+    """optimizer.name: lbfgs, what the config alone tells (the freeze plan is checked once the
+    model is built: probe.check_plan)."""
+    if cfg.data.augment:
+        raise ConfigError("optimizer.name: lbfgs solves the head on fixed features, and data.augment: true "
+                          "changes them every epoch (set data.augment: false, or use sgd)")
+    if cfg.freeze.schedule:
+        raise ConfigError("optimizer.name: lbfgs trains the head alone, and freeze.schedule unfreezes blocks "
+                          "(remove it, or use sgd)")
+    for key in cfg.heads.grid:
+        if key not in SOLVER_GRID_KEYS:
+            raise ConfigError(f"heads.grid.{key}: optimizer.name: lbfgs has no {key.split('.')[1]}; its heads "
+                              f"may vary {' and '.join(SOLVER_GRID_KEYS)}")
 
 
 def _check_grid(cfg: Config) -> None:

@@ -61,6 +61,13 @@ class ShardSampler:
             else np.arange(self.size)
         return owner[self.rank * per:(self.rank + 1) * per]
 
+    def unassigned(self) -> np.ndarray:
+        """Fixed shards: the samples no rank's shard holds (the remainder of the full global
+        batches), which no epoch trains on."""
+        owner = np.random.default_rng([self.seed, _FIXED_SHARDS]).permutation(self.size) if self.shuffle \
+            else np.arange(self.size)
+        return owner[self.steps_per_epoch * self.batch_size * self.world_size:]
+
     def permutation(self, epoch: int) -> np.ndarray:
         """Reshuffled: the epoch's permutation of the whole data set. Fixed: of this rank's shard."""
         if self.fixed:

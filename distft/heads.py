@@ -31,6 +31,7 @@ from .errors import ConfigError, NumericalError
 from .evaluate import evaluate_many
 from .freeze import lr_multipliers
 from .optim import OptimizerState, build_exchange, build_trainer
+from .probe import history_pairs
 from .schedule import LRSchedule
 
 COPY_PREFIX = "heads."
@@ -79,8 +80,11 @@ def loss_function(label_smoothing: float, classes: int):
 
 # --- memory -------------------------------------------------------------------------------------
 
-def optimizer_slots(cfg) -> int:
-    """State arrays per trainable tensor: Adam's two moments, momentum's one."""
+def optimizer_slots(cfg, trainable_params: int = 0) -> int:
+    """State arrays (of the trainable tensors' float32 size) per trainable tensor: Adam's two
+    moments, momentum's one; lbfgs's pairs (s, y) in float64."""
+    if cfg.optimizer.name == "lbfgs":
+        return 2 * 2 * history_pairs(cfg.optimizer.history, max(trainable_params, 1))
     if cfg.optimizer.name == "adam":
         return 2
     momenta = [cfg.optimizer.momentum, *cfg.heads.grid.get("optimizer.momentum", [])]
@@ -112,7 +116,7 @@ def memory_estimate(cfg, plan, runner: model.SplitNet, heads: int, micro: int) -
         "heads": heads,
         "weights": t["total_bytes"] + (heads - 1) * suffix_bytes,
         "gradients": heads * t["trainable_bytes"],
-        "optimizer_state": heads * t["trainable_bytes"] * optimizer_slots(cfg),
+        "optimizer_state": heads * t["trainable_bytes"] * optimizer_slots(cfg, t["trainable_params"]),
         "activations": heads * activation_bytes(runner, micro, cfg.model.image_size),
         "micro_batch": micro,
     }
@@ -183,6 +187,9 @@ class Head:
     diverged: Optional[dict] = None
     evals: dict = field(default_factory=dict)
     loss: Optional[float] = None
+    # at the end of a head-only run: probe.py's objective and its gradient norm at the weights
+    objective: Optional[float] = None
+    gradient_norm: Optional[float] = None
 
 
 class HeadSet:
@@ -345,6 +352,8 @@ class HeadSet:
         for h in self.heads:
             doc = {"name": h.name, "overrides": h.overrides,
                    **{k: h.evals.get(k) for k in ("val_top1", "val_loss")}, "train_loss": h.loss}
+            if h.objective is not None:
+                doc.update(objective=h.objective, gradient_norm=h.gradient_norm)
             if h.diverged:
                 doc["diverged"] = h.diverged
             out.append(doc)

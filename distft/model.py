@@ -265,6 +265,19 @@ class SplitNet:
         return self.suffix(self.features(x))
 
 
+def linear_head_problem(net: gluon.Block, head: str) -> Optional[str]:
+    """Why block `head` is not one affine map of its (flattened) input, the form a linear-probe
+    solver needs (None: it is: a Dense layer without activation)."""
+    block = find_block(net, head)
+    if not isinstance(block, nn.Dense):
+        return f"{head} is a {type(block).__name__}, not one Dense layer"
+    if block.act is not None:
+        return f"{head} has an activation"
+    if not block._flatten:  # noqa: SLF001 - Dense keeps the flag here
+        return f"{head} is a Dense layer with flatten=False"
+    return None
+
+
 def is_training_batchnorm(block) -> bool:
     """A BatchNorm that normalises with batch statistics (it trains or re-estimates)."""
     return isinstance(block, BN_TYPES) and not block._kwargs.get("use_global_stats")  # noqa: SLF001

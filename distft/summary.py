@@ -139,6 +139,8 @@ def compose(job, stats: Stats, evals: dict, digests: list[str]) -> dict:
     wall = time.perf_counter() - job.started if getattr(job, "started", None) else 0.0
     rate = stats.rate(wall)
     runs = run_history(os.path.join(job.out, "log.jsonl")) if world.rank == 0 else {}
+    exchange = job.solver if job.solver is not None else job.exchange  # a solve's allreduce: one per pass
+    trainer = job.heads[0].trainer
     return {
         "model": job.cfg.model.name,
         "classes": job.sets.class_names or [str(i) for i in range(job.cfg.model.classes)],
@@ -161,24 +163,24 @@ def compose(job, stats: Stats, evals: dict, digests: list[str]) -> dict:
         "bytes_broadcast_trainable": job.bytes_broadcast,
         "bytes_control": job.bytes_control,
         "bytes_full_broadcast": t["total_bytes"] * (world.size > 1),
-        "allreduce_bytes_per_step": job.exchange.bytes_per_step,
+        "allreduce_bytes_per_step": exchange.bytes_per_step,
         "synchronized_bn_layers": job.network.synchronized_bn,
         "bn_channel": job.network.bn_channel,
         # synchronized BN exchanges made in this launch, per direction (forward: one per layer;
         # backward: none for a layer whose input needs no gradient)
         "bn_exchanges": dict(job.network.exchanges.counts) if job.network.exchanges is not None else {},
         # the exchange left in flight while the next batch starts (off: read before the update)
-        "exchange_overlapped": job.step.deferred,
-        "allreduce_seconds": job.exchange.seconds_total,
+        "exchange_overlapped": job.step is not None and job.step.deferred,
+        "allreduce_seconds": exchange.seconds_total,
         "rank_state_digests": digests,
         "peak_rss_bytes": rss,  # per rank
         "rank_placement": placement,  # per rank: local_rank, cross_rank (node index), host
         "gpu_memory_used_bytes": gpu_memory_used(job.ctx),
         "seconds_to_first_step": (stats.first_step_at - process_start_time()) if stats.first_step_at else None,
         "freeze_switches": job.switches,
-        "lr_mult": trainer_lr_mults(job.heads[0].trainer, job.names),
+        "lr_mult": trainer_lr_mults(trainer, job.names) if trainer is not None else {},
         "resumed": state.step > stats.steps,
-        "skipped_steps": job.step.skipped,
+        "skipped_steps": job.step.skipped if job.step is not None else 0,
         "precision": job.compute_dtype,
         "loss_scale": job.loss_scale.scale, "loss_scale_overflows": job.loss_scale.overflows,
         "feature_cache": ({"hits": job.cache.hits, "misses": job.cache.misses, "file": job.cache.path}
@@ -196,6 +198,9 @@ def compose(job, stats: Stats, evals: dict, digests: list[str]) -> dict:
         # and checkpoints not); with the feature cache, epochs after the first show its effect
         "epoch_history": stats.epochs,
         "history": runs.get("history", []),
+        # a head-only run: the objective (probe.py) and its gradient norm at the end (the best
+        # head's); a solve adds its passes and `solver` (per head: iterations, status)
+        **(job.optimum or {}),
         **({"heads": job.heads.summary(), "best_head": getattr(job.heads.best(), "name", None),
             "heads_select": job.cfg.heads.select} if job.heads.grid else {}),
     }

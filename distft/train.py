@@ -17,17 +17,18 @@ from typing import Optional
 
 from mxnet import gluon
 
-from . import model, precision
+from . import model, precision, probe
 from .agreement import agree_on_start_state, agreed, agreed_everywhere, check_same_config, from_rank0, sync_point
 from .advice import warnings
 from .builders import build_cache, build_data, build_network, open_data
 from .checkpointer import Checkpointer, check_relaunch
 from .config import Config
 from .console import log, warn
-from .errors import ConfigError, Preempted
+from .errors import ConfigError, NumericalError, Preempted
 from .freeze import BN_STATS
 from .heads import build_heads, grid_points, table as heads_table
 from .metrics import Metrics, forward_probe
+from .optim import OptimizerState
 from .preprocess import Preprocess
 from .resilience import Resilience
 from .runfiles import write_run_files
@@ -43,7 +44,9 @@ class Job:
         self.out = cfg.train.output
         self.guard = Resilience(world, cfg.train.stall_timeout, cfg.train.preempt_grace)
         self.checkpoints = Checkpointer(cfg, world, self.ctx)
-        self.metrics = self.data = self.cache = None
+        self.metrics = self.data = self.cache = self.step = None
+        self.solver: Optional[probe.LinearProbe] = None  # optimizer.name: lbfgs
+        self.optimum: Optional[dict] = None  # a head-only run's objective at its end (summary.json)
         self.switches: list = []
         self.bytes_broadcast = self.bytes_control = 0
 
@@ -59,15 +62,23 @@ class Job:
             check_relaunch(cfg, meta, self.sets.identity)
             if cfg.data.val_split and "data" not in meta:  # written before samples were held out by name
                 self.sets = open_data(cfg, world, lambda msg: log(world, msg), holdout_by_position=True)
-        self.state = (TrainState.from_meta(meta, cfg.data.batch_size) if meta else
-                      TrainState(global_batch=cfg.data.global_batch or cfg.data.batch_size * world.size))
-        self.batching = split_global_batch(self.state.global_batch, world.size, cfg.data.batch_size,
-                                           self.state.world_size if meta else world.size)
+        solving = cfg.optimizer.name == probe.SOLVER
+        if solving:  # full batch: a step is a pass over all of data.train
+            samples = len(self.sets.train)
+            self.state = TrainState.from_meta(meta, cfg.data.batch_size) if meta else TrainState(global_batch=samples)
+            self.batching = probe.batching(samples, world, cfg.data.batch_size)
+        else:
+            self.state = (TrainState.from_meta(meta, cfg.data.batch_size) if meta else
+                          TrainState(global_batch=cfg.data.global_batch or cfg.data.batch_size * world.size))
+            self.batching = split_global_batch(self.state.global_batch, world.size, cfg.data.batch_size,
+                                               self.state.world_size if meta else world.size)
         self.data = build_data(cfg, world, self.batching, self.sets)
-        if meta and self.state.step >= self.data.total_steps and \
+        solved = solving and probe.finished(meta)
+        if meta and (self.state.step >= self.data.total_steps or solved) and \
                 from_rank0(world, world.rank == 0 and completed(self.out, self.state.step), "distft.complete"):
             log(world, f"{self.out}: the job is complete (step {self.state.step} of {self.data.total_steps}); "
-                       "nothing to do (raise train.epochs or train.max_steps to train on)")
+                       "nothing to do " + ("(the solve had ended)" if solved else
+                                           "(raise train.epochs or train.max_steps to train on)"))
             return {"complete": True, "steps": self.state.step}
         self.metrics = Metrics(cfg.metrics, world, self.out, cfg.train.log_every, cfg.train.stall_timeout,
                                heads=[p.name for p in grid_points(cfg.heads.grid)] if cfg.heads.grid else None)
@@ -78,6 +89,8 @@ class Job:
         self.spec = model.describe(self.net, cfg.model.name, cfg.model.head)
         self.params = model.structural_params(self.net)
         self.network = build_network(cfg, world, self.net, self.spec, self.state.plan_epoch, self.ctx)
+        if solving:
+            probe.check_plan(cfg, self.network.plan, self.net)  # the same verdict on every rank
         self.heads = agreed_everywhere(world, "building the heads", lambda: build_heads(
             cfg, world, self.net, self.network, self.params, self.ctx))
         self.params.update(self.heads.copies_params())  # a grid's other heads, by their state names
@@ -90,13 +103,19 @@ class Job:
         self.bytes_control += exchanged + self.checkpoints.bytes_control
         self.bytes_broadcast += sent
         self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()  # validation: plain cross-entropy for every head
-        self.step = TrainingStep(cfg, world, self.ctx, self.loss_fn, self.loss_scale, self.metrics, self.names)
-        self.bind_network()
-        if meta:
-            self.bytes_broadcast += self.checkpoints.restore_optimizer(self.heads.trainers(), self.names,
-                                                                       self.loss_scale, meta)
-        self.heads.set_schedules(self.data.steps_per_epoch, self.data.total_steps,
-                                 self.state.global_batch / cfg.data.batch_size)
+        if solving:
+            self.solver = probe.LinearProbe(cfg, world, self.heads, samples, self.ctx)
+            if meta:
+                self.bytes_broadcast += self.checkpoints.restore_solver(self.solver, meta)
+            self.cache = self.solver.cache
+        else:
+            self.step = TrainingStep(cfg, world, self.ctx, self.loss_fn, self.loss_scale, self.metrics, self.names)
+            self.bind_network()
+            if meta:
+                self.bytes_broadcast += self.checkpoints.restore_optimizer(self.heads.trainers(), self.names,
+                                                                           self.loss_scale, meta)
+            self.heads.set_schedules(self.data.steps_per_epoch, self.data.total_steps,
+                                     self.state.global_batch / cfg.data.batch_size)
         self.start_outputs(meta)
         return None
 
@@ -139,17 +158,22 @@ class Job:
                                           cfg.metrics.probe_batches)
         t = self.network.plan.totals()
         self.metrics.startup(t, self.bytes_broadcast + self.bytes_control, self.forward_rate)
+        steps = (f"lbfgs on all {b.global_batch} samples, about {b.per_rank} per rank (features in batches of "
+                 f"{b.micro}), at most {self.data.total_steps} passes" if self.solver else
+                 f"global batch {b.global_batch} ({b.accumulate} x {b.micro} per rank), "
+                 f"{self.data.steps_per_epoch} steps/epoch")
         log(world, f"{cfg.model.name}: {t['trainable_params']:,} trainable / {t['frozen_params']:,} frozen params; "
                    f"frozen prefix {len(self.network.plan.prefix)} stages; {world.size} rank(s) [{world.backend}"
                    f"{'' if not self.network.synchronized_bn else ', BN statistics over ' + self.network.bn_channel}], "
-                   f"global batch {b.global_batch} ({b.accumulate} x {b.micro} per rank), "
-                   f"{self.data.steps_per_epoch} steps/epoch")
+                   + steps)
         if meta:
             log(world, f"resumed at step {self.state.step} (epoch {self.state.epoch}), written on "
                        f"{self.state.world_size} rank(s)")
 
     # --- the loop -------------------------------------------------------------------------------
     def fit(self) -> dict:
+        if self.solver is not None:
+            return self.solve()
         cfg, state, data, stats = self.cfg, self.state, self.data, Stats()
         self.guard.start()
         self.started, evals = time.perf_counter(), {}
@@ -182,6 +206,76 @@ class Job:
         if not evals and data.val_loader is not None:  # resumed a finished run: still report
             evals = self.validate(state.epoch)
         return self.finish(stats, evals)
+
+    def solve(self) -> dict:
+        """optimizer.name: lbfgs. The features once (probe.py), then a step is one pass over
+        them: every head still solving evaluated on every rank's shard, one allreduce with the
+        stop ballot, every head's L-BFGS machine advanced by the agreed numbers."""
+        cfg, state, stats, solver = self.cfg, self.state, Stats(), self.solver
+        self.guard.start()
+        self.started, evals = time.perf_counter(), {}
+        with self.guard.together():
+            solver.extract(self.network.runner, self.data.train_loader, self.guard.beat)
+        log(self.world, f"lbfgs: features of {len(solver.indices)} samples on this rank in "
+                        f"{solver.extract_seconds:.1f} s")
+        stats.start_epoch()
+        solving = time.perf_counter()
+        with solver.threads():
+            while state.step < self.data.total_steps and not solver.done:
+                stats.begin_step()
+                stop = solver.step(self.guard.stop_requested)
+                state.advance()
+                state.start_epoch(state.epoch + 1)  # a pass is an epoch
+                stats.end_step(state.global_batch)
+                self.record_pass(stats)
+                self.guard.poll(state.step)
+                if stop:
+                    self.stop()
+                if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0:
+                    self.save_checkpoint(state)
+                self.guard.beat()
+                stats.mark()
+        solver.solve_seconds = time.perf_counter() - solving  # every pass, with its metrics and checkpoints
+        solver.write_weights()
+        self.solve_ended()
+        if self.data.val_loader is not None:
+            evals = self.validate(state.epoch)
+        self.save_checkpoint(state)
+        return self.finish(stats, evals)
+
+    def record_pass(self, stats: Stats) -> None:
+        state, solver = self.state, self.solver
+        loss, _, per_head = self.heads.figures(solver.losses, [0.0] * len(self.heads))
+        self.metrics.step(samples=len(solver.indices), seconds=stats.last_step, data=0.0,
+                          allreduce=solver.seconds_total - stats.exchange_seconds,
+                          allreduce_bytes=solver.bytes_per_step, loss=loss, lr=0.0, epoch=state.epoch, heads=per_head)
+        stats.exchange_seconds = solver.seconds_total
+        if state.step % self.cfg.train.log_every == 0 or solver.done or state.step == self.data.total_steps:
+            self.metrics.window(global_step=state.step, total_steps=self.data.total_steps, epoch=state.epoch,
+                                loss=loss, lr=0.0, heads=per_head)
+            if not self.metrics.shows_progress:
+                head, worst = max(zip(self.heads, solver.machines),
+                                  key=lambda hm: (not hm[1].done, hm[1].gradient_norm))
+                which = f"{sum(not m.done for m in solver.machines)} of {len(self.heads)} heads solving, the " \
+                        f"farthest {head.name}: " if self.heads.grid else ""
+                log(self.world, f"pass {state.step}: {which}objective {worst.f:.4f}, gradient norm "
+                                f"{worst.gradient_norm:.2e} ({worst.iterations} iterations)")
+
+    def solve_ended(self) -> None:
+        """Heads whose objective is not finite are stopped; a solve cut short by train.epochs
+        (or max_steps) says so."""
+        bad = self.solver.not_finite()
+        for h in bad:
+            h.diverged = {"step": self.state.step, "epoch": self.state.epoch, "reason": "non-finite objective"}
+        if len(bad) == len(self.heads):
+            raise NumericalError(f"pass {self.state.step}: the objective is not finite at the head's starting "
+                                 "weights (are the frozen features finite?)")
+        open_heads = [h.name for h, m in zip(self.heads, self.solver.machines) if not m.done]
+        if open_heads:
+            warn(self.world, f"optimizer.name: lbfgs: stopped after {self.state.step} passes (train.epochs, "
+                             f"train.max_steps) before the gradient norm reached optimizer.tol "
+                             f"{self.cfg.optimizer.tol:g}" + (f" for heads {', '.join(open_heads)}" if self.heads.grid
+                                                              else "") + "; raise train.epochs to solve on")
 
     def batches(self, stats: Stats):
         """The rest of the current epoch: (step, indices, images, labels) of this rank's share."""
@@ -229,7 +323,8 @@ class Job:
         local = self.network.local_stats(self.cfg.dist.batchnorm)
         if local:  # a grid's other heads have moving statistics of their own
             local = local + [n for n in self.heads.copies_state_names() if n.rpartition(".")[2] in BN_STATS]
-        return sync_point(self.world, self.step.settle, self.params, local, where, names)
+        settle = self.step.settle if self.step is not None else (lambda: None)
+        return sync_point(self.world, settle, self.params, local, where, names)
 
     def validate(self, epoch: int) -> dict:
         """Every rank evaluates the same model (the sync point first), each on its shard; a
@@ -249,14 +344,20 @@ class Job:
 
     def save_checkpoint(self, at: TrainState) -> None:
         with self.guard.together():
+            if self.solver is not None:
+                self.solver.write_weights()
             digests = self.sync(f"checkpoint at step {at.step}")
-            self.step.check_weights(at.step, self.state.epoch)
             at.plan_epoch, at.world_size = self.network.plan_epoch, self.world.size
-            self.checkpoints.save(at, self.params, self.heads.state_names(),
-                                  self.heads.capture_optimizer(self.names, self.loss_scale), digests[0],
+            if self.solver is not None:  # the machines' float64 arrays in the optimizer file
+                arrays, extra = self.solver.state_dict()
+                optimizer = OptimizerState(arrays)
+            else:
+                self.step.check_weights(at.step, self.state.epoch)
+                optimizer = self.heads.capture_optimizer(self.names, self.loss_scale)
+                extra = {"lr": self.heads[0].schedule(max(at.step - 1, 0)), **self.heads.checkpoint_meta()}
+            self.checkpoints.save(at, self.params, self.heads.state_names(), optimizer, digests[0],
                                   {"model": self.cfg.model.name, "classes": self.cfg.model.classes,
-                                   "data": self.sets.identity,
-                                   "lr": self.heads[0].schedule(max(at.step - 1, 0)), **self.heads.checkpoint_meta()})
+                                   "data": self.sets.identity, **extra})
         self.metrics.event("checkpoint", step=at.step)
 
     def stop(self) -> None:
@@ -291,9 +392,36 @@ class Job:
         log(self.world, f"epoch {epoch}: freeze plan now trains {len(new)} tensors "
                         f"(+{len(new - old)} / -{len(old - new)})")
 
+    def measure_optimum(self) -> None:
+        """A head-only run's objective (probe.py) and its gradient norm at the end: a solve's
+        own figures; an SGD run with the feature cache makes one pass over the features
+        (its cache, and the samples no rank's shard holds) to show how far from the optimum
+        it stopped."""
+        cfg, world = self.cfg, self.world
+        if self.solver is not None:
+            figures = self.solver.figures()
+        elif self.cache is not None and probe.plan_problem(cfg, self.network.plan, self.net) is None:
+            sampler, runner, batch = self.data.sampler, self.network.runner, self.batching.micro
+            loader = self.data.train_loader
+            rest = sampler.unassigned()[world.rank::world.size]
+            parts = [probe.features(runner, loader, self.ctx, probe.in_batches(sampler.shard(), batch), self.cache,
+                                    self.guard.beat, count=False),  # training's hits and misses stay as they were
+                     probe.features(runner, loader, self.ctx, probe.in_batches(rest, batch), None, self.guard.beat)]
+            chunks = ((x, y) for part in parts for _, x, y in part)
+            figures = probe.measure(cfg, world, self.heads, len(self.sets.train), chunks)
+        else:
+            return
+        for h, fig in zip(self.heads, figures):
+            h.objective, h.gradient_norm = fig["objective"], fig["gradient_norm"]
+        best = self.heads.best() or self.heads[0]
+        self.optimum = {"objective": best.objective, "gradient_norm": best.gradient_norm}
+        if self.solver is not None:
+            self.optimum.update(passes=self.state.step, solver=self.solver.summary())
+
     def finish(self, stats: Stats, evals: dict) -> dict:
         with self.guard.together():
             digests = self.sync("end of training")
+            self.measure_optimum()
             self.metrics.event("end", step=self.state.step)
             summary = compose(self, stats, evals, digests)
             agreed(self.world, "writing model.params and summary.json",

@@ -13,8 +13,11 @@ horovodrun -np "${DISTFT_NP:-2}" --gloo python -m distft --config configs/demo.y
 python - <<'PY'
 import json
 s = json.load(open("runs/demo/finetune/summary.json"))
-print(f"\ndemo: {s['world_size']} ranks, val top-1 {s['val_top1']:.3f} (chance 0.200), "
-      f"{s['samples_per_sec']:.0f} samples/s, broadcast {s['bytes_broadcast']:,} B "
-      f"(a full broadcast: {s['bytes_full_broadcast']:,} B); model: runs/demo/finetune/model.params")
+how = (f"head {s['best_head']} of {len(s['heads'])}, " if s.get("heads") else "") + (
+    f"lbfgs: {s['passes']} passes in {s['solver']['solve_seconds']:.1f} s after the features were cached"
+    if s.get("solver") else f"{s['samples_per_sec']:.0f} samples/s")
+print(f"\ndemo: {s['world_size']} ranks, val top-1 {s['val_top1']:.3f} (chance 0.200), {how}, "
+      f"broadcast {s['bytes_broadcast']:,} B (a full broadcast: {s['bytes_full_broadcast']:,} B); "
+      f"model: runs/demo/finetune/model.params")
 PY
 echo "demo wall time: $(( $(date +%s) - start )) s"

@@ -60,7 +60,7 @@ def test_a_string_that_only_looks_like_a_number_is_still_refused(override, messa
     ("optimzer.lr=0.1", "optimzer: unknown key (did you mean 'optimizer'?)"),
     ("optimizer.lr=fast", "optimizer.lr: expected a number, got 'fast'"),
     ("optimizer.lr=-1", "optimizer.lr: must be >= 0.0"),
-    ("optimizer.name=sdg", "optimizer.name: must be one of sgd, nag, adam, got 'sdg' (did you mean 'sgd'?)"),
+    ("optimizer.name=sdg", "optimizer.name: must be one of sgd, nag, adam, lbfgs, got 'sdg' (did you mean 'sgd'?)"),
     ("data.batch_size=0", "data.batch_size: must be >= 1"),
     ("data.batch_size=2.5", "data.batch_size: expected an integer"),
     ("data.augment=maybe", "data.augment: expected true/false"),
