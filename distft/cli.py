@@ -11,8 +11,14 @@ import sys
 import time
 import traceback
 
-from .errors import ConfigError, DistftError, Preempted
-from .metrics import end_progress_line
+from distft import __version__
+from distft.config import load_config
+from distft.console import end_progress_line
+from distft.errors import ConfigError, DistftError, Preempted
+from distft.launchenv import launcher_rank
+
+# Each command imports what it runs when it runs: `distft doctor` must answer where `import
+# mxnet` fails, and no command pays for another's imports (MXNet, Horovod, onnx).
 
 AGREED_EXIT_GRACE_S = 1.0  # see the end of main()
 COMMANDS = ("train", "plan", "check", "make-rec", "demo-prepare", "bench", "eval", "predict", "export", "doctor")
@@ -47,8 +53,6 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     raw = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="distft", formatter_class=raw, epilog=EXAMPLES, description=(
         "Distributed fine-tuning of frozen-backbone MXNet Gluon models on Horovod.\n\n"
@@ -180,7 +184,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def cmd_doctor(args) -> int:
-    from . import doctor
+    from distft.gpu import doctor
 
     if args.capability is not None:
         try:
@@ -193,30 +197,27 @@ def cmd_doctor(args) -> int:
 def require_supported_gpus() -> None:
     """Stop (exit 2, the doctor's line) before anything collective when a GPU this process sees
     cannot run the installed MXNet's kernels, instead of a CUDA error at the first kernel."""
-    from . import doctor
+    from distft.gpu import doctor
 
     doctor.require_supported_gpus()
 
 
 def cmd_export(args) -> int:
-    from . import export
-    from .config import load_config
+    from distft.inference import export
 
     export.run(load_config(args.config, args.overrides), args.format, args.output, head=args.head)
     return 0
 
 
 def cmd_predict(args) -> int:
-    from . import predict
-    from .config import load_config
+    from distft.inference import predict
 
     predict.run(load_config(args.config, args.overrides), args.images, args.output, args.top_k, head=args.head)
     return 0
 
 
 def cmd_eval(args) -> int:
-    from . import evaluate
-    from .config import load_config
+    from distft.inference import evaluate
 
     evaluate.run(load_config(args.config, args.overrides), args.json_path, data=args.data,
                  checkpoint_dir=args.checkpoint, head=args.head)
@@ -224,14 +225,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from . import bench
+    from distft.bench import bench, tables
 
     for path, flag in ((args.json_path, "--json"), (args.md_path, "--markdown")):
         if path:
             bench.prepare_output(path, flag)
     result = bench.run(args.config, args.overrides, args.np, args.steps, args.window, args.controller,
                        cache_epochs=args.cache_epochs, repeats=args.repeats, trace=args.timeline)
-    table = bench.markdown_grid(result) if "heads" in result else bench.markdown(result)
+    table = tables.markdown_grid(result) if "heads" in result else tables.markdown(result)
     print(f"controller: horovodrun --{result['controller']}" + (" (horovodrun's own choice)" if args.controller == "auto"
                                                                else ""))
     print(table)
@@ -246,9 +247,8 @@ def cmd_bench(args) -> int:
 
 def cmd_train(args) -> int:
     require_supported_gpus()
-    from . import zoo
-    from .config import load_config
-    from .train import run
+    from distft.models import zoo
+    from distft.train.run import run
 
     cfg = load_config(args.config or default_config(), args.overrides)
     if cfg.model.pretrained is True:
@@ -261,16 +261,16 @@ def cmd_train(args) -> int:
 
 def cmd_check(args) -> int:
     require_supported_gpus()
-    from . import datacheck, model
-    from .config import load_config
+    from distft.data import check as datacheck
+    from distft.models import network
 
     cfg = load_config(args.config or default_config(), args.overrides)
-    model.check(cfg.model)  # seconds, before minutes of reading images
+    network.check(cfg.model)  # seconds, before minutes of reading images
     return datacheck.main(cfg, jobs=args.jobs, cache_path=args.cache, as_json=args.json)
 
 
 def cmd_make_rec(args) -> int:
-    from . import makerec
+    from distft.data import makerec
 
     result = makerec.make_rec(args.folder, args.out, resize=args.resize, quality=args.quality, jobs=args.jobs)
     for message in result["skipped"]:
@@ -283,46 +283,41 @@ def cmd_make_rec(args) -> int:
 def cmd_plan(args) -> int:
     import mxnet as mx
 
-    from . import freeze, heads, model, probe
-    from .config import load_config
-    from .data import resolve_model_classes
+    from distft.components import probe
+    from distft.data.sets import resolve_model_classes
+    from distft.models import freeze, network
+    from distft.models.gluon import describe
+    from distft.train.memory import memory_lines, plan_memory
 
     cfg = load_config(args.config or default_config(), args.overrides)
-    model.check(cfg.model)  # before data.train is listed
+    network.check(cfg.model)  # before data.train is listed
     resolve_model_classes(cfg)
-    net = model.create(cfg.model, mx.cpu(), seed=cfg.train.seed)
-    spec = model.describe(net, cfg.model.name, cfg.model.head)
-    plan = freeze.resolve(spec, cfg.freeze.trainable, cfg.freeze.batchnorm, cfg.freeze.schedule, 0)
+    net = network.create(cfg.model, mx.cpu(), seed=cfg.train.seed)
+    spec = describe(net, cfg.model.name, cfg.model.head)
+    plan = freeze.plan_at(cfg, spec, 0)
     if cfg.optimizer.name == probe.SOLVER:  # what training would refuse
         probe.check_plan(cfg, plan, net)
     stages, prev, labelled = [], plan, [("freeze.trainable", plan)]
     for e in sorted({s["epoch"] for s in cfg.freeze.schedule}):
-        pl = freeze.resolve(spec, cfg.freeze.trainable, cfg.freeze.batchnorm, cfg.freeze.schedule, e)
+        pl = freeze.plan_at(cfg, spec, e)
         stages.append((e, pl, prev))
         at = ", ".join(str(i) for i, s in enumerate(cfg.freeze.schedule) if s["epoch"] == e)
         labelled.append((f"freeze.schedule[{at}] (epoch {e})", pl))
         prev = pl
-    memory = heads.plan_memory(cfg, labelled, net)
+    memory = plan_memory(cfg, labelled, net)
     if args.json:
         print(json.dumps({**freeze.to_json(plan, spec, args.depth, stages), "memory": memory}, indent=1))
     else:
         print(freeze.to_table(plan, spec, args.depth, stages))
-        print(heads.memory_lines(memory))
+        print(memory_lines(memory))
     return 0
 
 
 def cmd_demo_prepare(args) -> int:
-    from . import demo_prepare
+    from distft.train import demo_prepare
 
     demo_prepare.ensure_pretrained(args.config, args.overrides, args.pretrain_config)
     return 0
-
-
-def _rank() -> str:
-    for var in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
-        if var in os.environ:
-            return os.environ[var]
-    return ""
 
 
 def main(argv=None) -> int:
@@ -346,13 +341,13 @@ def main(argv=None) -> int:
     except Preempted as exc:  # not an error: every rank stopped where the job resumes
         agreed_error = True
         end_progress_line()
-        rank = _rank()
+        rank = launcher_rank()
         print(f"distft{f' (rank {rank})' if rank else ''}: {exc}", file=sys.stderr, flush=True)
         code = exc.exit_code
     except DistftError as exc:
         agreed_error = True
         end_progress_line()
-        rank = _rank()
+        rank = launcher_rank()
         where = f" (rank {rank})" if rank else ""
         print(f"distft: error{where}: {exc}", file=sys.stderr, flush=True)
         code = exc.exit_code
@@ -363,7 +358,7 @@ def main(argv=None) -> int:
         text = str(exc)
         if "Horovod has been shut down" in text or "HorovodInternalError" in type(exc).__name__:
             # a peer rank died or stalled; the launcher and Horovod's stall report name it
-            rank = _rank()
+            rank = launcher_rank()
             print(f"distft: error (rank {rank}): Horovod shut down: another rank failed, was killed or stalled "
                   "(see the launcher's message and Horovod's stall report); the last completed checkpoint "
                   "is intact, relaunch to resume", file=sys.stderr, flush=True)
@@ -371,7 +366,7 @@ def main(argv=None) -> int:
         else:
             traceback.print_exc()
             code = 1
-    if code and _rank():
+    if code and launcher_rank():
         # other ranks may wait in a collective for this one: leave now, without Horovod's
         # shutdown handshake, so the launcher sees the failure and stops the job. An error
         # every rank agreed on reaches them all at once: a moment's grace lets each one's line

@@ -2,7 +2,8 @@
 
     python -m distft.launcher horovodrun -np 4 -H node1:2,node2:2 --gloo python -m distft ...
 
-(launch/launch.sh runs it; standard library only.)
+(launch/launch.sh runs it; standard library only, and distft's own `launchenv`, the protocol it
+shares with the ranks.)
 
 - horovodrun's Gloo controller turns any rank's failure into its own exit 1 (its MPI
   controller execs mpirun, whose status is already the first failing rank's). Here the code of
@@ -30,9 +31,7 @@ import threading
 import uuid
 from typing import Iterable, Optional
 
-STOP_FILE_ENV, LAUNCH_ID_ENV = "DISTFT_STOP_FILE", "DISTFT_LAUNCH_ID"
-DEFAULT_STOP_FILE = "/tmp/distft.stop"
-ANY_LAUNCH = "*"  # written by a worker pod's entry point, which does not know the launch id
+from distft.launchenv import DEFAULT_STOP_FILE, LAUNCH_ID_ENV, STOP_FILE_ENV, write_stop_file
 
 # horovodrun's RuntimeError (Gloo) and mpirun's report name the first failing process's code;
 # lines of the ranks' own output carry horovodrun's `[rank]<stdout>:` prefix and never count
@@ -62,23 +61,6 @@ def job_hosts(argv: list[str]) -> list[str]:
 def is_this_machine(host: str) -> bool:
     name = socket.gethostname()
     return host in ("localhost", "127.0.0.1", "::1", name, name.split(".")[0], socket.getfqdn())
-
-
-def write_stop_file(path: str, launch_id: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as fh:
-        fh.write(launch_id)
-    os.replace(tmp, path)
-
-
-def stop_file_says_stop(path: str, launch_id: Optional[str]) -> bool:
-    """What a rank checks each step."""
-    try:
-        with open(path) as fh:
-            text = fh.read().strip()
-    except OSError:
-        return False
-    return text == ANY_LAUNCH or (launch_id is not None and text == launch_id)
 
 
 class Launcher:

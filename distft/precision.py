@@ -14,7 +14,7 @@ import functools
 import mxnet as mx
 import numpy as np
 
-from .errors import ConfigError
+from distft.errors import ConfigError
 
 _enabled: dict = {}
 

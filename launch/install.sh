@@ -5,7 +5,7 @@
 #
 #   DISTFT_VENV   virtualenv to use (default: <repo>/.venv)
 #   DISTFT_EXTRA  cpu (default) or cu112: mxnet-cu112 with the CUDA 11 libraries from the registry
-#                 (found at run time by distft/cudalibs.py) and Horovod built with NCCL by a CUDA
+#                 (found at run time by distft/gpu/cudalibs.py) and Horovod built with NCCL by a CUDA
 #                 11.8 toolchain (launch/cuda-toolkit.sh); works on a machine with no GPU or driver
 #   DISTFT_DEV    1 (default) also installs the test tools and the test-only system services
 #   DISTFT_EXPORT 1 installs the `export` extra (onnx, onnxruntime) without the dev tools
@@ -93,8 +93,8 @@ fi
 SITE=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 if [ "$EXTRA" = cu112 ]; then
   # every interpreter of this venv finds the CUDA libraries of the nvidia-* wheels when it first
-  # imports mxnet (distft/cudalibs.py): distft, Horovod's build, a user's script
-  "$VPY" -c 'from distft import cudalibs; print(cudalibs.PTH_LINE, end="")' > "$SITE/distft-cuda-libs.pth"
+  # imports mxnet (distft/gpu/cudalibs.py): distft, Horovod's build, a user's script
+  "$VPY" -c 'from distft.gpu import cudalibs; print(cudalibs.PTH_LINE, end="")' > "$SITE/distft-cuda-libs.pth"
 fi
 
 # --- Horovod, built against the MXNet just installed ----------------------------------------
@@ -112,7 +112,7 @@ spec="horovod $HOROVOD_VERSION, $py_tag $(uname -m), $mx_dist $mx_version, contr
 if [ "$EXTRA" = cu112 ]; then
   nccl_version=$(dist_version nvidia-nccl-cu11)
   # Horovod's kernels for exactly the architectures MXNet's own kernels have (read from libmxnet.so)
-  cuda_archs=$("$VPY" -c 'from distft import cudalibs, elffile
+  cuda_archs=$("$VPY" -c 'from distft.gpu import cudalibs, elffile
 print(",".join(a[3:] for a in elffile.kernels(cudalibs.mxnet_library()).sass))')
   if [ -n "${HOROVOD_CUDA_HOME:-}" ]; then
     # a CUDA toolkit of the machine's (the Docker image's), with the compilers of the environment

@@ -22,13 +22,13 @@ MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
 def make_pretrained(path, name="resnet18_v2", classes=5, image_size=32, seed=1):
     """A "pretrained" file: random weights, and BN statistics that are not the 0/1 defaults,
     so a test can tell if anything moved them."""
-    from distft import model
+    from distft.models import gluon, network
     from types import SimpleNamespace
 
-    net = model.create(SimpleNamespace(name=name, classes=classes, pretrained=False,
+    net = network.create(SimpleNamespace(name=name, classes=classes, pretrained=False,
                                        image_size=image_size, head="output"), mx.cpu(), seed)
     rng = np.random.default_rng(seed)
-    for pname, p in model.structural_params(net).items():
+    for pname, p in gluon.structural_params(net).items():
         if pname.endswith("running_mean"):
             p.set_data(mx.nd.array(rng.normal(0, 0.1, p.shape)))
         elif pname.endswith("running_var"):
@@ -41,8 +41,8 @@ def pretrain_backbone(out_dir, epochs=2):
     """A real "pretrained" backbone: a short run of our trainer on digits 0-4, so BatchNorm
     statistics describe real activations (a random net's do not, and its gradients explode)."""
     from distft.config import load_config
-    from distft.dist import LocalWorld
-    from distft.train import run
+    from distft.distributed.world import LocalWorld
+    from distft.train.run import run
 
     cfg = load_config(os.path.join(ROOT, "configs", "demo-pretrain.yaml"),
                       [f"train.epochs={epochs}", f"train.output={out_dir}", "data.val=null",

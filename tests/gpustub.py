@@ -54,7 +54,7 @@ def build_driver(folder, imported=(), gpus=None, cuda=12020, init=0, version="53
 
 def driver_imports(*libraries) -> set:
     """The driver API functions (cuXxx) these libraries import, read from their dynamic symbols."""
-    from distft import elffile
+    from distft.gpu import elffile
 
     found = set()
     for path in libraries:

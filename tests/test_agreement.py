@@ -6,13 +6,15 @@ import threading
 import numpy as np
 import pytest
 
-from distft.agreement import agreed, agreed_everywhere
-from distft.dist import buckets, read_verdict
+from distft.distributed.agreement import agreed, agreed_everywhere
+from distft.distributed.exchange import buckets, read_verdict
+from distft.distributed.world import LocalWorld
 from distft.errors import ConfigError, DataError, DistributedError
 
 
-class FakeWorld:
-    """Rank `rank` of `size` ranks that run as threads of one process."""
+class FakeWorld(LocalWorld):
+    """Rank `rank` of `size` ranks that run as threads of one process (its collectives are
+    LocalWorld's, built on `allgather_bytes`)."""
 
     def __init__(self, rank, size, shared):
         self.rank, self.size, self.shared = rank, size, shared

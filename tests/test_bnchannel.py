@@ -9,8 +9,9 @@ import pytest
 from mxnet import autograd
 from mxnet.gluon import nn
 
-from distft import bnchannel, syncbn
-from distft.bnexchange import Exchanges
+from distft.distributed import bnchannel
+from distft.distributed import syncbn
+from distft.distributed.bnexchange import Exchanges
 from distft.errors import ConfigError
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from distft.config import load_config
-from distft.data import ShardSampler, open_training_sets
+from distft.data.sets import open_training_sets
+from distft.data.sharding import ShardSampler
 from distft.errors import ConfigError, DataError
 
 from conftest import read_summary, run_cli, write_config
@@ -147,7 +148,7 @@ def test_val_class_names_match_train_in_any_unicode_form(tmp_path):
 def test_val_split_holds_a_file_out_by_its_name_so_a_grown_data_set_never_leaks():
     """Files added between launches never move a trained-on sample into validation, nor a
     held-out one into training; the share held out is the fraction asked for."""
-    from distft.data import held_out
+    from distft.data.sets import held_out
 
     names = [f"cls{i % 7}/img_{i:05d}.jpg" for i in range(3000)]
     first = held_out(names[:2000], 0.2, seed=5)

@@ -57,7 +57,8 @@ def test_every_command_describes_itself(capsys, command, words):
 
 
 def test_bench_writes_its_json_and_markdown_into_new_folders(tmp_path, monkeypatch, capsys):
-    from distft import bench, cli
+    from distft.bench import bench
+    from distft import cli
 
     monkeypatch.setattr(bench, "run", lambda *args, **kwargs: {"samples_per_sec": {"distft": 1.0}, "controller": "mpi"})
     monkeypatch.setattr(bench, "markdown", lambda result: "| table |\n")
@@ -69,7 +70,8 @@ def test_bench_writes_its_json_and_markdown_into_new_folders(tmp_path, monkeypat
 
 @pytest.mark.parametrize("flag", ["--json", "--markdown"])
 def test_bench_refuses_an_output_it_cannot_write_before_it_runs(tmp_path, monkeypatch, capsys, flag):
-    from distft import bench, cli
+    from distft.bench import bench
+    from distft import cli
 
     ran = []
     monkeypatch.setattr(bench, "run", lambda *args, **kwargs: ran.append(1) or {})

@@ -18,7 +18,7 @@ import mpijob
 import slurm
 from conftest import MPI_ENV, ROOT, kustomize, read_summary, small_config, write_config
 from processes import logged_steps, wait_for
-from distft import checkpoint
+from distft.components import checkpoint
 
 pytestmark = pytest.mark.horovod
 

@@ -5,7 +5,11 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from distft.data import BatchLoader, ImageFolder, RecordFile, ShardSampler, Transform, eval_shard, open_dataset
+from distft.data.datasets import ImageFolder, RecordFile
+from distft.data.loader import BatchLoader
+from distft.data.sets import open_dataset
+from distft.data.sharding import ShardSampler, eval_shard
+from distft.data.transforms import Transform
 from distft.errors import DataError
 
 from imagefiles import png

@@ -6,9 +6,11 @@ import os
 import numpy as np
 
 from distft.config import load_config
-from distft.data import RecordFile, open_dataset
-from distft.datacheck import check
-from distft.makerec import make_rec
+from distft.data.datasets import RecordFile
+from distft.data.sets import open_dataset
+from distft.distributed.world import LocalWorld
+from distft.data.check import check
+from distft.data.makerec import make_rec
 
 from conftest import run_cli, write_config
 from test_classes import folder
@@ -86,7 +88,8 @@ def test_make_rec_resize_reencodes_with_the_short_side_given(tmp_path):
 
 
 def test_training_loader_counts_unreadable_files_not_reads(tmp_path):
-    from distft.data import BatchLoader, Transform
+    from distft.data.loader import BatchLoader
+    from distft.data.transforms import Transform
     from distft.errors import DataError
     import pytest
 
@@ -106,7 +109,7 @@ def test_training_loader_counts_unreadable_files_not_reads(tmp_path):
                               f"{ds.files[0]}: not an image (unknown format, {len(BROKEN)} bytes)")
 
 
-class Rank:
+class Rank(LocalWorld):
     """One of two ranks whose allgather sees what the other has already sent."""
 
     def __init__(self, rank, sent):
@@ -118,7 +121,7 @@ class Rank:
 
 
 def test_pass_before_training_splits_files_across_ranks_and_leaves_bad_ones_out_on_every_rank(tmp_path):
-    from distft.datacheck import without_unreadable
+    from distft.data.check import without_unreadable
 
     train = folder(tmp_path / "train", {"ant": 3, "bee": 3})
     ds = open_dataset(train, "train", "data.train")

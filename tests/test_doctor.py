@@ -12,7 +12,11 @@ import pytest
 from conftest import ROOT, run_cli, small_config, write_config
 from gpustub import build_driver
 
-from distft import cli, cudalibs, doctor, elffile, gpus
+from distft import cli
+from distft.gpu import cudalibs
+from distft.gpu import doctor, install
+from distft.gpu import elffile
+from distft.gpu import gpus
 
 # what the mxnet-cu112 (and cu117) 1.9.1 wheel's libmxnet.so holds (tests/test_gpu_install.py
 # reads it from the real file)
@@ -69,7 +73,7 @@ def test_needed_libraries_soname_and_run_path_are_read_from_the_dynamic_section(
         assert lib.needed == re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", readelf)
         assert lib.search_path == ["$ORIGIN/lib"]
         assert {"twice", "answer"} <= set(lib.dynamic_symbols(defined=True))
-        assert doctor.built_constant(lib.function_bytes("answer")) == 42
+        assert install.built_constant(lib.function_bytes("answer")) == 42
 
 
 def test_a_library_without_gpu_code_has_no_kernels(fat_library):
@@ -91,12 +95,12 @@ def test_a_file_that_is_not_elf_is_a_clear_error(tmp_path):
     (bytes.fromhex("554889e5b801000000"), None),  # a frame set up first: not recognised
 ])
 def test_the_constant_a_built_function_returns_is_read_from_its_code(code, value):
-    assert doctor.built_constant(code) == value
+    assert install.built_constant(code) == value
 
 
 def test_horovods_built_features_are_read_from_its_library():
     """The CPU install's Horovod: MPI and Gloo, no NCCL (what hvd.*_built() answer)."""
-    section, kernels, problems = doctor.read_horovod(doctor.installed_mxnet(), doctor.Resolver())
+    section, kernels, problems = install.read_horovod(install.installed_mxnet(), install.Resolver())
     assert (section["mpi"], section["gloo"], section["nccl"]) == (True, True, False)
     assert kernels.sass == [] and problems == []
 
@@ -141,7 +145,7 @@ def test_same_major_sass_runs_on_later_minors_only():
     ((10, 0), "sm_100", "CUDA >= 12.8 and MXNET_CUDA_ARCH including 10.0 (+PTX)"),
 ])
 def test_a_gpu_without_kernels_gets_one_line_naming_its_arch_the_wheels_and_the_fix(capability, arch, fix):
-    mx = doctor.MxnetBuild("mxnet-cu112", "1.9.1", "/venv/mxnet/libmxnet.so", WHEEL)
+    mx = install.MxnetBuild("mxnet-cu112", "1.9.1", "/venv/mxnet/libmxnet.so", WHEEL)
     ok, reason, line = doctor.verdict("a GPU", capability, mx)
     assert not ok and "\n" not in line
     assert f"({arch})" in line and "sm_50, sm_60, sm_70, sm_80, sm_86 and no PTX" in line
@@ -156,7 +160,7 @@ def test_ptx_is_compiled_by_the_driver_for_any_later_gpu():
 
 
 def test_a_cpu_build_runs_on_no_gpu():
-    mx = doctor.MxnetBuild("mxnet", "1.9.1", "/venv/mxnet/libmxnet.so", elffile.Kernels())
+    mx = install.MxnetBuild("mxnet", "1.9.1", "/venv/mxnet/libmxnet.so", elffile.Kernels())
     ok, reason, line = doctor.verdict("GPU 0", (8, 0), mx)
     assert not ok and "CPU build" in line and "DISTFT_EXTRA=cu112" in line
 
@@ -249,18 +253,19 @@ def gpu_build_on(monkeypatch):
     def use(gpu):
         monkeypatch.setattr(gpus, "probe", lambda: (gpus.Driver("/fake/libcuda.so.1", "550.54.15", "12.4"), [gpu]))
         monkeypatch.setattr(doctor, "installed_mxnet",
-                            lambda: doctor.MxnetBuild("mxnet-cu112", "1.9.1", "/venv/mxnet/libmxnet.so", WHEEL))
+                            lambda: install.MxnetBuild("mxnet-cu112", "1.9.1", "/venv/mxnet/libmxnet.so", WHEEL))
     return use
 
 
 @pytest.mark.parametrize("command", ["train", "check"])
 def test_a_gpu_the_wheel_cannot_run_stops_the_job_before_any_collective(tmp_path, monkeypatch, capsys,
                                                                          gpu_build_on, command):
-    from distft import datacheck, dist
+    from distft.data import check as datacheck
+    from distft.train import run
 
     gpu_build_on(H100)
     started = []
-    monkeypatch.setattr(dist, "init_world", lambda **kw: started.append("world"))
+    monkeypatch.setattr(run, "init_world", lambda **kw: started.append("world"))
     monkeypatch.setattr(datacheck, "main", lambda *a, **kw: started.append("check"))
     cfg = write_config(tmp_path / "job.yaml", small_config(tmp_path, str(tmp_path / "none.params")))
     assert cli.main([command, "--config", cfg]) == 2

@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 
 from conftest import horovodrun, read_summary, run_cli, small_config, write_config
-from distft import checkpoint, cli, demo
+from distft.components import checkpoint
+from distft import cli
+from distft.data import demo
 from distft.config import load_config
-from distft.dist import LocalWorld
-from distft.preprocess import Preprocess
-from distft.train import run
+from distft.distributed.world import LocalWorld
+from distft.data.preprocess import Preprocess
+from distft.train.run import run
 
 from imagefiles import make_folder, make_photo_folder
 
@@ -152,7 +154,7 @@ def test_eval_on_a_class_subset_equals_training_validation_on_it(users_folder, p
     """eval matched classes by folder position: on a folder of only `dog` and `red fox` it counted
     dogs as `café` and foxes as `cat` (top-1 0.5, confusion [[8,0,0,0],[8,0,0,0],…]), where
     training's validation on the same folder (matched by name) said otherwise."""
-    from distft.makerec import make_rec
+    from distft.data.makerec import make_rec
 
     train, val, _ = users_folder
     subset = tmp_path / "val_sub"

@@ -12,12 +12,14 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, small_config, write_config
-from distft import cli, demo, export
+from distft import cli
+from distft.data import demo
+from distft.inference import export
 from distft.config import load_config
-from distft.dist import LocalWorld
+from distft.distributed.world import LocalWorld
 from distft.errors import ModelError
-from distft.preprocess import Preprocess
-from distft.train import run
+from distft.data.preprocess import Preprocess
+from distft.train.run import run
 
 from imagefiles import make_photo_folder
 

@@ -5,7 +5,9 @@ from types import SimpleNamespace
 import mxnet as mx
 import pytest
 
-from distft import cli, freeze, model
+from distft import cli
+from distft.models import freeze
+from distft.models import gluon, network
 from distft.errors import ConfigError
 
 from conftest import write_config
@@ -13,9 +15,9 @@ from conftest import write_config
 
 @pytest.fixture(scope="module")
 def resnet18():
-    net = model.create(SimpleNamespace(name="resnet18_v2", classes=5, pretrained=False, image_size=32,
+    net = network.create(SimpleNamespace(name="resnet18_v2", classes=5, pretrained=False, image_size=32,
                                        head="output"), mx.cpu(), 0)
-    return net, model.describe(net, "resnet18_v2", "output")
+    return net, gluon.describe(net, "resnet18_v2", "output")
 
 
 def test_forum_case_features_1_is_one_7x7_conv_weight(resnet18):
@@ -25,7 +27,7 @@ def test_forum_case_features_1_is_one_7x7_conv_weight(resnet18):
     everything_but_features_1 = [f"features.{i}" for i in range(13) if i != 1] + ["output"]
     plan = freeze.resolve(spec, everything_but_features_1)
     freeze.apply(net, plan)
-    params = model.structural_params(net)
+    params = gluon.structural_params(net)
     under = [n for n in params if n.startswith("features.1.")]
     assert under == ["features.1.weight"]
     assert params["features.1.weight"].shape == (64, 3, 7, 7)
@@ -99,7 +101,7 @@ def test_byte_totals_equal_the_real_parameters(resnet18):
     net, spec = resnet18
     plan = freeze.resolve(spec, ["features.8", "output"])
     freeze.apply(net, plan)
-    real = model.structural_params(net)
+    real = gluon.structural_params(net)
     nbytes = {n: p.data().asnumpy().nbytes
               for n, p in real.items()}
     t = plan.totals()
@@ -136,7 +138,7 @@ def test_plan_command_table(tmp_path, capsys):
 def test_pretrained_of_another_architecture_names_mismatches(tmp_path, pretrained):
     from distft.errors import ModelError
     with pytest.raises(ModelError) as err:
-        model.create(SimpleNamespace(name="resnet34_v2", classes=5, pretrained=pretrained, image_size=32,
+        network.create(SimpleNamespace(name="resnet34_v2", classes=5, pretrained=pretrained, image_size=32,
                                      head="output"), mx.cpu(), 0)
     msg = str(err.value)
     assert "does not fit this model" in msg and "missing from the file: features.5.2.bn1.gamma" in msg
@@ -150,7 +152,7 @@ def test_pretrained_with_wrong_shapes_names_them(tmp_path):
     arrays["features.1.weight"] = mx.nd.zeros((64, 3, 5, 5))
     mx.nd.save(path, arrays)
     with pytest.raises(ModelError, match=r"mis-shaped: features.1.weight \(file \(64, 3, 5, 5\), model \(64, 3, 7, 7\)\)"):
-        model.create(SimpleNamespace(name="resnet18_v2", classes=5, pretrained=path, image_size=32,
+        network.create(SimpleNamespace(name="resnet18_v2", classes=5, pretrained=path, image_size=32,
                                      head="output"), mx.cpu(), 0)
 
 
@@ -159,4 +161,4 @@ def test_not_a_params_file(tmp_path):
     bad = tmp_path / "x.params"
     bad.write_bytes(b"definitely not mxnet")
     with pytest.raises(ModelError, match="not an MXNet .params file"):
-        model.load_pretrained(mx.gluon.nn.Dense(2), str(bad), "output", mx.cpu())
+        network.load_pretrained(mx.gluon.nn.Dense(2), str(bad), "output", mx.cpu())

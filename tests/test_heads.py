@@ -12,7 +12,7 @@ import pytest
 
 from distft.config import load_config
 from distft.errors import ConfigError
-from distft.heads import grid_points, head_config
+from distft.train.grid import grid_points, head_config
 
 from conftest import horovodrun, load_params, read_summary, run_cli, small_config, write_config
 
@@ -63,23 +63,25 @@ def test_a_grid_without_validation_data_names_heads_select():
 
 
 def test_a_grid_that_does_not_fit_in_memory_is_refused_naming_heads_grid(tmp_path, pretrained, monkeypatch):
-    from distft import builders, heads, model
-    from distft.dist import LocalWorld
+    from distft.train import builders
+    from distft.train import heads, memory
+    from distft.models import gluon, network
+    from distft.distributed.world import LocalWorld
 
     cfg = load_config(write_config(tmp_path / "c.yaml", small_config(
         tmp_path, pretrained, freeze={"trainable": ["features.8", "output"]}, data={"val_split": 0.2},
         heads={"grid": {"optimizer.lr": [0.1, 0.01, 0.001]}})))
-    net = model.create(cfg.model, mx.cpu(), seed=0)
-    spec = model.describe(net, cfg.model.name, cfg.model.head)
-    network = builders.build_network(cfg, LocalWorld(), net, spec, 0, mx.cpu())
-    est = heads.memory_estimate(cfg, network.plan, network.runner, 3, 8)
-    one = heads.memory_estimate(cfg, network.plan, network.runner, 1, 8)
-    t = network.plan.totals()
+    net = network.create(cfg.model, mx.cpu(), seed=0)
+    spec = gluon.describe(net, cfg.model.name, cfg.model.head)
+    prepared = builders.build_network(cfg, LocalWorld(), net, spec, 0, mx.cpu())
+    est = memory.memory_estimate(cfg, prepared.plan, prepared.runner, 3, 8)
+    one = memory.memory_estimate(cfg, prepared.plan, prepared.runner, 1, 8)
+    t = prepared.plan.totals()
     assert est["gradients"] == 3 * t["trainable_bytes"] and est["optimizer_state"] == 3 * t["trainable_bytes"]
     assert est["activations"] == 3 * one["activations"] > 0
-    monkeypatch.setattr(heads, "device_memory", lambda ctx, ranks=1: (est["total"] - 1, "host RAM available per rank"))
+    monkeypatch.setattr(memory, "device_memory", lambda ctx, ranks=1: (est["total"] - 1, "host RAM available per rank"))
     with pytest.raises(ConfigError) as err:
-        heads.build_heads(cfg, SimpleNamespace(local_size=1, rank=0), net, network, model.structural_params(net),
+        heads.build_heads(cfg, SimpleNamespace(local_size=1, rank=0), net, prepared, gluon.structural_params(net),
                           mx.cpu())
     assert str(err.value).startswith("heads.grid: 3 heads need about ")
     assert "than the " in str(err.value) and "use fewer points or a smaller data.batch_size" in str(err.value)

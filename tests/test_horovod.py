@@ -260,7 +260,7 @@ PHOTO_CLASSES = ["cat", "dog", "emu", "fox"]
 def photos(tmp_path_factory):
     """A folder of photos, and the same photos as a .rec made by `distft make-rec` (JPEG and
     PNG payloads)."""
-    from distft import makerec
+    from distft.data import makerec
 
     from imagefiles import make_photo_folder
 

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import mxnet
 import horovod.mxnet  # loads its library RTLD_GLOBAL: libmxnet.so's jpeg_*/png_*/TIFF* become global
-from distft.data import decode
+from distft.data.imaging import decode
 for path in sys.argv[1:]:
     with open(path, "rb") as fh:
         img = decode(fh.read(), path)
@@ -73,7 +73,7 @@ def test_a_broken_decoder_is_named_as_the_environment_and_caches_no_verdict(tmp_
     assert "jpeg_read_header resolves globally to " in line and "libmxnet.so" in line and train not in line
     assert not cache.exists()
     from distft.config import load_config
-    from distft.datacheck import check
+    from distft.data.check import check
 
     [report] = check(load_config(cfg), jobs=1, cache_path=str(cache))
     assert report.unreadable == [] and report.read == 8
@@ -83,7 +83,7 @@ def test_failures_cached_by_an_earlier_distft_never_refuse_a_good_file(tmp_path)
     """Caches of the format before the decoder's identity was part of the key (version 1) may hold
     a broken process's verdicts ('300 unreadable files of 300'): they are ignored."""
     from distft.config import load_config
-    from distft.datacheck import check
+    from distft.data.check import check
 
     train = jpeg_folder(tmp_path / "train")
     files = sorted(str(p) for p in (tmp_path / "train").rglob("*.jpg"))
@@ -99,7 +99,7 @@ def test_failures_cached_by_an_earlier_distft_never_refuse_a_good_file(tmp_path)
 
 
 def test_self_test_accepts_this_environment_and_decodes_upright_rgb():
-    from distft import imaging
+    from distft.data import imaging
 
     imaging.self_test()
     assert imaging.self_test_passed()

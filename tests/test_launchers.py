@@ -13,7 +13,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from distft import checkpoint, launcher
+from distft.components import checkpoint
+from distft import launchenv, launcher
 from distft.config import load_config
 
 from conftest import MPI_ENV, ROOT, kustomize, read_summary, small_config, write_config
@@ -202,7 +203,7 @@ def test_worker_entry_point_serves_ssh_that_the_client_config_reaches(tmp_path):
         out = sshd.communicate(timeout=10)[0]
     assert "Server listening" in out
     # SIGTERM (the pod's) became a stop request for the ranks of any launch, and sshd ended
-    assert (tmp_path / "stop").read_text() == launcher.ANY_LAUNCH and sshd.returncode == 0
+    assert (tmp_path / "stop").read_text() == launchenv.ANY_LAUNCH and sshd.returncode == 0
 
 
 @pytest.mark.horovod

@@ -14,9 +14,9 @@ import urllib.request
 import pytest
 
 from distft.config import MetricsConfig
-from distft.dist import LocalWorld
+from distft.distributed.world import LocalWorld
 from distft.errors import ConfigError
-from distft.metrics import Metrics
+from distft.components.metrics import Metrics
 
 from conftest import MPI_ENV, ROOT, horovodrun, read_summary, run_cli, small_config, write_config
 
@@ -250,7 +250,7 @@ def test_report_numbers_epochs_as_the_logs_do(tmp_path, monkeypatch):
     """report.png's validation curve: epoch 0 is the first, as in `epoch 0 val top1 ...`."""
     import matplotlib.axes
 
-    from distft import metrics
+    from distft.components import metrics
 
     drawn = []
     plot = matplotlib.axes.Axes.plot

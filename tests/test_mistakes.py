@@ -109,7 +109,8 @@ def test_a_model_mistake_stops_training_before_any_data_is_read(tmp_path, model,
 @pytest.mark.parametrize("model, message", MODEL_MISTAKES)
 def test_a_model_mistake_is_reported_by_check_plan_and_bench_before_their_data(tmp_path, capsys, monkeypatch,
                                                                                  model, message):
-    from distft import bench, cli
+    from distft.bench import bench
+    from distft import cli
 
     monkeypatch.setattr(bench, "_run", lambda *args, **kwargs: pytest.fail("bench ran a job"))
     (tmp_path / "a").mkdir()
@@ -129,7 +130,7 @@ def test_the_image_size_check_leaves_no_memory_behind():
     import subprocess
     import sys
 
-    code = ("import psutil, mxnet; from distft.inputsize import require_fits; p = psutil.Process(); "
+    code = ("import psutil, mxnet; from distft.models.inputsize import require_fits; p = psutil.Process(); "
             "before = p.memory_info().rss; require_fits('resnet50_v2', 64); "
             "print((p.memory_info().rss - before) // 2**20)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from distft.config import load_config
-from distft.dist import LocalWorld
+from distft.distributed.world import LocalWorld
 from distft.errors import DistftError
-from distft.train import run
+from distft.train.run import run
 
 from conftest import load_params, run_cli, small_config, write_config
 
@@ -52,7 +52,7 @@ def test_cache_spills_to_a_file_past_the_memory_limit_in_float16(tmp_path, pretr
 
 
 def test_float16_cache_keeps_features_to_float16_precision(tmp_path):
-    from distft.cache import FeatureCache
+    from distft.components.cache import FeatureCache
 
     rng = np.random.default_rng(0)
     feats = rng.normal(0, 50, (6, 512, 1, 1)).astype(np.float32)
@@ -168,7 +168,7 @@ def _timeline(steps: int, step_us: int = 1000) -> list:
 
 
 def test_timeline_summary_counts_each_operation_once_per_step(tmp_path):
-    from distft import timeline
+    from distft.bench import timeline
 
     events = _timeline(12)
     s = timeline.summarise(events, skip=3)
@@ -199,14 +199,14 @@ def test_timeline_summary_counts_each_operation_once_per_step(tmp_path):
 def test_bench_keeps_its_figures_when_the_traced_run_fails_and_traces_only_that_run(tmp_path, monkeypatch, pretrained):
     import sys
 
-    from distft import bench
+    from distft.bench import bench, tables
 
     doc = small_config(tmp_path, pretrained)
     config = write_config(tmp_path / "c.yaml", doc)
     failing = [sys.executable, "-c", "import sys; print('rank 1 exited'); sys.exit(3)"]
     traced = bench._traced(config, [], 15, 5, str(tmp_path), failing, 60)
     assert traced == {"error": "bench: the distft (timeline) run failed (exit 3): rank 1 exited"}
-    assert "not measured: bench: the distft (timeline) run failed" in bench._timeline_lines(traced)
+    assert "not measured: bench: the distft (timeline) run failed" in tables._timeline_lines(traced)
     # a timeline the user set for their own jobs does not reach (and slow) the timed runs
     monkeypatch.setenv("HOROVOD_TIMELINE", str(tmp_path / "mine.json"))
     check = [sys.executable, "-c", "import os, sys; sys.exit('HOROVOD_TIMELINE' in os.environ)"]

@@ -9,8 +9,8 @@ import pytest
 from conftest import small_config, write_config
 from distft import cli
 from distft.config import load_config
-from distft.dist import LocalWorld
-from distft.train import run
+from distft.distributed.world import LocalWorld
+from distft.train.run import run
 
 from imagefiles import make_photo_folder
 

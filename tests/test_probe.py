@@ -10,13 +10,15 @@ import pytest
 import mxnet as mx
 from mxnet.gluon import nn
 
-from distft import lbfgs, model, probe
+from distft.components import lbfgs
+from distft.models import network as model
+from distft.components.objective import Objective
 from distft.config import IMAGENET_MEAN, IMAGENET_STD, load_config
-from distft.data import Transform
-from distft.demo import dataset
-from distft.dist import LocalWorld
+from distft.data.transforms import Transform
+from distft.data.demo import dataset
+from distft.distributed.world import LocalWorld
 from distft.errors import ConfigError
-from distft.train import run
+from distft.train.run import run
 
 from conftest import horovodrun, load_params, read_summary, run_cli, small_config, write_config
 
@@ -96,8 +98,8 @@ def test_the_objective_and_its_gradient_with_smoothing_a_penalised_bias_and_cent
     eye = np.eye(28) * 1e-6
     for smoothing, decay_bias, mean in ((0.0, False, None), (0.2, True, None), (0.1, True, x.mean(0)),
                                         (0.0, False, x.mean(0))):
-        obj = probe.Objective(50, 4, 6, [0.01], [smoothing], decay_bias, mean=mean)
-        plain = probe.Objective(50, 4, 6, [0.01], [smoothing], decay_bias)
+        obj = Objective(50, 4, 6, [0.01], [smoothing], decay_bias, mean=mean)
+        plain = Objective(50, 4, 6, [0.01], [smoothing], decay_bias)
 
         def evaluate(o, p):
             return o.totals(p, np.array([0]), o.local_sums(p, np.array([0]), [(x, y)]))
@@ -121,7 +123,7 @@ def test_the_objective_and_its_gradient_with_smoothing_a_penalised_bias_and_cent
 def test_fixed_point_sums_are_the_same_bits_however_the_blocks_are_dealt():
     rng = np.random.default_rng(4)
     x, y = rng.standard_normal((230, 8)) * 3, rng.integers(0, 3, 230)
-    obj = probe.Objective(230, 3, 8, [1e-3, 1e-4], [0.0, 0.1], False)
+    obj = Objective(230, 3, 8, [1e-3, 1e-4], [0.0, 0.1], False)
     points, heads = rng.standard_normal((2, obj.size)), np.arange(2)
     exponents = obj.exponents(points, float(np.abs(x).max()))
     blocks = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 230, 16)]

@@ -3,9 +3,9 @@ any other line is printed."""
 import pytest
 
 from distft.config import MetricsConfig
-from distft.dist import LocalWorld
-from distft.metrics import Metrics, progress_wanted
-from distft.train import log
+from distft.distributed.world import LocalWorld
+from distft.components.metrics import Metrics, progress_wanted
+from distft.console import log
 
 
 @pytest.mark.parametrize("env, isatty, expected", [

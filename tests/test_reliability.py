@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from distft import checkpoint
+from distft.components import checkpoint
 from distft.config import Config, load_config
 from distft.errors import ConfigError
 

@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from distft import checkpoint
+from distft.components import checkpoint
 from distft.errors import ConfigError, DistributedError
-from distft.state import TrainState, split_global_batch
+from distft.components.state import TrainState, split_global_batch
 
 from conftest import MPI_ENV, ROOT, horovodrun, load_params, read_summary, run_cli, small_config, write_config
 
@@ -57,7 +57,7 @@ def test_train_state_round_trips_and_reads_the_first_checkpoint_format():
 
 
 def test_a_rank_is_given_the_gpu_it_can_see():
-    from distft.dist import gpu_index
+    from distft.distributed.world import gpu_index
 
     assert gpu_index(0, 0, 1, 0, None) is None  # no GPU: the CPU
     assert gpu_index(5, 3, 4, 1, "3") == 0  # one visible GPU per process (Slurm, device plugins)
@@ -281,10 +281,10 @@ def test_a_data_set_that_changed_since_the_checkpoint_is_refused_unless_accepted
     checkpoint's record; data.on_change: accept resumes knowingly (the hold-out, chosen by each
     file's name, still holds out the same files)."""
     from distft.config import load_config
-    from distft.data import open_training_sets
-    from distft.dist import LocalWorld
+    from distft.data.sets import open_training_sets
+    from distft.distributed.world import LocalWorld
     from distft.errors import DataError
-    from distft.train import run
+    from distft.train.run import run
 
     from imagefiles import make_photo_folder
 

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from distft.config import load_config
-from distft.schedule import LRSchedule
+from distft.components.schedule import LRSchedule
 
 
 def schedule(*overrides, steps_per_epoch=10, total=100, batch_ratio=1.0):

@@ -4,8 +4,8 @@ import numpy as np
 from mxnet import autograd
 from mxnet.gluon import nn
 
-from distft import syncbn
-from distft.dist import LocalWorld
+from distft.distributed import syncbn
+from distft.distributed.world import LocalWorld
 
 
 def test_running_variance_folds_in_the_estimator_mxnets_own_batchnorm_uses_on_this_device():

@@ -10,10 +10,10 @@ import pytest
 from mxnet import autograd
 from mxnet.gluon import nn
 
-from distft import checkpoint
+from distft.components import checkpoint
 from distft.config import load_config
-from distft.dist import LocalWorld
-from distft.train import run
+from distft.distributed.world import LocalWorld
+from distft.train.run import run
 
 from conftest import load_params, read_summary, run_cli, small_config, write_config
 
@@ -261,7 +261,7 @@ def test_top5_is_reported_with_more_than_five_classes(tmp_path, pretrained, caps
 
 
 def test_a_relaunch_that_changes_the_job_says_so_in_the_configs_words(tmp_path):
-    from distft.checkpointer import check_relaunch, job_identity
+    from distft.components.checkpointer import check_relaunch, job_identity
     from distft.errors import ConfigError
 
     meta = {"job": job_identity(load_config(None, ["data.augment=false"]))}

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, make_pretrained, run_cli, small_config, write_config
-from distft import model, zoo
+from distft.models import gluon, network
+from distft.models import zoo
 from distft.errors import ModelError
 
 NAME = "resnet18_v2"
@@ -87,14 +88,14 @@ def cache_files(home):
 
 def test_download_fills_the_cache_and_the_model_loads_it(mirror, zoo_file, tmp_path, monkeypatch):
     monkeypatch.setattr(zoo, "expected_sha1", lambda name: zoo_file.sha1)
-    net = model.create(SimpleNamespace(name=NAME, classes=4, pretrained=True, image_size=32, head="output"),
+    net = network.create(SimpleNamespace(name=NAME, classes=4, pretrained=True, image_size=32, head="output"),
                        mx.cpu(), 0)
     assert mirror.requests == [f"/gluon/models/{zoo.file_name(NAME)}.zip"]
     path = str(tmp_path / "mxhome" / "models" / f"{zoo.file_name(NAME)}.params")
     assert zoo.sha1_of(path) == zoo_file.sha1
     want = mx.nd.load(zoo_file.params)["features.0.gamma"].asnumpy()
-    assert np.array_equal(model.structural_params(net)["features.0.gamma"].data().asnumpy(), want)
-    assert model.structural_params(net)["output.weight"].shape == (4, 512)
+    assert np.array_equal(gluon.structural_params(net)["features.0.gamma"].data().asnumpy(), want)
+    assert gluon.structural_params(net)["output.weight"].shape == (4, 512)
     assert zoo.fetch(NAME) == path and len(mirror.requests) == 1  # cached: no second request
 
 
@@ -102,7 +103,7 @@ def test_two_processes_of_one_node_download_once(zoo_file, tmp_path):
     """Two processes sharing one MXNET_HOME (the ranks of a node) ask at the same time: one
     downloads, the other waits on the lock and finds the file."""
     server = ZooServer(zoo_file.root, delay=3.0)  # slow: the second process arrives mid-download
-    script = ("import sys, time; from distft import zoo; zoo.expected_sha1 = lambda name: sys.argv[1]; "
+    script = ("import sys, time; from distft.models import zoo; zoo.expected_sha1 = lambda name: sys.argv[1]; "
               f"print(time.time()); print(zoo.fetch({NAME!r}))")
     env = {**os.environ, "MXNET_GLUON_REPO": server.repo, "MXNET_HOME": str(tmp_path / "mxhome"),
            "PYTHONPATH": ROOT}
@@ -144,7 +145,7 @@ def test_offline_names_the_url_and_the_cache_path(tmp_path, monkeypatch):
     monkeypatch.setenv("MXNET_GLUON_REPO", repo)
     monkeypatch.setenv("MXNET_HOME", str(tmp_path))
     with pytest.raises(ModelError) as err:
-        model.create(SimpleNamespace(name=NAME, classes=5, pretrained=True, image_size=32, head="output"),
+        network.create(SimpleNamespace(name=NAME, classes=5, pretrained=True, image_size=32, head="output"),
                      mx.cpu(), 0)
     msg = str(err.value)
     assert "\n" not in msg
@@ -171,9 +172,9 @@ def test_hand_placed_file_with_the_right_hash_is_used_offline(zoo_file, tmp_path
     (tmp_path / "models").mkdir()
     with open(zoo_file.params, "rb") as src, open(zoo.cache_path(NAME), "wb") as dst:
         dst.write(src.read())
-    net = model.create(SimpleNamespace(name=NAME, classes=3, pretrained=True, image_size=32, head="output"),
+    net = network.create(SimpleNamespace(name=NAME, classes=3, pretrained=True, image_size=32, head="output"),
                        mx.cpu(), 0)
-    assert model.structural_params(net)["output.weight"].shape == (3, 512)
+    assert gluon.structural_params(net)["output.weight"].shape == (3, 512)
 
 
 def test_a_model_without_zoo_weights_is_named(tmp_path, monkeypatch):

@@ -8,8 +8,9 @@ import numpy as np
 from mxnet import autograd
 from mxnet.gluon import nn
 
-from distft import model, syncbn
-from distft.dist import init_world
+from distft.models import gluon
+from distft.distributed import syncbn
+from distft.distributed.world import init_world
 
 out_path = sys.argv[1]
 channel = sys.argv[2] if len(sys.argv) > 2 else "auto"
@@ -27,7 +28,7 @@ net.initialize()
 net[0].gamma.set_data(mx.nd.array(gamma))
 net[0].beta.set_data(mx.nd.array(beta))
 assert syncbn.convert(net, ["0"], world.bn_exchanges(channel)) == 1
-model._hybridize_except(net, syncbn.is_sync)  # as training does: the sync BN stays imperative
+gluon.hybridize_except(net, syncbn.is_sync)  # as training does: the sync BN stays imperative
 x = mx.nd.array(x_full[half])
 x.attach_grad()
 with autograd.record():

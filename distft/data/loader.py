@@ -1,0 +1,114 @@
+"""A prefetching batch loader, and the rule for unreadable files."""
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+import numpy as np
+
+from distft.data.transforms import Transform
+from distft.errors import DataError
+
+def bad_file_limit(files: int, max_bad_fraction: float, max_bad_files: int) -> int:
+    """How many unreadable files a data set of `files` may hold and still train: a few in a
+    small set (max_bad_files), a fraction of a large one."""
+    return max(int(max_bad_fraction * files), max_bad_files)
+
+
+class BatchLoader:
+    """Assembles batches on background threads, `depth` batches ahead of the training step.
+
+    An unreadable sample is replaced by another sample of the same batch (the batch keeps its
+    size, so ranks stay in step) and counted; once more files than `bad_file_limit` allows
+    are unreadable, the job stops with the file named."""
+
+    def __init__(self, dataset, transform: Transform, workers: int = 2, depth: int = 2,
+                 max_bad_fraction: float = 0.0, max_bad_files: int = 0):
+        self.dataset = dataset
+        self.transform = transform
+        self.workers = workers
+        self.depth = depth
+        self.bad_limit = bad_file_limit(len(dataset), max_bad_fraction, max_bad_files)
+        self.bad = 0  # unreadable samples read (a bad file read every epoch counts every time)
+        self.bad_files: set = set()
+        self.seen = 0
+        self._pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
+
+    def _sample(self, i: int, epoch: int) -> np.ndarray:
+        return self.transform(self.dataset.read(int(i)), epoch, int(i))
+
+    def _try_sample(self, i: int, epoch: int):
+        try:
+            return self._sample(i, epoch)
+        except DataError as exc:
+            return exc
+
+    def batch(self, indices: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._pool is not None and len(indices) > 1:
+            xs = list(self._pool.map(lambda i: self._try_sample(i, epoch), indices))
+        else:
+            xs = [self._try_sample(i, epoch) for i in indices]
+        labels = self.dataset.labels[indices].copy()
+        self.seen += len(xs)
+        bad = [k for k, x in enumerate(xs) if isinstance(x, DataError)]
+        if bad:
+            self.bad += len(bad)
+            self.bad_files.update(int(indices[k]) for k in bad)
+            if len(self.bad_files) > self.bad_limit:
+                raise DataError(f"data.max_bad_fraction: {len(self.bad_files)} unreadable files, more than the "
+                                f"{self.bad_limit} allowed of {len(self.dataset)}; latest: {xs[bad[-1]]}")
+            if len(bad) == len(xs):
+                raise DataError(f"every file of a batch is unreadable; latest: {xs[bad[-1]]}")
+            good = next(k for k, x in enumerate(xs) if not isinstance(x, DataError))
+            for k in bad:
+                xs[k], labels[k] = xs[good], labels[good]
+        return np.stack(xs), labels
+
+    def iterate(self, batches: list[tuple[int, np.ndarray]], epoch: int, skip=None) -> Iterator:
+        """Yields (step, indices, x, y) for `batches` = [(step, indices)], prefetching on a
+        thread. `skip(indices)` true: x is None (e.g. the feature cache holds the batch)."""
+        def make(step, idx):
+            if skip is not None and skip(idx):
+                return step, idx, None, self.dataset.labels[idx]
+            return (step, idx, *self.batch(idx, epoch))
+
+        if self.workers == 0:
+            for step, idx in batches:
+                yield make(step, idx)
+            return
+        q: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+
+        def produce():
+            try:
+                for step, idx in batches:
+                    if stop.is_set():
+                        return
+                    q.put(make(step, idx))
+                q.put(None)
+            except BaseException as exc:  # handed to the consumer, raised there
+                q.put(exc)
+
+        thread = threading.Thread(target=produce, daemon=True, name="distft-loader")
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    thread.join(timeout=0.05)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)

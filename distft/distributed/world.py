@@ -1,0 +1,181 @@
+"""The Horovod seam: everything collective goes through a World. LocalWorld for one process
+(no launcher), HorovodWorld under horovodrun / mpirun / srun. The rest of distft never imports
+horovod (bench/baseline.py, the plain Horovod loop distft is measured against, takes it from
+`horovod()` here)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Optional
+
+import mxnet as mx
+import numpy as np
+
+from distft import launchenv
+from distft.data import imaging
+from distft.distributed.bnchannel import open_channel
+from distft.distributed.bnexchange import Exchanges
+from distft.errors import DistributedError
+
+
+def gpu_index(rank: int, local_rank: int, local_size: int, visible: int, cuda_visible) -> Optional[int]:
+    """Which of the GPUs this process can see is this rank's (None: the CPU).
+
+    One GPU visible: it is this rank's, whatever its local rank (Slurm's --gpus-per-task=1,
+    Kubernetes' device plugin). All of the node's GPUs visible: the local rank's. Anything
+    else cannot be mapped one GPU per rank and is an error naming the device."""
+    if visible == 0:
+        return None
+    if visible == 1:
+        return 0
+    if local_rank < visible and visible >= local_size:
+        return local_rank
+    raise DistributedError(
+        f"rank {rank} (local rank {local_rank} of {local_size} on this node) has no GPU of its own: this process "
+        f"sees {visible} GPU(s) (CUDA_VISIBLE_DEVICES={cuda_visible if cuda_visible is not None else 'unset'}); "
+        f"give each rank exactly one GPU, or every rank all {local_size} of the node's")
+
+
+def device_for_rank(rank: int, local_rank: int, local_size: int, visible: int, cuda_visible=None):
+    index = gpu_index(rank, local_rank, local_size, visible, cuda_visible)
+    return mx.cpu() if index is None else mx.gpu(index)
+
+
+def digest(arr: np.ndarray) -> bytes:
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).digest()[:8]
+
+
+class LocalWorld:
+    """One process: collectives are identities."""
+
+    rank = 0
+    size = 1
+    local_rank = 0
+    local_size = 1
+    cross_rank = 0  # index of this rank's node
+    backend = "local"
+
+    def context(self):
+        return device_for_rank(self.rank, self.local_rank, self.local_size, mx.context.num_gpus(),
+                               os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+    # all of these return bytes moved on the wire by this rank (0 here)
+    def broadcast_(self, arrays: list, name: str) -> int:
+        return 0
+
+    def allreduce_(self, arrays: list, name: str, average: bool = True, prescale: float = 1.0,
+                   postscale: float = 1.0) -> None:
+        return None
+
+    def allgather_bytes(self, payload: bytes, name: str) -> list[bytes]:
+        return [payload]
+
+    def allreduce_numpy(self, value: np.ndarray, name: str) -> np.ndarray:
+        return np.asarray(value)
+
+    def allgather_json(self, value, name: str) -> list:
+        """Every rank's JSON-able `value`, in rank order (through `allgather_bytes`)."""
+        return [json.loads(b) for b in self.allgather_bytes(json.dumps(value).encode(), name)]
+
+    _bn_exchanges = None
+
+    def bn_exchanges(self, choice: str = "auto"):
+        """The synchronized BatchNorm exchanges of this world over the statistics channel
+        `dist.bn_channel` asks for (bnchannel), opened once (collective: every rank at the same
+        point)."""
+        if self._bn_exchanges is None or self._bn_exchanges[0] != choice:
+            self._bn_exchanges = (choice, Exchanges(open_channel(choice, self)))
+        return self._bn_exchanges[1]
+
+
+def horovod():
+    """horovod.mxnet, imported after Pillow's codecs are bound (Horovod makes MXNet's global):
+    the one place distft imports Horovod."""
+    imaging.load_pillow()
+    import horovod.mxnet as hvd
+
+    return hvd
+
+
+def horovod_has_mpi() -> bool:
+    """Whether the installed Horovod was built with MPI (read without starting it)."""
+    from horovod.common.util import mpi_built
+
+    return bool(mpi_built())
+
+
+class HorovodWorld(LocalWorld):
+    backend = "horovod"
+    mpi_comm = None  # MPI_COMM_WORLD where an MPI launcher started the ranks
+
+    def __init__(self):
+        hvd = self.hvd = horovod()
+        if "HOROVOD_GLOO_RENDEZVOUS_ADDR" in os.environ:
+            hvd.init()  # horovodrun --gloo: its rendezvous names the ranks
+        else:
+            # MPI launchers (mpirun, srun, horovodrun --mpi): take the ranks the scheduler started
+            # (mpi4py asks for MPI_THREAD_MULTIPLE: the statistics channel needs it)
+            from mpi4py import MPI
+
+            hvd.init(comm=MPI.COMM_WORLD)
+            self.mpi_comm = MPI.COMM_WORLD
+        self.rank, self.size = hvd.rank(), hvd.size()
+        self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
+        self.cross_rank = hvd.cross_rank()
+        self.backend = "gloo" if hvd.gloo_enabled() and "HOROVOD_GLOO_RENDEZVOUS_ADDR" in os.environ else "mpi"
+
+    def broadcast_(self, arrays: list, name: str) -> int:
+        # MXNet's oneDNN inference path may have reordered a weight in place into a blocked
+        # layout that Horovod cannot read: send a plain-layout copy and write it back.
+        copies = [arr.copy() for arr in arrays]
+        for i, tmp in enumerate(copies):
+            self.hvd.broadcast_(tmp, root_rank=0, name=f"{name}.{i}")
+        for arr, tmp in zip(arrays, copies):
+            arr[:] = tmp
+        mx.nd.waitall()
+        return sum(a.size * np.dtype(a.dtype).itemsize for a in arrays)
+
+    def allreduce_(self, arrays: list, name: str, average: bool = True, prescale: float = 1.0,
+                   postscale: float = 1.0) -> None:
+        if not arrays:
+            return
+        self.hvd.grouped_allreduce_(arrays, average=average, name=name,
+                                    prescale_factor=prescale, postscale_factor=postscale)
+
+    def allgather_bytes(self, payload: bytes, name: str) -> list[bytes]:
+        """Gathers one byte string per rank (lengths may differ)."""
+        lengths = self.hvd.allgather(mx.nd.array([len(payload)], dtype=np.int64), name=f"{name}.len")
+        lengths = [int(n) for n in lengths.asnumpy()]
+        data = np.frombuffer(payload, dtype=np.uint8) if payload else np.zeros(0, np.uint8)
+        gathered = self.hvd.allgather(mx.nd.array(data, dtype=np.uint8).reshape((-1,)), name=name)
+        flat = gathered.asnumpy().tobytes()
+        out, pos = [], 0
+        for n in lengths:
+            out.append(flat[pos:pos + n])
+            pos += n
+        return out
+
+    def allreduce_numpy(self, value: np.ndarray, name: str) -> np.ndarray:
+        arr = mx.nd.array(np.asarray(value, dtype=np.float64), dtype=np.float64)
+        return self.hvd.allreduce(arr, average=False, name=name).asnumpy()
+
+
+def init_world(stall_timeout: float = 0.0) -> LocalWorld:
+    if not launchenv.started_ranks(os.environ):
+        return LocalWorld()
+    # Horovod's background thread looks for ready tensors every cycle: latency on a synchronized
+    # BatchNorm's critical path (each layer waits for one exchange forward and one backward).
+    # 1 ms, as launch.sh sets it: one exchange measured 3.6 ms with the variable unset, 1.7 ms
+    # at 1 ms (distft.bench.syncbench, 2 ranks on 2 cores; the library's own default is not documented
+    # in one place: horovodrun's help says 1 ms)
+    os.environ.setdefault("HOROVOD_CYCLE_TIME", "1")
+    if stall_timeout:
+        # Horovod's stall inspector names the ranks that never joined a collective, then
+        # shuts Horovod down so the waiting ranks fail instead of hanging (read at init)
+        check = max(1, int(min(60, stall_timeout / 2)))
+        os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(check))
+        os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(max(int(stall_timeout), check + 1)))
+    return HorovodWorld()
+
+

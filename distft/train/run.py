@@ -1,0 +1,18 @@
+"""`distft train`: the job a config describes, set up and run on this world (one process, or the
+ranks a launcher started)."""
+from __future__ import annotations
+
+from distft.components import probe
+from distft.config import Config
+from distft.distributed.world import init_world
+from distft.train.job import Job
+from distft.train.solving import SolvingJob
+
+
+def run(cfg: Config, world=None) -> dict:
+    world = world or init_world(stall_timeout=cfg.train.stall_timeout)
+    job = (SolvingJob if cfg.optimizer.name == probe.SOLVER else Job)(cfg, world)
+    try:
+        return job.setup() or job.fit()
+    finally:
+        job.close()
