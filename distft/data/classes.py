@@ -7,13 +7,11 @@ names only when `<name>.classes.json` lies beside it (`distft make-rec` writes o
 """
 from __future__ import annotations
 
-import json
-import os
-import unicodedata
 from typing import Optional
 
 import numpy as np
 
+from distft.data.datasets import read_names_file
 from distft.errors import ConfigError, DataError
 from distft.files import atomic_write_json
 from distft.runfolder import RunFolder
@@ -93,18 +91,7 @@ def map_validation(val_set, train_names: Optional[list], classes: int, key: str 
 
 def load(output: str) -> Optional[list]:
     """A run's class names (train.output/classes.json), or None when it saved none."""
-    path = RunFolder(output).classes
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as fh:
-            doc = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: unreadable ({exc})") from None
-    names = doc.get("classes") if isinstance(doc, dict) else doc
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise ConfigError(f"{path}: expected a JSON list of class names (index = label)")
-    return [unicodedata.normalize("NFC", n) for n in names]
+    return read_names_file(RunFolder(output).classes, ConfigError, "unreadable", keyed=True, nonempty=True)
 
 
 def save(output: str, names: Optional[list], classes: int) -> str:

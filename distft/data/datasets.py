@@ -172,18 +172,26 @@ def class_names_path(rec_path: str) -> str:
     return os.path.splitext(rec_path)[0] + ".classes.json"
 
 
-def read_class_names(rec_path: str) -> Optional[list]:
-    path = class_names_path(rec_path)
+def read_names_file(path: str, error: type = DataError, unreadable: str = "cannot read class names",
+                    keyed: bool = False, nonempty: bool = False) -> Optional[list]:
+    """The class names a JSON file lists (index = label), in NFC; None without the file. `keyed`:
+    `{"classes": [...]}` is read too; `nonempty`: an empty list is an error. Errors are `error`,
+    naming the file."""
     if not os.path.isfile(path):
         return None
     try:
         with open(path) as fh:
-            names = json.load(fh)
+            doc = json.load(fh)
     except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read class names ({exc})") from None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise DataError(f"{path}: expected a JSON list of class names (index = label)")
+        raise error(f"{path}: {unreadable} ({exc})") from None
+    names = doc.get("classes") if keyed and isinstance(doc, dict) else doc
+    if not isinstance(names, list) or (nonempty and not names) or not all(isinstance(n, str) for n in names):
+        raise error(f"{path}: expected a JSON list of class names (index = label)")
     return [nfc(n) for n in names]
+
+
+def read_class_names(rec_path: str) -> Optional[list]:
+    return read_names_file(class_names_path(rec_path))
 
 
 class Subset:
