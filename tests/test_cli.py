@@ -57,11 +57,11 @@ def test_every_command_describes_itself(capsys, command, words):
 
 
 def test_bench_writes_its_json_and_markdown_into_new_folders(tmp_path, monkeypatch, capsys):
-    from distft.bench import bench
+    from distft.bench import bench, tables
     from distft import cli
 
     monkeypatch.setattr(bench, "run", lambda *args, **kwargs: {"samples_per_sec": {"distft": 1.0}, "controller": "mpi"})
-    monkeypatch.setattr(bench, "markdown", lambda result: "| table |\n")
+    monkeypatch.setattr(tables, "markdown", lambda result: "| table |\n")
     out = tmp_path / "bench" / "nested"
     assert cli.main(["bench", "--json", str(out / "b.json"), "--markdown", str(tmp_path / "md" / "b.md")]) == 0
     assert (out / "b.json").read_text().startswith("{") and (tmp_path / "md" / "b.md").read_text() == "| table |\n"
