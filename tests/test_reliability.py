@@ -1,7 +1,6 @@
 """Faults, for real: signals to real ranks, a full file system, corrupt images, NaN, fuzzed
 configs. Nothing completed is lost and nothing hangs."""
 import os
-import re
 import signal
 import string
 import subprocess
@@ -145,7 +144,11 @@ def test_ctrl_c_to_horovodrun_checkpoints_every_rank_at_one_step(tmp_path, pretr
     finally:
         if proc.poll() is None:
             kill_tree(proc)
-    assert "Process 0 exit with status code 75." in text and "Process 1 exit with status code 75." in text
+    # horovodrun (Gloo) names the first rank to end, and terminates the others as soon as it sees
+    # it (under load, before a slower rank's own exit): the first rank's code is 75, and the
+    # checkpoint below is at the step every rank agreed on
+    assert "Exit code: 75" in text, text[-2000:]
+    assert "Process 0 exit with status code 75." in text or "Process 1 exit with status code 75." in text
     step = int(text.split("preempted (SIGTERM) at step ")[1].split(";")[0])
     assert checkpoint.latest(str(out)).meta["step"] == step
     again = run_cli(["--config", cfg, "--set", f"train.max_steps={step + 2}"], launcher=horovodrun(2, "gloo"))
