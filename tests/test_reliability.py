@@ -1,6 +1,7 @@
 """Faults, for real: signals to real ranks, a full file system, corrupt images, NaN, fuzzed
 configs. Nothing completed is lost and nothing hangs."""
 import os
+import re
 import signal
 import string
 import subprocess
