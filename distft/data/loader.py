@@ -37,7 +37,8 @@ class BatchLoader:
         self._pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
 
     def _sample(self, i: int, epoch: int) -> np.ndarray:
-        return self.transform(self.dataset.read(int(i)), epoch, int(i))
+        read = getattr(self.dataset, "encoded", self.dataset.read)  # bytes: decoded at the crop's scale
+        return self.transform(read(int(i)), epoch, int(i))
 
     def _try_sample(self, i: int, epoch: int):
         try:

@@ -17,7 +17,7 @@ import mxnet as mx
 import numpy as np
 
 from distft.data.datasets import is_hidden
-from distft.data.imaging import IMAGE_EXTENSIONS, decode
+from distft.data.imaging import IMAGE_EXTENSIONS, Encoded
 from distft import precision
 from distft.data import imaging
 from distft.distributed.agreement import agreed_everywhere
@@ -102,7 +102,7 @@ def run(cfg, images: list[str], output: str, k: Optional[int] = None, world=None
         try:
             with open(path, "rb") as fh:
                 payload = fh.read()
-            return transform(decode(payload, path), 0, 0)
+            return transform(Encoded(payload, path), 0, 0)  # training's decoding, evaluation's crop
         except OSError as exc:
             return DataError(f"{path}: cannot read ({exc.strerror})")
         except DataError as exc:
