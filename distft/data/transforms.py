@@ -69,7 +69,9 @@ class Transform:
         return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
 
     def __call__(self, image: Union[Encoded, np.ndarray], epoch: int, index: int) -> np.ndarray:
-        chw = np.asarray(self.pixels(image, epoch, index)).transpose(2, 0, 1).astype(np.float32)
+        # the uint8 planes first, then one conversion to float: several times faster than converting
+        # the strided transpose
+        chw = np.ascontiguousarray(np.asarray(self.pixels(image, epoch, index)).transpose(2, 0, 1)).astype(np.float32)
         chw -= self.mean
         chw /= self.std
         return chw

@@ -1,0 +1,132 @@
+"""The input pipeline: JPEGs decoded at the DCT scale the crop allows, the same pixels wherever
+and whenever a sample is read, and one decoding policy for training, eval, predict and serving."""
+import importlib.util
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+from distft.components.state import Batching
+from distft.config import load_config
+from distft.data import preprocess
+from distft.data.datasets import ImageFolder
+from distft.data.imaging import Encoded, dct_scale
+from distft.data.loader import BatchLoader
+from distft.data.transforms import DECODE_POLICY, Transform
+from distft.distributed.world import LocalWorld
+from distft.errors import DataError
+from distft.inference import predict
+from distft.train import builders
+
+from imagefiles import make_photo_folder, png
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+SERVING_TOLERANCE = 1e-5  # serve_onnx.py's input against distft's, after normalisation (float32 rounding)
+
+
+def smooth_photo(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Gradients and mild noise: what a camera sees, not pure noise (which no scale-down keeps)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([120 + 100 * np.sin(xx / 37.0 + c) * np.cos(yy / 29.0 - c) for c in range(3)], axis=2)
+    return np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
+
+
+def jpeg(img: np.ndarray, **save) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
+def test_the_dct_scale_is_the_largest_that_leaves_the_crop_at_the_input_size():
+    assert dct_scale(375, 375, 224) == 1  # an ImageNet-sized photo: whole
+    assert dct_scale(447, 600, 224) == 1 and dct_scale(448, 600, 224) == 2
+    assert dct_scale(3000, 3000, 224) == 8  # a 12 MP photo's centre square: 1/8 is still 375 px
+    assert dct_scale(1000, 2000, 224) == 4  # the short side of the crop decides
+
+
+def test_a_large_jpeg_is_decoded_scaled_down_and_stays_close_to_a_full_decode():
+    photo = Encoded(jpeg(smooth_photo(600, 800)), "photo.jpg")
+    scaled = Transform(64, MEAN, STD, augment=False, seed=0)
+    whole = Transform(64, MEAN, STD, augment=False, seed=0, draft=False)
+    a, b = scaled(photo, 0, 0), whole(photo, 0, 0)
+    assert a.shape == b.shape == (3, 64, 64) and a.dtype == np.float32
+    assert not np.array_equal(a, b)  # 600 px / 8 >= 64: decoded at 1/8, not whole
+    assert np.abs(a - b).mean() * 0.226 * 255 < 2.0  # within 2 grey levels on average
+
+
+def test_a_png_decoded_here_gives_what_its_pixels_give():
+    img = smooth_photo(50, 70)
+    t = Transform(16, MEAN, STD, augment=True, seed=4)
+    for epoch in range(3):
+        assert np.array_equal(t(Encoded(png(img), "x.png"), epoch, 9), t(img, epoch, 9))
+
+
+def test_a_sample_has_the_same_pixels_whatever_the_batch_workers_or_order(tmp_path):
+    """World size changes how samples are batched and which rank reads them; resume starts
+    mid-epoch; the feature cache stores what the first epoch read: none may change pixels."""
+    root = tmp_path / "photos"
+    for i in range(8):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        (root / f"c{i % 2}" / f"{i}.jpg").write_bytes(jpeg(smooth_photo(300 + 20 * i, 420, seed=i)))
+    ds = ImageFolder(str(root))
+    t = Transform(32, MEAN, STD, augment=True, seed=7)
+    one_rank = BatchLoader(ds, t, workers=0).batch(np.arange(8), epoch=2)[0]
+    two_ranks = [BatchLoader(ds, t, workers=2).batch(np.array(idx), epoch=2)[0] for idx in ([6, 0, 2, 4], [1, 3, 5, 7])]
+    by_index = {i: x for idx, xs in zip(([6, 0, 2, 4], [1, 3, 5, 7]), two_ranks) for i, x in zip(idx, xs)}
+    for i in range(8):
+        assert np.array_equal(one_rank[i], by_index[i])
+    assert not np.array_equal(one_rank, BatchLoader(ds, t, workers=1).batch(np.arange(8), epoch=3)[0])
+
+
+def test_a_corrupt_jpeg_is_one_line_naming_the_file(tmp_path):
+    good = jpeg(smooth_photo(400, 500))
+    path = tmp_path / "c" / "broken.jpg"
+    path.parent.mkdir()
+    path.write_bytes(good[:len(good) // 3])
+    ds = ImageFolder(str(tmp_path))
+    for draft in (True, False):
+        with pytest.raises(DataError) as err:
+            Transform(32, MEAN, STD, augment=True, seed=0, draft=draft)(ds.encoded(0), 0, 0)
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
+    path.write_bytes(b"not an image at all")
+    with pytest.raises(DataError, match=r"broken.jpg: not an image"):
+        Transform(32, MEAN, STD, augment=False, seed=0)(ds.encoded(0), 0, 0)
+
+
+def serve_onnx():
+    spec = importlib.util.spec_from_file_location("serve_onnx", os.path.join(ROOT, "launch", "serve_onnx.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_eval_predict_and_serving_give_the_same_tensor(tmp_path):
+    """One image, four paths: training's validation loader (builders.build_data), `eval`'s
+    (the run's preprocess.json), `predict`'s, and launch/serve_onnx.py's (Pillow and numpy,
+    no distft). Photos of every kind (EXIF-rotated, CMYK, greyscale, progressive, PNG), big
+    enough that JPEGs are decoded at 1/8 and 1/4."""
+    folder = make_photo_folder(tmp_path / "photos", ["a", "b"], per_class=6, sizes=((270, 400), (380, 150)))
+    cfg = load_config(None, [f"data.train={folder}", f"data.val={folder}", "model.image_size=32",
+                             f"train.output={tmp_path / 'run'}", "data.workers=2"])
+    world = LocalWorld()
+    sets = builders.open_data(cfg, world, warn=print)
+    data = builders.build_data(cfg, world, Batching(4, 1, 4, 4, 1), sets)
+    prep = preprocess.Preprocess.from_config(cfg)
+    os.makedirs(cfg.train.output)
+    prep.save(os.path.join(cfg.train.output, "preprocess.json"))
+    saved = preprocess.for_run(cfg)
+    assert saved.decode == DECODE_POLICY
+    serving = serve_onnx()
+    n = len(sets.val)
+    training = data.val_loader.batch(np.arange(n), epoch=0)[0]
+    evaluating = BatchLoader(sets.val, saved.transform(), workers=2).batch(np.arange(n), epoch=0)[0]
+    for i, path in enumerate(sets.val.files):
+        predicting = predict.load_image(path, saved.transform())
+        served = serving.preprocess(path, saved.to_json())
+        assert np.array_equal(training[i], evaluating[i]) and np.array_equal(training[i], predicting), path
+        assert np.abs(served - predicting).max() <= SERVING_TOLERANCE, path
+    data.close()
