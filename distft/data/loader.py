@@ -36,24 +36,25 @@ class BatchLoader:
         self.seen = 0
         self._pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
 
-    def _sample(self, i: int, epoch: int) -> np.ndarray:
+    def _try_sample(self, i: int, epoch: int, out: np.ndarray):
+        """Sample i into `out` (its row of the batch); the DataError when it is unreadable."""
         read = getattr(self.dataset, "encoded", self.dataset.read)  # bytes: decoded at the crop's scale
-        return self.transform(read(int(i)), epoch, int(i))
-
-    def _try_sample(self, i: int, epoch: int):
         try:
-            return self._sample(i, epoch)
+            self.transform(read(int(i)), epoch, int(i), out=out)
         except DataError as exc:
             return exc
+        return None
 
     def batch(self, indices: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        s = self.transform.size
+        x = np.empty((len(indices), 3, s, s), dtype=np.float32)
         if self._pool is not None and len(indices) > 1:
-            xs = list(self._pool.map(lambda i: self._try_sample(i, epoch), indices))
+            xs = list(self._pool.map(lambda k: self._try_sample(indices[k], epoch, x[k]), range(len(indices))))
         else:
-            xs = [self._try_sample(i, epoch) for i in indices]
+            xs = [self._try_sample(i, epoch, x[k]) for k, i in enumerate(indices)]
         labels = self.dataset.labels[indices].copy()
         self.seen += len(xs)
-        bad = [k for k, x in enumerate(xs) if isinstance(x, DataError)]
+        bad = [k for k, e in enumerate(xs) if isinstance(e, DataError)]
         if bad:
             self.bad += len(bad)
             self.bad_files.update(int(indices[k]) for k in bad)
@@ -62,10 +63,10 @@ class BatchLoader:
                                 f"{self.bad_limit} allowed of {len(self.dataset)}; latest: {xs[bad[-1]]}")
             if len(bad) == len(xs):
                 raise DataError(f"every file of a batch is unreadable; latest: {xs[bad[-1]]}")
-            good = next(k for k, x in enumerate(xs) if not isinstance(x, DataError))
+            good = next(k for k, e in enumerate(xs) if e is None)
             for k in bad:
-                xs[k], labels[k] = xs[good], labels[good]
-        return np.stack(xs), labels
+                x[k], labels[k] = x[good], labels[good]
+        return x, labels
 
     def iterate(self, batches: list[tuple[int, np.ndarray]], epoch: int, skip=None) -> Iterator:
         """Yields (step, indices, x, y) for `batches` = [(step, indices)], prefetching on a

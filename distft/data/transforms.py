@@ -7,7 +7,7 @@ upright image's own pixel coordinates, resized to the input size in one bilinear
 (Pillow), and converted to float once at the end."""
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -68,10 +68,14 @@ class Transform:
         out = Image.fromarray(np.ascontiguousarray(img)).resize((self.size, self.size), Image.BILINEAR, box=box)
         return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
 
-    def __call__(self, image: Union[Encoded, np.ndarray], epoch: int, index: int) -> np.ndarray:
-        # the uint8 planes first, then one conversion to float: several times faster than converting
-        # the strided transpose
-        chw = np.ascontiguousarray(np.asarray(self.pixels(image, epoch, index)).transpose(2, 0, 1)).astype(np.float32)
-        chw -= self.mean
-        chw /= self.std
-        return chw
+    def __call__(self, image: Union[Encoded, np.ndarray], epoch: int, index: int,
+                 out: Optional[np.ndarray] = None) -> np.ndarray:
+        """The network's input; written into `out` (a (3, size, size) float32 view, e.g. a row of
+        the batch) when given: no float image per sample, no copy into the batch."""
+        planes = np.asarray(self.pixels(image, epoch, index)).transpose(2, 0, 1)
+        if out is None:
+            out = np.empty(planes.shape, np.float32)
+        np.copyto(out, planes, casting="unsafe")  # uint8 -> float32, the one conversion
+        out -= self.mean
+        out /= self.std
+        return out
