@@ -48,10 +48,15 @@ class BatchLoader:
     def batch(self, indices: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         s = self.transform.size
         x = np.empty((len(indices), 3, s, s), dtype=np.float32)
+        def rows(ks):
+            return [self._try_sample(indices[k], epoch, x[k]) for k in ks]
+
         if self._pool is not None and len(indices) > 1:
-            xs = list(self._pool.map(lambda k: self._try_sample(indices[k], epoch, x[k]), range(len(indices))))
+            # a few runs of rows per worker, not a task per sample: fewer hand-offs between threads
+            runs = np.array_split(np.arange(len(indices)), min(len(indices), 4 * self.workers))
+            xs = [e for run in self._pool.map(rows, runs) for e in run]
         else:
-            xs = [self._try_sample(i, epoch, x[k]) for k, i in enumerate(indices)]
+            xs = rows(range(len(indices)))
         labels = self.dataset.labels[indices].copy()
         self.seen += len(xs)
         bad = [k for k, e in enumerate(xs) if isinstance(e, DataError)]
