@@ -34,7 +34,8 @@ class BatchLoader:
         self.bad = 0  # unreadable samples read (a bad file read every epoch counts every time)
         self.bad_files: set = set()
         self.seen = 0
-        self._pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
+        # one worker: the prefetching thread decodes itself (a pool would only add a hand-off)
+        self._pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
 
     def _try_sample(self, i: int, epoch: int, out: np.ndarray):
         """Sample i into `out` (its row of the batch); the DataError when it is unreadable."""

@@ -75,7 +75,6 @@ class Transform:
         planes = np.asarray(self.pixels(image, epoch, index)).transpose(2, 0, 1)
         if out is None:
             out = np.empty(planes.shape, np.float32)
-        np.copyto(out, planes, casting="unsafe")  # uint8 -> float32, the one conversion
-        out -= self.mean
+        np.subtract(planes, self.mean, out=out)  # uint8 -> float32 (exact) in the same pass
         out /= self.std
         return out
