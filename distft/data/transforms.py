@@ -76,9 +76,10 @@ class Transform:
                  out: Optional[np.ndarray] = None) -> np.ndarray:
         """The network's input; written into `out` (a (3, size, size) float32 view, e.g. a row of
         the batch) when given: no float image per sample, no copy into the batch."""
-        planes = np.asarray(self.pixels(image, epoch, index)).transpose(2, 0, 1)
         if out is None:
-            out = np.empty(planes.shape, np.float32)
-        np.subtract(planes, self.mean, out=out)  # uint8 -> float32 (exact) in the same pass
+            out = np.empty((3, self.size, self.size), np.float32)
+        for c, band in enumerate(self.pixels(image, epoch, index).split()):  # R, G, B planes, contiguous
+            np.copyto(out[c], np.asarray(band), casting="unsafe")  # uint8 -> float32: exact, the one conversion
+        out -= self.mean
         out /= self.std
         return out
