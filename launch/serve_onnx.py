@@ -19,13 +19,14 @@ import onnxruntime
 from PIL import Image, ImageOps
 
 
-DCT_SCALED = "crop-box-bilinear/jpeg-dct-scaled"  # distft's decoding policy (distft/data/transforms.py)
+DCT_SCALED = "crop-box-area/jpeg-dct-scaled"  # distft's decoding policy (distft/data/transforms.py)
 
 
 def preprocess(path: str, spec: dict) -> np.ndarray:
     """As distft decodes for evaluation: upright as the EXIF orientation says, the centre square
-    resized to the crop in one bilinear resample (a JPEG decoded at the largest DCT scale-down,
-    1/8, 1/4 or 1/2, that leaves the square at least `crop` wide, unless `decode` is "full"),
+    resized to the crop in one resample (area averaging where it shrinks, bilinear where it
+    grows; a JPEG decoded at the largest DCT scale-down, 1/8, 1/4 or 1/2, that leaves the square
+    at least `crop` wide), or with `decode` "full" (older runs): no DCT scaling, bilinear; then
     x/255, (x - mean) / std, HWC RGB -> CHW."""
     crop = spec["crop"]
     if spec["resize_short"] != crop:
@@ -38,7 +39,8 @@ def preprocess(path: str, spec: dict) -> np.ndarray:
             if side >= s * crop:
                 scale = s
                 break
-        if spec.get("decode", "full") == DCT_SCALED and scale > 1 and img.format in ("JPEG", "MPO"):
+        scaled = spec.get("decode", "full") == DCT_SCALED
+        if scaled and scale > 1 and img.format in ("JPEG", "MPO"):
             drafted = img.draft("RGB", (w // scale, h // scale))
             scale = w / drafted[1][2] if drafted else 1
         else:
@@ -51,7 +53,8 @@ def preprocess(path: str, spec: dict) -> np.ndarray:
         img = img.convert(spec["channel_order"])
         uw, uh = (h, w) if turned in (5, 6, 7, 8) else (w, h)  # turned by 90 degrees
         box = ((uw - side) / 2 / scale, (uh - side) / 2 / scale, (uw + side) / 2 / scale, (uh + side) / 2 / scale)
-        img = img.resize((crop, crop), Image.BILINEAR, box=box)
+        shrinks = side / scale >= crop
+        img = img.resize((crop, crop), Image.BOX if scaled and shrinks else Image.BILINEAR, box=box)
     x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1)
     mean = np.array(spec["mean"], np.float32).reshape(3, 1, 1) * 255.0
     std = np.array(spec["std"], np.float32).reshape(3, 1, 1) * 255.0

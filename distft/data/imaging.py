@@ -105,10 +105,18 @@ def dct_scale(crop_w: float, crop_h: float, size: int) -> int:
     return 1
 
 
-def decode_crop(payload: bytes, where: str, size: int, choose, draft: bool = True):
+def resampling(box, size: int, scaled: bool = True):
+    """Area averaging (Pillow's BOX filter) where the box shrinks to `size`, bilinear where it
+    grows (or, not `scaled`, always: the decoding of runs before DCT scaling). Both weigh every
+    source pixel they cover; BOX takes fewer taps."""
+    shrinks = min(box[2] - box[0], box[3] - box[1]) >= size
+    return Image.BOX if scaled and shrinks else Image.BILINEAR
+
+
+def decode_crop(payload: bytes, where: str, size: int, choose, scaled: bool = True):
     """Encoded image -> (size, size, 3) uint8 RGB: the box `choose(width, height)` picks in the
     upright image (-> ((x0, y0, x1, y1), flip)), resized to size x size in one bilinear
-    resample (Pillow's), flipped left-right when asked. With `draft`, a JPEG is decoded at the
+    resample (`resampling`), flipped left-right when asked. `scaled`: a JPEG is decoded at the
     DCT scale `dct_scale` allows: its pixels depend only on the file and the box, never on
     where or when it is decoded. Errors: one line naming `where`."""
     from PIL import UnidentifiedImageError
@@ -119,12 +127,12 @@ def decode_crop(payload: bytes, where: str, size: int, choose, draft: bool = Tru
             w, h = im.size
             upright_w, upright_h = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
             box, flip = choose(upright_w, upright_h)
-            scale = dct_scale(box[2] - box[0], box[3] - box[1], size) if draft and im.format in ("JPEG", "MPO") else 1
+            scale = dct_scale(box[2] - box[0], box[3] - box[1], size) if scaled and im.format in ("JPEG", "MPO") else 1
             drafted = im.draft("RGB", (w // scale, h // scale)) if scale > 1 else None  # Pillow picks `scale`
             if drafted is not None:  # None: a JPEG Pillow cannot scale (it decodes it whole)
                 scale = w / drafted[1][2]
                 box = tuple(v / scale for v in box)
-            img = _upright_rgb_image(im, orientation).resize((size, size), Image.BILINEAR, box=box)
+            img = _upright_rgb_image(im, orientation).resize((size, size), resampling(box, size, scaled), box=box)
     except UnidentifiedImageError:
         raise DataError(f"{where}: not an image (unknown format, {len(payload)} bytes)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:

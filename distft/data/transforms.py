@@ -13,9 +13,10 @@ from typing import Optional, Union
 
 import numpy as np
 
-from distft.data.imaging import Encoded, Image, decode_crop
+from distft.data.imaging import Encoded, Image, decode_crop, resampling
 
-DECODE_POLICY = "crop-box-bilinear/jpeg-dct-scaled"  # what preprocess.json calls this transform's decoding
+DECODE_POLICY = "crop-box-area/jpeg-dct-scaled"  # what preprocess.json calls this transform's decoding
+FULL_DECODE = "full"  # runs before it: the whole JPEG decoded, bilinear
 
 
 def centre_box(w: int, h: int) -> tuple:
@@ -31,15 +32,16 @@ class Transform:
     training: random resized crop (0.5 to 1 of the area, aspect 3/4 to 4/3) and horizontal flip,
     drawn from a generator seeded by (seed, epoch, sample index) in the upright image's pixel
     coordinates, so the result depends neither on world size nor on resume (nor on the DCT
-    scale the decoder used). `draft`: JPEGs decoded at a reduced DCT scale where the crop allows."""
+    scale the decoder used). `decode`: DECODE_POLICY (JPEGs decoded at a reduced DCT scale where the
+    crop allows, area averaging where the crop shrinks) or FULL_DECODE."""
 
-    def __init__(self, image_size: int, mean, std, augment: bool, seed: int, draft: bool = True):
+    def __init__(self, image_size: int, mean, std, augment: bool, seed: int, decode: str = DECODE_POLICY):
         self.size = image_size
         self.mean = np.array(mean, dtype=np.float32).reshape(3, 1, 1) * 255.0
         self.std = np.array(std, dtype=np.float32).reshape(3, 1, 1) * 255.0
         self.augment = augment
         self.seed = seed
-        self.draft = draft
+        self.scaled = decode == DECODE_POLICY
 
     def box(self, w: int, h: int, epoch: int, index: int) -> tuple[tuple, bool]:
         """(crop box (x0, y0, x1, y1) in a w x h image, flip left-right?)."""
@@ -62,14 +64,14 @@ class Transform:
             return self.box(w, h, epoch, index)
 
         if isinstance(image, Encoded):
-            return decode_crop(image.payload, image.where, self.size, choose, self.draft)
+            return decode_crop(image.payload, image.where, self.size, choose, self.scaled)
         img = np.asarray(image)
         if img.ndim == 2:
             img = img[:, :, None]
         if img.shape[2] == 1:
             img = np.repeat(img, 3, axis=2)
         box, flip = choose(img.shape[1], img.shape[0])
-        out = Image.fromarray(np.ascontiguousarray(img)).resize((self.size, self.size), Image.BILINEAR, box=box)
+        out = Image.fromarray(np.ascontiguousarray(img)).resize((self.size, self.size), resampling(box, self.size, self.scaled), box=box)
         return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
 
     def __call__(self, image: Union[Encoded, np.ndarray], epoch: int, index: int,
