@@ -2,7 +2,9 @@
 and whenever a sample is read, and one decoding policy for training, eval, predict and serving."""
 import importlib.util
 import io
+import json
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -132,3 +134,27 @@ def test_training_eval_predict_and_serving_give_the_same_tensor(tmp_path):
         assert np.array_equal(training[i], evaluating[i]) and np.array_equal(training[i], predicting), path
         assert np.abs(served - predicting).max() <= SERVING_TOLERANCE, path
     data.close()
+
+
+def test_bench_data_only_writes_the_fixed_json_shape(tmp_path, capsys, monkeypatch):
+    """`distft bench --data-only`: the job's loader and MXNet's ImageRecordIter (through a
+    temporary .rec of the folder) on the same images; tools read exactly this JSON."""
+    from distft import cli
+
+    folder = make_photo_folder(tmp_path / "photos", ["a", "b"], per_class=5, sizes=((90, 120), (130, 70)),
+                               kinds=("baseline", "progressive", "exif-rotated"))
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"model: {{image_size: 32}}\ndata: {{train: {folder}, augment: true, batch_size: 4}}\n")
+    out = tmp_path / "out.json"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    assert cli.main(["bench", "--data-only", "--config", str(cfg), "--threads", "2", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert list(doc) == ["data_only"]
+    d = doc["data_only"]
+    assert list(d) == ["threads", "images", "image_size", "samples_per_sec"]
+    assert (d["threads"], d["images"], d["image_size"]) == (2, 10, 32)
+    assert list(d["samples_per_sec"]) == ["distft", "recorditer"] and min(d["samples_per_sec"].values()) > 0
+    assert "distft / recorditer" in capsys.readouterr().out
+    assert not list(scratch.iterdir())  # the temporary .rec is gone
