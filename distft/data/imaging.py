@@ -115,8 +115,8 @@ def resampling(box, size: int, scaled: bool = True):
 
 def decode_crop(payload: bytes, where: str, size: int, choose, scaled: bool = True):
     """Encoded image -> (size, size, 3) uint8 RGB: the box `choose(width, height)` picks in the
-    upright image (-> ((x0, y0, x1, y1), flip)), resized to size x size in one bilinear
-    resample (`resampling`), flipped left-right when asked. `scaled`: a JPEG is decoded at the
+    upright image (-> ((x0, y0, x1, y1), flip)), resized to size x size in one resample
+    (`resampling`), flipped left-right when asked. `scaled`: a JPEG is decoded at the
     DCT scale `dct_scale` allows: its pixels depend only on the file and the box, never on
     where or when it is decoded. Errors: one line naming `where`."""
     from PIL import UnidentifiedImageError

@@ -3,8 +3,8 @@ validation, `eval`, `predict` and export (`preprocess.json`, which `launch/serve
 
 A sample is either encoded bytes (`Encoded`: decoded here, a JPEG at the DCT scale the crop
 allows) or an already decoded (H, W, 3) uint8 array. Either way the crop box is chosen in the
-upright image's own pixel coordinates, resized to the input size in one bilinear resample
-(Pillow), and converted to float once at the end."""
+upright image's own pixel coordinates, resized to the input size in one resample (Pillow's;
+area averaging where it shrinks, bilinear where it grows), and converted to float once at the end."""
 from __future__ import annotations
 
 import math
