@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
@@ -47,17 +48,25 @@ class BatchLoader:
         return None
 
     def batch(self, indices: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._finish(self._start(indices, epoch))
+
+    def _start(self, indices: np.ndarray, epoch: int) -> tuple:
+        """Hand a batch's samples to the workers (none: nothing yet); `_finish` collects them."""
         s = self.transform.size
         x = np.empty((len(indices), 3, s, s), dtype=np.float32)
+
         def rows(ks):
             return [self._try_sample(indices[k], epoch, x[k]) for k in ks]
 
-        if self._pool is not None and len(indices) > 1:
-            # a few runs of rows per worker, not a task per sample: fewer hand-offs between threads
-            runs = np.array_split(np.arange(len(indices)), min(len(indices), 4 * self.workers))
-            xs = [e for run in self._pool.map(rows, runs) for e in run]
-        else:
-            xs = rows(range(len(indices)))
+        if self._pool is None or len(indices) < 2:
+            return indices, x, None, rows
+        # a few runs of rows per worker, not a task per sample: fewer hand-offs between threads
+        runs = np.array_split(np.arange(len(indices)), min(len(indices), 4 * self.workers))
+        return indices, x, [self._pool.submit(rows, run) for run in runs], rows
+
+    def _finish(self, started: tuple) -> tuple[np.ndarray, np.ndarray]:
+        indices, x, pending, rows = started
+        xs = rows(range(len(indices))) if pending is None else [e for f in pending for e in f.result()]
         labels = self.dataset.labels[indices].copy()
         self.seen += len(xs)
         bad = [k for k, e in enumerate(xs) if isinstance(e, DataError)]
@@ -77,24 +86,36 @@ class BatchLoader:
     def iterate(self, batches: list[tuple[int, np.ndarray]], epoch: int, skip=None) -> Iterator:
         """Yields (step, indices, x, y) for `batches` = [(step, indices)], prefetching on a
         thread. `skip(indices)` true: x is None (e.g. the feature cache holds the batch)."""
-        def make(step, idx):
+        def start(step, idx):
             if skip is not None and skip(idx):
+                return step, idx, None
+            return step, idx, self._start(idx, epoch)
+
+        def finish(step, idx, started):
+            if started is None:
                 return step, idx, None, self.dataset.labels[idx]
-            return (step, idx, *self.batch(idx, epoch))
+            return (step, idx, *self._finish(started))
 
         if self.workers == 0:
             for step, idx in batches:
-                yield make(step, idx)
+                yield finish(*start(step, idx))
             return
         q: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
 
         def produce():
+            # the next batch is handed to the workers before this one is collected: no worker
+            # idles at a batch's end waiting for the slowest run of it
             try:
+                in_flight: deque = deque()
                 for step, idx in batches:
                     if stop.is_set():
                         return
-                    q.put(make(step, idx))
+                    in_flight.append(start(step, idx))
+                    if len(in_flight) > 1:
+                        q.put(finish(*in_flight.popleft()))
+                while in_flight:
+                    q.put(finish(*in_flight.popleft()))
                 q.put(None)
             except BaseException as exc:  # handed to the consumer, raised there
                 q.put(exc)
