@@ -133,7 +133,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--data-only", action="store_true",
                    help="only the training loader on data.train (decode + the job's transform), one pass, "
                         "beside MXNet's ImageRecordIter on the same images; --json: {\"data_only\": {threads, "
-                        "images, image_size, samples_per_sec: {distft, recorditer}}}")
+                        "images, image_size, samples_per_sec: {distft, recorditer}}}; --repeats R: R alternated passes "
+                        "each, at least 3")
     b.add_argument("--threads", type=int, default=1, help="with --data-only: loader threads of both (default 1)")
     e = sub.add_parser("eval", formatter_class=raw, help="evaluate the trained model (train.output/model.params or a "
                        "checkpoint): top-1, top-5, per-class precision/recall, confusion matrix; runs under horovodrun too",
