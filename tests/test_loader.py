@@ -15,7 +15,7 @@ from distft.components.state import Batching
 from distft.config import load_config
 from distft.data import preprocess
 from distft.data.datasets import ImageFolder
-from distft.data.imaging import Encoded, dct_scale
+from distft.data.imaging import Encoded, dct_scale, decode
 from distft.data.loader import BatchLoader
 from distft.data.transforms import DECODE_POLICY, Transform
 from distft.distributed.world import LocalWorld
@@ -67,6 +67,16 @@ def test_a_png_decoded_here_gives_what_its_pixels_give():
     t = Transform(16, MEAN, STD, augment=True, seed=4)
     for epoch in range(3):
         assert np.array_equal(t(Encoded(png(img), "x.png"), epoch, 9), t(img, epoch, 9))
+
+
+def test_a_16_bit_greyscale_png_is_scaled_to_8_bits_as_the_whole_image_decoder_does():
+    wide = (np.linspace(0, 65535, 40 * 60).reshape(40, 60)).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, format="PNG")  # mode I;16
+    t = Transform(16, MEAN, STD, augment=False, seed=0)
+    whole = decode(buf.getvalue(), "grey16.png")
+    assert whole.max() == 255  # scaled, not clipped to white
+    assert np.array_equal(t(Encoded(buf.getvalue(), "grey16.png"), 0, 0), t(whole, 0, 0))
 
 
 def test_a_sample_has_the_same_pixels_whatever_the_batch_workers_or_order(tmp_path):
