@@ -102,9 +102,9 @@ def test_a_corrupt_jpeg_is_one_line_naming_the_file(tmp_path):
     path.parent.mkdir()
     path.write_bytes(good[:len(good) // 3])
     ds = ImageFolder(str(tmp_path))
-    for decode in (DECODE_POLICY, "full"):
+    for policy in (DECODE_POLICY, "full"):
         with pytest.raises(DataError) as err:
-            Transform(32, MEAN, STD, augment=True, seed=0, decode=decode)(ds.encoded(0), 0, 0)
+            Transform(32, MEAN, STD, augment=True, seed=0, decode=policy)(ds.encoded(0), 0, 0)
         assert str(path) in str(err.value) and "\n" not in str(err.value)
     path.write_bytes(b"not an image at all")
     with pytest.raises(DataError, match=r"broken.jpg: not an image"):
