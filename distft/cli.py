@@ -130,6 +130,12 @@ def parser() -> argparse.ArgumentParser:
                         "(per step: what its exchanges waited and moved)")
     b.add_argument("--json", dest="json_path", help="write the results as JSON here")
     b.add_argument("--markdown", dest="md_path", help="write the Markdown table here")
+    b.add_argument("--data-only", action="store_true",
+                   help="only the training loader on data.train (decode + the job's transform), one pass, "
+                        "beside MXNet's ImageRecordIter on the same images; --json: {\"data_only\": {threads, "
+                        "images, image_size, samples_per_sec: {distft, recorditer}}}; --repeats R: R alternated passes "
+                        "each, at least 3")
+    b.add_argument("--threads", type=int, default=1, help="with --data-only: loader threads of both (default 1)")
     e = sub.add_parser("eval", formatter_class=raw, help="evaluate the trained model (train.output/model.params or a "
                        "checkpoint): top-1, top-5, per-class precision/recall, confusion matrix; runs under horovodrun too",
                        description=("Evaluate the trained network (train.output/model.params, a grid's --head, or a\n"
@@ -230,6 +236,8 @@ def cmd_bench(args) -> int:
     for path, flag in ((args.json_path, "--json"), (args.md_path, "--markdown")):
         if path:
             bench.prepare_output(path, flag)
+    if args.data_only:
+        return _data_only(args)
     result = bench.run(args.config, args.overrides, args.np, args.steps, args.window, args.controller,
                        cache_epochs=args.cache_epochs, repeats=args.repeats, trace=args.timeline)
     table = tables.markdown_grid(result) if "heads" in result else tables.markdown(result)
@@ -242,6 +250,19 @@ def cmd_bench(args) -> int:
     if args.md_path:
         with open(args.md_path, "w") as fh:
             fh.write(table)
+    return 0
+
+
+def _data_only(args) -> int:
+    from distft.bench import databench
+
+    result, times = databench.run(args.config, args.overrides, args.threads, repeats=max(args.repeats, 3))
+    text = databench.table(result, times)
+    print(text)
+    for path, content in ((args.json_path, json.dumps(result, indent=1)), (args.md_path, text)):
+        if path:
+            with open(path, "w") as fh:
+                fh.write(content)
     return 0
 
 

@@ -19,20 +19,46 @@ import onnxruntime
 from PIL import Image, ImageOps
 
 
+DCT_SCALED = "crop-box-area/jpeg-dct-scaled"  # distft's decoding policy (distft/data/transforms.py)
+
+
 def preprocess(path: str, spec: dict) -> np.ndarray:
-    """upright as its EXIF orientation says (as distft decodes), resize the short side, centre
-    crop, x/255, (x - mean) / std, HWC RGB -> CHW."""
-    img = ImageOps.exif_transpose(Image.open(path)).convert(spec["channel_order"])
-    w, h = img.size
-    size, crop = spec["resize_short"], spec["crop"]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    if (nh, nw) != (h, w):
-        img = img.resize((nw, nh), Image.BILINEAR)
-    top, left = (nh - crop) // 2, (nw - crop) // 2
-    x = np.asarray(img, dtype=np.float32)[top:top + crop, left:left + crop] / 255.0
-    x = (x - np.array(spec["mean"], np.float32)) / np.array(spec["std"], np.float32)
-    return x.transpose(2, 0, 1)
+    """As distft decodes for evaluation: upright as the EXIF orientation says, the centre square
+    resized to the crop in one resample (area averaging where it shrinks, bilinear where it
+    grows; a JPEG decoded at the largest DCT scale-down, 1/8, 1/4 or 1/2, that leaves the square
+    at least `crop` wide), or with `decode` "full" (older runs): no DCT scaling, bilinear; then
+    x/255, (x - mean) / std, HWC RGB -> CHW."""
+    crop = spec["crop"]
+    if spec["resize_short"] != crop:
+        raise ValueError(f"resize_short {spec['resize_short']} != crop {crop}: not a distft preprocessing")
+    with Image.open(path) as img:
+        w, h = img.size
+        side = min(w, h)  # the square's side, the same whether the image is turned or not
+        scale = 1
+        for s in (8, 4, 2):
+            if side >= s * crop:
+                scale = s
+                break
+        scaled = spec.get("decode", "full") == DCT_SCALED
+        if scaled and scale > 1 and img.format in ("JPEG", "MPO"):
+            drafted = img.draft("RGB", (w // scale, h // scale))
+            scale = w / drafted[1][2] if drafted else 1
+        else:
+            scale = 1
+        turned = img.getexif().get(0x0112, 1)  # EXIF orientation
+        img = ImageOps.exif_transpose(img)
+        if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):  # 16-bit grey
+            wide = np.asarray(img, dtype=np.uint32)
+            img = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
+        img = img.convert(spec["channel_order"])
+        uw, uh = (h, w) if turned in (5, 6, 7, 8) else (w, h)  # turned by 90 degrees
+        box = ((uw - side) / 2 / scale, (uh - side) / 2 / scale, (uw + side) / 2 / scale, (uh + side) / 2 / scale)
+        shrinks = side / scale >= crop
+        img = img.resize((crop, crop), Image.BOX if scaled and shrinks else Image.BILINEAR, box=box)
+    x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1)
+    mean = np.array(spec["mean"], np.float32).reshape(3, 1, 1) * 255.0
+    std = np.array(spec["std"], np.float32).reshape(3, 1, 1) * 255.0
+    return (x - mean) / std
 
 
 def load(path: str, spec: dict):

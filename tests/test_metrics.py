@@ -246,6 +246,24 @@ def test_top5_of_five_classes_or_fewer_is_not_served(tmp_path):
     assert re.search(r"^distft_validation_top5_ratio\{.*\} 0\.75$", generate_latest(m.registry).decode(), re.M)
 
 
+def test_data_wait_share_is_served_logged_and_warned_about_once_over_a_fifth(tmp_path, capsys):
+    """A loader-bound run says so: the share of step time spent waiting for data is a gauge, in
+    each log window's record, and one warning line the first time it passes 20%."""
+    from prometheus_client import generate_latest
+
+    m = Metrics(MetricsConfig(port=0, report=False), LocalWorld(), str(tmp_path), 1)
+    m.startup({"trainable_params": 10, "frozen_params": 100}, 0, forward_rate=None)
+    for step, wait in enumerate((0.01, 0.06, 0.09, 0.03), 1):  # of 0.1 s steps + the wait
+        m.step(samples=8, seconds=0.1, data=wait, allreduce=0.0, allreduce_bytes=0, loss=1.0, lr=0.1, epoch=0)
+        record = m.window(global_step=step, total_steps=4, epoch=0, loss=1.0, lr=0.1)
+        assert record["data_wait_share"] == pytest.approx(wait / (0.1 + wait))
+        if step == 2:
+            text = generate_latest(m.registry).decode()
+            assert re.search(r"^distft_data_wait_ratio\{.*\} 0\.375$", text, re.M)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "waited for data" in line]
+    assert len(warnings) == 1 and "38%" in warnings[0] and "data.workers" in warnings[0]
+
+
 def test_report_numbers_epochs_as_the_logs_do(tmp_path, monkeypatch):
     """report.png's validation curve: epoch 0 is the first, as in `epoch 0 val top1 ...`."""
     import matplotlib.axes

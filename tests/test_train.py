@@ -91,6 +91,7 @@ def test_summary_and_model_params(tmp_path, pretrained):
     for key in ("epochs", "steps", "samples_per_sec", "val_top1", "trainable_params", "frozen_params"):
         assert key in s, key
     assert s["steps"] == 3 and s["samples_per_sec"] > 0 and 0 <= s["val_top1"] <= 1
+    assert s["data_wait_share"] == pytest.approx(s["data_wait_seconds"] / (s["data_wait_seconds"] + s["compute_seconds"]))
     assert s["trainable_params"] + s["frozen_params"] == sum(v.size for v in load_params(pretrained).values())
     net = mx.gluon.model_zoo.vision.get_model("resnet18_v2", classes=5)
     net.load_parameters(str(tmp_path / "out" / "model.params"))  # loads as is, no allow_missing

@@ -21,13 +21,14 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
 
-from distft.console import draw_progress, end_progress_line
+from distft.console import draw_progress, end_progress_line, warn
 from distft.errors import ConfigError
 from distft.launchenv import under_launcher
 from distft.runfolder import RunFolder
 
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 PHASES = ("data", "compute", "allreduce")
+DATA_WAIT_WARN = 0.20  # a larger share of step time waiting for data: the loader sets the pace
 
 
 def progress_wanted(setting: str, isatty: bool, env) -> bool:
@@ -88,6 +89,8 @@ class Metrics:
         self.forward_rate = gauge("distft_forward_only_samples_per_second",
                                   "Forward-only (inference) samples/s of the same model and batch, "
                                   "measured at start-up: the limit of a head-only fine-tune")
+        self.data_wait = gauge("distft_data_wait_ratio", "Share of this rank's step time (data wait + step) "
+                               "spent waiting for its next batch, over the last log window")
         self.vs_forward = gauge("distft_throughput_vs_forward_only_ratio",
                                 "Training samples/s divided by forward-only samples/s (like MFU)")
         # job-wide, on rank 0
@@ -100,7 +103,8 @@ class Metrics:
         self.bad_samples = Counter("distft_bad_samples", "Unreadable samples skipped", names, registry=r)
         self.world_size = gauge("distft_world_size", "Number of ranks")
         self.world_size.labels(**self.labels).set(world.size)
-        self._window = {"samples": 0, "start": time.perf_counter(), "steps": 0, "step_seconds": 0.0}
+        self._window = {"samples": 0, "start": time.perf_counter(), "steps": 0, "step_seconds": 0.0, "data_seconds": 0.0}
+        self._warned_data_wait = False
         self.history: list[dict] = []
         self.server = None
         self.port: Optional[int] = None
@@ -196,6 +200,7 @@ class Metrics:
         w["samples"] += samples
         w["steps"] += 1
         w["step_seconds"] += seconds + data
+        w["data_seconds"] += data
 
     def window(self, *, global_step: int, total_steps: int, epoch: int, loss: float, lr: float,
                heads: Optional[dict] = None) -> dict:
@@ -206,15 +211,19 @@ class Metrics:
         # over the steps' own time (data wait + step): evaluation and checkpoints do not count
         rate = w["samples"] / w["step_seconds"] if w["step_seconds"] else 0.0
         mean_step = w["step_seconds"] / max(w["steps"], 1)
-        mine = np.array([rate, mean_step], dtype=np.float64).tobytes()
+        waited = w["data_seconds"] / w["step_seconds"] if w["step_seconds"] else 0.0
+        mine = np.array([rate, mean_step, waited], dtype=np.float64).tobytes()
         every = [np.frombuffer(b, dtype=np.float64) for b in
                  self.world.allgather_bytes(mine, f"distft.metrics.{global_step}")]
         rates = [float(e[0]) for e in every]
         steps = [float(e[1]) for e in every]
+        waits = [float(e[2]) for e in every]
         self.child(self.rate).set(rate)
+        self.child(self.data_wait).set(waited)
         job_rate = sum(rates)
         record = {"step": global_step, "epoch": epoch, "loss": loss, "lr": lr, "samples_per_sec": job_rate,
-                  "rank_samples_per_sec": rates, "rank_step_seconds": steps, "time": time.time(),
+                  "rank_samples_per_sec": rates, "rank_step_seconds": steps,
+                  "data_wait_share": max(waits), "rank_data_wait_share": waits, "time": time.time(),
                   **({"heads": heads} if heads is not None else {})}
         if self.world.rank == 0:
             self.child(self.job_rate).set(job_rate)
@@ -229,13 +238,24 @@ class Metrics:
             if self._progress:
                 left = (total_steps - global_step) * mean_step
                 draw_progress(f"[distft] step {global_step}/{total_steps} epoch {epoch} loss {loss:.4f} "
-                               f"{job_rate:.0f} samples/s ETA {left:.0f}s ")
-        self._window = {"samples": 0, "start": now, "steps": 0, "step_seconds": 0.0}
+                               f"{job_rate:.0f} samples/s data {max(waits):.0%} ETA {left:.0f}s ")
+            self._warn_data_wait(waits, w["steps"])
+        self._window = {"samples": 0, "start": now, "steps": 0, "step_seconds": 0.0, "data_seconds": 0.0}
         if self.cfg.pushgateway and self.cfg.push_every_steps and \
                 global_step - self._last_push >= self.cfg.push_every_steps:
             self.push()
             self._last_push = global_step
         return record
+
+    def _warn_data_wait(self, waits: list, steps: int) -> None:
+        """Once per launch (rank 0): a rank waited for data more than DATA_WAIT_WARN of its step time."""
+        worst = int(np.argmax(waits))
+        if self._warned_data_wait or waits[worst] <= DATA_WAIT_WARN:
+            return
+        self._warned_data_wait = True
+        warn(self.world, f"the loader holds training back: rank {worst} waited for data {waits[worst]:.0%} of its "
+                         f"step time over the last {steps} steps (over {DATA_WAIT_WARN:.0%}); raise data.workers, "
+                         "or turn train.cache_features on (data.augment: false)")
 
     def skipped(self, n: int) -> None:
         self.child(self.skipped_steps).inc(n)

@@ -126,6 +126,10 @@ class Stats:
                                 "samples_per_sec": self._epoch_steps * global_batch / self._epoch_seconds
                                 if self._epoch_seconds else None})
 
+    def data_wait_share(self) -> float:
+        busy = self.data_seconds + self.compute_seconds
+        return self.data_seconds / busy if busy else 0.0
+
     def rate(self, wall: float) -> float:
         if self.steady_seconds:
             return self.steady_samples / self.steady_seconds
@@ -155,6 +159,8 @@ def compose(job, stats: Stats, evals: dict, digests: list[str]) -> dict:
         "micro_batch": job.batching.micro,
         "samples_per_sec": rate, "samples_per_sec_per_rank": rate / world.size, "wall_seconds": wall,
         "data_wait_seconds": stats.data_seconds, "compute_seconds": stats.compute_seconds,
+        # rank 0's share of step time spent waiting for data (over 0.2: loader-bound)
+        "data_wait_share": stats.data_wait_share(),
         **{k: evals.get(k) for k in ("val_top1", "val_top5", "val_loss", "val_samples")},
         "trainable_params": t["trainable_params"], "frozen_params": t["frozen_params"],
         "trainable_bytes": t["trainable_bytes"], "frozen_bytes": t["frozen_bytes"],

@@ -11,7 +11,7 @@ from typing import Optional
 import numpy as np
 
 from distft.data import recordio
-from distft.data.imaging import IMAGE_EXTENSIONS, decode
+from distft.data.imaging import IMAGE_EXTENSIONS, Encoded, decode
 from distft.errors import DataError
 
 
@@ -101,13 +101,16 @@ class ImageFolder:
     def __len__(self) -> int:
         return len(self.files)
 
-    def read(self, i: int) -> np.ndarray:
+    def encoded(self, i: int) -> Encoded:
+        """Sample i's file bytes, undecoded (the transform decodes only what its crop needs)."""
         try:
             with open(self.files[i], "rb") as fh:
-                payload = fh.read()
+                return Encoded(fh.read(), self.files[i])
         except OSError as exc:
             raise DataError(f"{self.files[i]}: cannot read ({exc.strerror})") from None
-        return decode(payload, self.files[i])
+
+    def read(self, i: int) -> np.ndarray:
+        return decode(*self.encoded(i))
 
 
 class RecordFile:
@@ -156,7 +159,7 @@ class RecordFile:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def read(self, i: int) -> np.ndarray:
+    def encoded(self, i: int) -> Encoded:
         import mxnet as mx
 
         where = f"{self.path} record {self.keys[i]}"
@@ -164,7 +167,10 @@ class RecordFile:
             _, payload = mx.recordio.unpack(self._reader().read_idx(self.keys[i]))
         except (mx.base.MXNetError, ValueError, OSError) as exc:
             raise DataError(f"{where}: unreadable record ({exc})") from None
-        return decode(payload, where)
+        return Encoded(payload, where)
+
+    def read(self, i: int) -> np.ndarray:
+        return decode(*self.encoded(i))
 
 
 def class_names_path(rec_path: str) -> str:
@@ -209,5 +215,8 @@ class Subset:
 
     def read(self, i: int) -> np.ndarray:
         return self.base.read(int(self.indices[i]))
+
+    def encoded(self, i: int) -> Encoded:
+        return self.base.encoded(int(self.indices[i]))
 
 

@@ -21,7 +21,7 @@ import importlib
 import io
 import os
 import sys
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -55,6 +55,12 @@ _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
 _ORIENTATION = 0x0112
 
 
+class Encoded(NamedTuple):
+    """An image file's bytes and the name its errors give (the file, or the record)."""
+    payload: bytes
+    where: str
+
+
 class DecoderError(DistftError):
     """The image decoder does not work in this process: the environment, not the data."""
 
@@ -67,10 +73,13 @@ def identity() -> str:
             f"/zlib-{features.version('zlib')}/libtiff-{features.version('libtiff')}/orient-1")
 
 
-def upright_rgb(im) -> np.ndarray:
-    """A Pillow image as (H, W, 3) uint8 RGB, turned as its EXIF orientation says. 16-bit
-    greyscale is scaled to 8 bits (Pillow's own conversion would clip it to white)."""
-    orientation = im.getexif().get(_ORIENTATION, 1) if im.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+def _orientation(im) -> int:
+    return im.getexif().get(_ORIENTATION, 1) if im.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+
+
+def _upright_rgb_image(im, orientation: int):
+    """A decoded Pillow image in RGB, turned as its EXIF orientation says. 16-bit greyscale is
+    scaled to 8 bits (Pillow's own conversion would clip it to white)."""
     if im.mode.startswith("I;16") or (im.mode == "I" and im.getextrema()[1] > 255):
         wide = np.asarray(im, dtype=np.uint32)
         im = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
@@ -78,7 +87,57 @@ def upright_rgb(im) -> np.ndarray:
         im = im.convert("RGB")
     if orientation in _UPRIGHT:
         im = im.transpose(_UPRIGHT[orientation])
-    return np.asarray(im)
+    return im
+
+
+def upright_rgb(im) -> np.ndarray:
+    """A Pillow image as (H, W, 3) uint8 RGB, upright (see `_upright_rgb_image`)."""
+    return np.asarray(_upright_rgb_image(im, _orientation(im)))
+
+
+def dct_scale(crop_w: float, crop_h: float, size: int) -> int:
+    """The largest JPEG DCT scale-down (8, 4, 2 or 1) at which a crop of crop_w x crop_h source
+    pixels still has at least `size` pixels on each side: the decoder then makes no more pixels
+    than the resize to `size` needs (libjpeg-turbo's scaled IDCT costs almost nothing)."""
+    for scale in (8, 4, 2):
+        if min(crop_w, crop_h) >= scale * size:
+            return scale
+    return 1
+
+
+def resampling(box, size: int, scaled: bool = True):
+    """Area averaging (Pillow's BOX filter) where the box shrinks to `size`, bilinear where it
+    grows (or, not `scaled`, always: the decoding of runs before DCT scaling). Both weigh every
+    source pixel they cover; BOX takes fewer taps."""
+    shrinks = min(box[2] - box[0], box[3] - box[1]) >= size
+    return Image.BOX if scaled and shrinks else Image.BILINEAR
+
+
+def decode_crop(payload: bytes, where: str, size: int, choose, scaled: bool = True):
+    """Encoded image -> (size, size, 3) uint8 RGB: the box `choose(width, height)` picks in the
+    upright image (-> ((x0, y0, x1, y1), flip)), resized to size x size in one resample
+    (`resampling`), flipped left-right when asked. `scaled`: a JPEG is decoded at the
+    DCT scale `dct_scale` allows: its pixels depend only on the file and the box, never on
+    where or when it is decoded. Errors: one line naming `where`."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(payload)) as im:
+            orientation = _orientation(im)
+            w, h = im.size
+            upright_w, upright_h = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+            box, flip = choose(upright_w, upright_h)
+            scale = dct_scale(box[2] - box[0], box[3] - box[1], size) if scaled and im.format in ("JPEG", "MPO") else 1
+            drafted = im.draft("RGB", (w // scale, h // scale)) if scale > 1 else None  # Pillow picks `scale`
+            if drafted is not None:  # None: a JPEG Pillow cannot scale (it decodes it whole)
+                scale = w / drafted[1][2]
+                box = tuple(v / scale for v in box)
+            img = _upright_rgb_image(im, orientation).resize((size, size), resampling(box, size, scaled), box=box)
+    except UnidentifiedImageError:
+        raise DataError(f"{where}: not an image (unknown format, {len(payload)} bytes)") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{where}: cannot decode image ({exc})") from None
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img
 
 
 def decode(payload: bytes, where: str) -> np.ndarray:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
@@ -34,25 +35,41 @@ class BatchLoader:
         self.bad = 0  # unreadable samples read (a bad file read every epoch counts every time)
         self.bad_files: set = set()
         self.seen = 0
-        self._pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
+        # one worker: the prefetching thread decodes itself (a pool would only add a hand-off)
+        self._pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
 
-    def _sample(self, i: int, epoch: int) -> np.ndarray:
-        return self.transform(self.dataset.read(int(i)), epoch, int(i))
-
-    def _try_sample(self, i: int, epoch: int):
+    def _try_sample(self, i: int, epoch: int, out: np.ndarray):
+        """Sample i into `out` (its row of the batch); the DataError when it is unreadable."""
+        read = getattr(self.dataset, "encoded", self.dataset.read)  # bytes: decoded at the crop's scale
         try:
-            return self._sample(i, epoch)
+            self.transform(read(int(i)), epoch, int(i), out=out)
         except DataError as exc:
             return exc
+        return None
 
     def batch(self, indices: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._pool is not None and len(indices) > 1:
-            xs = list(self._pool.map(lambda i: self._try_sample(i, epoch), indices))
-        else:
-            xs = [self._try_sample(i, epoch) for i in indices]
+        return self._finish(self._start(indices, epoch))
+
+    def _start(self, indices: np.ndarray, epoch: int) -> tuple:
+        """Hand a batch's samples to the workers (none: nothing yet); `_finish` collects them."""
+        s = self.transform.size
+        x = np.empty((len(indices), 3, s, s), dtype=np.float32)
+
+        def rows(ks):
+            return [self._try_sample(indices[k], epoch, x[k]) for k in ks]
+
+        if self._pool is None or len(indices) < 2:
+            return indices, x, None, rows
+        # a few runs of rows per worker, not a task per sample: fewer hand-offs between threads
+        runs = np.array_split(np.arange(len(indices)), min(len(indices), 4 * self.workers))
+        return indices, x, [self._pool.submit(rows, run) for run in runs], rows
+
+    def _finish(self, started: tuple) -> tuple[np.ndarray, np.ndarray]:
+        indices, x, pending, rows = started
+        xs = rows(range(len(indices))) if pending is None else [e for f in pending for e in f.result()]
         labels = self.dataset.labels[indices].copy()
         self.seen += len(xs)
-        bad = [k for k, x in enumerate(xs) if isinstance(x, DataError)]
+        bad = [k for k, e in enumerate(xs) if isinstance(e, DataError)]
         if bad:
             self.bad += len(bad)
             self.bad_files.update(int(indices[k]) for k in bad)
@@ -61,32 +78,44 @@ class BatchLoader:
                                 f"{self.bad_limit} allowed of {len(self.dataset)}; latest: {xs[bad[-1]]}")
             if len(bad) == len(xs):
                 raise DataError(f"every file of a batch is unreadable; latest: {xs[bad[-1]]}")
-            good = next(k for k, x in enumerate(xs) if not isinstance(x, DataError))
+            good = next(k for k, e in enumerate(xs) if e is None)
             for k in bad:
-                xs[k], labels[k] = xs[good], labels[good]
-        return np.stack(xs), labels
+                x[k], labels[k] = x[good], labels[good]
+        return x, labels
 
     def iterate(self, batches: list[tuple[int, np.ndarray]], epoch: int, skip=None) -> Iterator:
         """Yields (step, indices, x, y) for `batches` = [(step, indices)], prefetching on a
         thread. `skip(indices)` true: x is None (e.g. the feature cache holds the batch)."""
-        def make(step, idx):
+        def start(step, idx):
             if skip is not None and skip(idx):
+                return step, idx, None
+            return step, idx, self._start(idx, epoch)
+
+        def finish(step, idx, started):
+            if started is None:
                 return step, idx, None, self.dataset.labels[idx]
-            return (step, idx, *self.batch(idx, epoch))
+            return (step, idx, *self._finish(started))
 
         if self.workers == 0:
             for step, idx in batches:
-                yield make(step, idx)
+                yield finish(*start(step, idx))
             return
         q: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
 
         def produce():
+            # the next batch is handed to the workers before this one is collected: no worker
+            # idles at a batch's end waiting for the slowest run of it
             try:
+                in_flight: deque = deque()
                 for step, idx in batches:
                     if stop.is_set():
                         return
-                    q.put(make(step, idx))
+                    in_flight.append(start(step, idx))
+                    if len(in_flight) > 1:
+                        q.put(finish(*in_flight.popleft()))
+                while in_flight:
+                    q.put(finish(*in_flight.popleft()))
                 q.put(None)
             except BaseException as exc:  # handed to the consumer, raised there
                 q.put(exc)

@@ -4,7 +4,11 @@
 An image (any size, RGB) becomes the network's input by: resize the short side to
 `resize_short` (bilinear), centre crop `crop` x `crop`, scale to [0, 1] (x / 255), subtract
 `mean` and divide by `std` per channel (R, G, B), and lay out as NCHW float32. That is what
-`data.Transform` does for validation and un-augmented training.
+`data.Transform` does for validation and un-augmented training. `decode` says how: with
+`transforms.DECODE_POLICY` the centre square is resized to the crop in one resample (Pillow's,
+box = the square; area averaging where it shrinks, bilinear where it grows), a JPEG decoded at
+the largest DCT scale-down (1/8, 1/4, 1/2) that leaves the square at least `crop` pixels wide;
+"full" (runs that predate it): no DCT scaling, bilinear.
 """
 from __future__ import annotations
 
@@ -12,10 +16,13 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-from distft.data.transforms import Transform
+from distft.data.transforms import DECODE_POLICY, FULL_DECODE, Transform
 from distft.errors import ConfigError
 from distft.files import atomic_write_json
 from distft.runfolder import PREPROCESS_FILE, RunFolder
+
+AREA_OR_BILINEAR = "area (box) shrinking, bilinear enlarging"
+
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -27,18 +34,23 @@ class Preprocess:
     layout: str = "NCHW"
     dtype: str = "float32"
     interpolation: str = "bilinear"
+    decode: str = FULL_DECODE  # a run's saved file without the key predates DECODE_POLICY
 
     @classmethod
     def from_config(cls, cfg) -> "Preprocess":
         size = cfg.model.image_size
-        return cls(resize_short=size, crop=size, mean=tuple(cfg.data.mean), std=tuple(cfg.data.std))
+        return cls(resize_short=size, crop=size, mean=tuple(cfg.data.mean), std=tuple(cfg.data.std),
+                   interpolation=AREA_OR_BILINEAR, decode=DECODE_POLICY)
 
     def transform(self):
         """The evaluation transform (`transforms.Transform`) this describes."""
         if self.resize_short != self.crop or self.channel_order != "RGB" or self.layout != "NCHW":
             raise ConfigError(f"{PREPROCESS_FILE}: distft reads RGB, NCHW, short side resized to the crop size; "
                               f"got {self.channel_order}, {self.layout}, {self.resize_short} -> {self.crop}")
-        return Transform(self.crop, self.mean, self.std, augment=False, seed=0)
+        if self.decode not in (DECODE_POLICY, FULL_DECODE):
+            raise ConfigError(f"{PREPROCESS_FILE}: decode: {self.decode!r} is not one distft knows "
+                              f"({DECODE_POLICY!r} or 'full')")
+        return Transform(self.crop, self.mean, self.std, augment=False, seed=0, decode=self.decode)
 
     def input_shape(self, batch: int = 1) -> tuple:
         return (batch, 3, self.crop, self.crop)
@@ -49,6 +61,7 @@ class Preprocess:
             f"input: float32 {self.layout} {self.input_shape()} (any batch size), channels {self.channel_order}",
             f"preprocess: resize short side to {self.resize_short} ({self.interpolation}), "
             f"centre crop {self.crop}x{self.crop}, x/255, (x - mean) / std",
+            f"decode: {self.decode}",
             f"mean: {list(self.mean)}",
             f"std: {list(self.std)}",
         ]

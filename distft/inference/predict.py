@@ -17,7 +17,7 @@ import mxnet as mx
 import numpy as np
 
 from distft.data.datasets import is_hidden
-from distft.data.imaging import IMAGE_EXTENSIONS, decode
+from distft.data.imaging import IMAGE_EXTENSIONS, Encoded
 from distft import precision
 from distft.data import imaging
 from distft.distributed.agreement import agreed_everywhere
@@ -80,6 +80,19 @@ def write(results: list[dict], path: str) -> None:
                 out.writerow([r["image"], rank, t["class"], f"{t['prob']:.6g}"])
 
 
+def load_image(path: str, transform):
+    """An image file as the network's input (training's decoding, evaluation's crop), or the
+    DataError naming it."""
+    try:
+        with open(path, "rb") as fh:
+            payload = fh.read()
+        return transform(Encoded(payload, path), 0, 0)
+    except OSError as exc:
+        return DataError(f"{path}: cannot read ({exc.strerror})")
+    except DataError as exc:
+        return exc
+
+
 def run(cfg, images: list[str], output: str, k: Optional[int] = None, world=None,
         head: Optional[str] = None) -> list[dict]:
     """Top-k for every image of `images` with the run's network (`head`: a grid's head by name)."""
@@ -98,22 +111,12 @@ def run(cfg, images: list[str], output: str, k: Optional[int] = None, world=None
     transform = trained.preprocessing(cfg).transform()
     batch = cfg.data.val_batch_size or cfg.data.batch_size
 
-    def load(path):
-        try:
-            with open(path, "rb") as fh:
-                payload = fh.read()
-            return transform(decode(payload, path), 0, 0)
-        except OSError as exc:
-            return DataError(f"{path}: cannot read ({exc.strerror})")
-        except DataError as exc:
-            return exc
-
     mine = files[world.rank::world.size]
     results = []
     with ThreadPoolExecutor(max_workers=max(cfg.data.workers, 1)) as pool:
         for start in range(0, len(mine), batch):
             chunk = mine[start:start + batch]
-            xs = list(pool.map(load, chunk))
+            xs = list(pool.map(lambda path: load_image(path, transform), chunk))
             good = [i for i, x in enumerate(xs) if not isinstance(x, DataError)]
             tops = []
             if good:
