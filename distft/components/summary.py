@@ -65,6 +65,9 @@ def run_history(log_path: str) -> dict:
                      for s in segs],
         "history": [w for s in segs for w in s["windows"]],
         "val_history": [{k: v for k, v in e.items() if k not in ("event", "time")} for s in segs for e in s["evals"]],
+        # the supervisor's relaunches (launch.sh --max-restarts) that got as far as training
+        "restarts": [{k: r.get(k) for k in ("at_step", "reason", "hosts", "world_size")}
+                     for r in read_log(log_path) if r.get("event") == "restart"],
     }
 
 
@@ -195,6 +198,7 @@ def compose(job, stats: Stats, evals: dict, digests: list[str]) -> dict:
         # per launch: world size, the steps it took (from its resume point to its last
         # checkpoint or its end) and their samples
         "segments": runs.get("segments", []),
+        "restarts": runs.get("restarts", []),
         # every launch's validations and log windows (log.jsonl), lost work excluded
         "val_history": runs.get("val_history", []),
         # per epoch of this launch: samples/s over its steps (data wait included; evaluation

@@ -1,0 +1,161 @@
+"""The supervisor's decisions (distft/supervisor/), without processes: failure classes and the
+restart budget, backoff, the world size that divides the global batch, the blacklist's
+cool-down, hostfile and discovery parsing, the command line. Its runs on real clusters are in
+test_cluster.py (nodes lost) and test_elastic.py (ranks killed)."""
+import random
+import sys
+
+import pytest
+
+from distft import launcher
+from distft.launchenv import RESTART_ENV, encode_restart, restart_record
+from distft.supervisor import hosts as hostlib
+from distft.supervisor.policy import Failure, RestartPolicy, backoff_seconds, world_size
+
+
+def lost(step=10, code=None, hosts=(), started=True, error=""):
+    return Failure(rc=1, code=code, started=started, resume_step=step, lost_hosts=list(hosts), error=error)
+
+
+# --- failure classes ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("code", [2, 3, 4, 75])
+def test_user_errors_nan_and_a_stop_are_never_restarted(code):
+    verdict = RestartPolicy(3).decide(lost(code=code))
+    assert not verdict.restart and f"exit {code}" in verdict.why
+
+
+def test_a_lost_node_a_stall_and_a_killed_rank_are_restarted_within_the_budget_for_the_whole_job():
+    policy = RestartPolicy(2)
+    assert policy.decide(lost(step=5, hosts=["node2"])).restart
+    assert policy.decide(lost(step=10, code=5)).restart
+    verdict = policy.decide(lost(step=15))
+    assert not verdict.restart and "budget is spent (2 of --max-restarts 2)" in verdict.why
+
+
+def test_reasons_are_a_bounded_set():
+    assert lost(hosts=["node2"]).reason == "node_lost"
+    assert lost(code=5).reason == "stall"
+    assert lost().reason == "rank_lost"
+    assert lost(started=False).reason == "startup"
+
+
+def test_a_failure_before_the_first_step_is_restarted_once():
+    policy = RestartPolicy(5)
+    assert policy.decide(lost(started=False, error="distft: error: port 1")).restart
+    verdict = policy.decide(lost(started=False, error="distft: error: other"))
+    assert not verdict.restart and "before its first step twice" in verdict.why
+
+
+def test_the_same_failure_twice_from_the_same_checkpoint_stops():
+    policy = RestartPolicy(5)
+    assert policy.decide(lost(step=10, code=1, error="distft: error (rank 1): out of memory at 123")).restart
+    verdict = policy.decide(lost(step=10, code=1, error="distft: error (rank 0): out of memory at 456"))
+    assert not verdict.restart and "same failure" in verdict.why
+
+
+def test_the_same_kind_of_failure_after_progress_is_restarted():
+    policy = RestartPolicy(5)
+    assert policy.decide(lost(step=10)).restart
+    assert policy.decide(lost(step=15)).restart  # resumed further on: a new checkpoint in between
+
+
+# --- backoff --------------------------------------------------------------------------------------
+
+def test_backoff_doubles_from_one_second_to_a_cap_of_60_with_jitter():
+    rng = random.Random(0)
+    for n, base in [(1, 1), (2, 2), (3, 4), (4, 8), (7, 60), (30, 60)]:
+        delays = [backoff_seconds(n, rng) for _ in range(50)]
+        assert all(base <= d <= base * 1.25 for d in delays)
+        assert len(set(delays)) > 1  # jitter: not the same for every job
+
+
+# --- world size -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("slots, batch, min_np, max_np, expected", [
+    (4, 32, 1, None, 4),
+    (3, 32, 1, None, 2),      # 3 does not divide 32
+    (6, 24, 1, 4, 4),         # --max-np caps it
+    (7, 32, 5, None, 0),      # none of 5..7 divides 32: wait for hosts
+    (2, 32, 4, None, 0),      # below --min-np
+    (5, None, 1, None, 5),    # global batch not known yet: any
+])
+def test_world_size_is_the_largest_that_fits_and_divides_the_global_batch(slots, batch, min_np, max_np, expected):
+    assert world_size(slots, batch, min_np, max_np) == expected
+
+
+def test_ranks_are_placed_filling_hosts_in_order():
+    assert hostlib.place([("a", 2), ("b", 2), ("c", 2)], 3) == [("a", 2), ("b", 1)]
+
+
+# --- hosts ----------------------------------------------------------------------------------------
+
+def test_a_host_that_fails_twice_is_blacklisted_until_its_cool_down_ends():
+    now = [100.0]
+    black = hostlib.Blacklist(cooldown=60, clock=lambda: now[0])
+    assert not black.failed("node2") and not black.banned("node2")
+    assert black.failed("node2") and black.banned("node2")
+    now[0] += 59
+    assert black.banned("node2")
+    now[0] += 2
+    assert not black.banned("node2")
+
+
+def test_hostfile_is_read_again_before_every_launch(tmp_path):
+    f = tmp_path / "hosts"
+    f.write_text("node1 slots=2\nnode2:2\n")
+    source = hostlib.HostSource(hostfile=str(f))
+    assert source.read() == [("node1", 2), ("node2", 2)]
+    f.write_text("node1 slots=2\n# node2 is gone\n")
+    assert source.read() == [("node1", 2)]
+
+
+def test_a_discovery_script_prints_host_slots_lines(tmp_path):
+    script = tmp_path / "discover.sh"
+    script.write_text("#!/bin/sh\necho node1:2\necho node3:4\n")
+    script.chmod(0o755)
+    assert hostlib.HostSource(discovery=str(script)).read() == [("node1", 2), ("node3", 4)]
+    script.write_text("#!/bin/sh\necho oops >&2\nexit 3\n")
+    with pytest.raises(ValueError, match="--host-discovery-script .*exited 3: oops"):
+        hostlib.HostSource(discovery=str(script)).read()
+
+
+def test_an_unreadable_hostfile_names_itself(tmp_path):
+    with pytest.raises(ValueError, match="DISTFT_HOSTFILE .*none"):
+        hostlib.HostSource(hostfile=str(tmp_path / "none")).read()
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+def test_supervisor_options_are_taken_from_among_the_jobs_arguments_and_the_rest_passes_through():
+    sup = launcher.build(["--hostfile", "/h", "--slots", "2", "horovodrun", "--gloo", "python", "-m", "distft",
+                          "--config", "job.yaml", "--max-restarts", "3", "--min-np=2", "--set", "a=b"], env={})
+    assert sup.runner == ["horovodrun"] and sup.runner_args == ["--gloo"]
+    assert sup.job == ["python", "-m", "distft", "--config", "job.yaml", "--set", "a=b"]
+    assert (sup.options.max_restarts, sup.options.min_np, sup.options.max_np) == (3, 2, None)
+    assert sup.source.hostfile == "/h" and sup.source.slots == 2
+
+
+def test_environment_equivalents_and_a_fixed_host_list():
+    sup = launcher.build(["horovodrun", "-np", "4", "-H", "a:2,b:2", "--mpi", sys.executable, "-m", "distft"],
+                         env={"DISTFT_MAX_RESTARTS": "2", "DISTFT_WAIT_HOSTS": "7.5"})
+    assert sup.options.max_restarts == 2 and sup.options.wait_hosts == 7.5
+    assert sup.source.read() == [("a", 2), ("b", 2)]
+    assert sup.command(sup.source.read())[:6] == ["horovodrun", "-np", "4", "-H", "a:2,b:2", "--mpi"]
+
+
+def test_without_elastic_options_it_launches_as_before():
+    sup = launcher.build(["horovodrun", "-np", "2", "-H", "localhost:2", "--gloo", "python", "-m", "distft"], env={})
+    assert not sup.options.elastic(sup.source)
+    assert sup.hosts_for_launch() == [("localhost", 2)]  # no probe, no resizing
+
+
+def test_a_bad_option_value_is_one_line_and_exit_2(capsys):
+    assert launcher.main(["horovodrun", "python", "-m", "distft", "--max-restarts", "many"]) == 2
+    assert "--max-restarts: 'many' is not a whole number" in capsys.readouterr().err
+
+
+def test_a_relaunched_job_reads_why_and_where_from_its_environment():
+    record = {"n": 1, "reason": "node_lost", "hosts": "node1:2", "world_size": 2, "counts": {"node_lost": 1}}
+    assert restart_record({RESTART_ENV: encode_restart(record)}) == record
+    assert restart_record({}) is None and restart_record({RESTART_ENV: "not base64 json"}) is None
