@@ -7,11 +7,10 @@ import signal
 import subprocess
 import time
 
-import numpy as np
 import psutil
 import pytest
 
-from conftest import MPI_ENV, ROOT, load_params, read_summary, run_cli, small_config, write_config
+from conftest import MPI_ENV, ROOT, assert_same_weights, read_summary, run_cli, small_config, write_config
 from processes import kill_tree, logged_steps, wait_for
 
 pytestmark = pytest.mark.horovod
@@ -39,13 +38,6 @@ def rank_pid(launcher, rank, timeout=120):
                 continue
         time.sleep(0.2)
     raise TimeoutError(f"rank {rank} not found")
-
-
-def assert_same_weights(path, reference):
-    got, want = load_params(path), load_params(reference)
-    assert got.keys() == want.keys()
-    for k in want:
-        assert np.allclose(got[k], want[k], rtol=0, atol=1e-5), (k, float(np.abs(got[k] - want[k]).max()))
 
 
 @pytest.mark.slow

@@ -159,3 +159,24 @@ def test_a_relaunched_job_reads_why_and_where_from_its_environment():
     record = {"n": 1, "reason": "node_lost", "hosts": "node1:2", "world_size": 2, "counts": {"node_lost": 1}}
     assert restart_record({RESTART_ENV: encode_restart(record)}) == record
     assert restart_record({}) is None and restart_record({RESTART_ENV: "not base64 json"}) is None
+
+
+def test_a_launch_on_this_machine_alone_drops_the_network_interface_horovodrun_would_refuse():
+    sup = launcher.build(["horovodrun", "--gloo", "--network-interface", "eth0", "--ssh-port", "2222", "python"],
+                         env={})
+    assert sup.command([("localhost", 2)]) == ["horovodrun", "-np", "2", "-H", "localhost:2", "--gloo", "--ssh-port",
+                                               "2222", "python"]
+    assert "--network-interface" in sup.command([("node9", 2), ("localhost", 2)])
+
+
+def test_a_launch_cut_off_before_it_logged_its_checkpoint_keeps_its_segment_up_to_where_the_next_resumed():
+    """Seen on the cluster: node2's link was cut while the checkpoint at step 5 was being agreed;
+    rank 0 had written it but not yet its `checkpoint` line, and the relaunch resumed there."""
+    from distft.components.summary import segments
+
+    records = [{"event": "start", "step": 0, "world_size": 4, "global_batch": 32},
+               *({"step": k, "loss": 1.0} for k in range(1, 7)),
+               {"event": "start", "step": 5, "world_size": 2, "global_batch": 32},
+               {"event": "checkpoint", "step": 10}, {"event": "end", "step": 15}]
+    got = [(s["world_size"], s["start_step"], s["end_step"]) for s in segments(records)]
+    assert got == [(4, 0, 5), (2, 5, 15)]

@@ -49,8 +49,9 @@ def segments(records: list[dict]) -> list[dict]:
         elif event is None and "step" in r:
             segs[-1]["windows"].append(r)
     for seg, nxt in zip(segs, segs[1:] + [None]):
-        if nxt is not None:
-            seg["end_step"] = min(seg["end_step"], nxt["start_step"])
+        if nxt is not None:  # the next launch resumed where this one's last complete checkpoint is
+            # (its `checkpoint` line may be missing: a launch cut off while agreeing on it)
+            seg["end_step"] = max(seg["start_step"], nxt["start_step"])
         seg["windows"] = [w for w in seg["windows"] if w["step"] <= seg["end_step"]]
         seg["evals"] = [e for e in seg["evals"] if e.get("step", 0) <= seg["end_step"]]
         seg["samples"] = (seg["end_step"] - seg["start_step"]) * seg["global_batch"]

@@ -31,12 +31,27 @@ class Options:
     max_np: Optional[int] = None
     wait_hosts: float = 300.0
     blacklist_cooldown: float = 600.0
-    probe_timeout: int = 10
+    probe_timeout: int = 5
     seed: Optional[int] = None
 
     def elastic(self, source: HostSource) -> bool:
         """Any option beyond today's single launch (without one, nothing is probed or resized)."""
         return bool(self.max_restarts or self.min_np > 1 or self.max_np or source.discovery)
+
+
+def without_option(args: list[str], name: str) -> list[str]:
+    """`args` less `name VALUE`: horovodrun refuses --network-interface when every host is this
+    machine (it then looks for an interface holding 127.0.0.1), e.g. after a relaunch on the
+    last node left."""
+    out, skip = [], False
+    for word in args:
+        if skip:
+            skip = False
+        elif word == name:
+            skip = True
+        elif not word.startswith(name + "="):
+            out.append(word)
+    return out
 
 
 class Supervisor:
@@ -54,6 +69,7 @@ class Supervisor:
         self.current: Optional[Launch] = None
         self.global_batch: Optional[int] = None
         self.counts: dict[str, int] = {}
+        self.lost_at: dict[str, tuple[float, str]] = {}  # hosts found unreachable after a failure
 
     # --- signals ----------------------------------------------------------------------------------
     def on_stop(self, signum, frame) -> None:
@@ -95,6 +111,9 @@ class Supervisor:
                 return listed
             why: dict[str, str] = {h: "blacklisted after failing twice (cool-down)" for h, _ in listed
                                    if self.blacklist.banned(h)}
+            for host, (when, error) in self.lost_at.items():  # just probed: not again before the relaunch
+                if host not in why and self.clock() - when < 3 * opts.probe_timeout:
+                    why[host] = f"unreachable (ssh: {error})"
             for host, error in unreachable([h for h, _ in listed if h not in why], opts.probe_timeout):
                 why[host] = f"unreachable (ssh: {error})"
                 if self.blacklist.failed(host):
@@ -118,8 +137,10 @@ class Supervisor:
 
     # --- the loop -----------------------------------------------------------------------------------
     def command(self, hosts: Hosts) -> list[str]:
-        return self.runner + ["-np", str(sum(s for _, s in hosts)), "-H", host_list(hosts)] + \
-            self.runner_args + self.job
+        args = self.runner_args
+        if all(is_this_machine(h) for h, _ in hosts):
+            args = without_option(args, "--network-interface")
+        return self.runner + ["-np", str(sum(s for _, s in hosts)), "-H", host_list(hosts)] + args + self.job
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.on_stop)
@@ -168,6 +189,7 @@ class Supervisor:
         code = launch.code()
         lost = unreachable([h for h, _ in hosts if not is_this_machine(h)], self.options.probe_timeout)
         for host, why in lost:
+            self.lost_at[host] = (self.clock(), why)
             say(f"{host} is unreachable (ssh: {why}): the node or its network is gone; its ranks cannot take "
                 "part, so the others stopped; the last completed checkpoint is intact")
         if code is None:
