@@ -2,11 +2,17 @@
 restart budget, backoff, the world size that divides the global batch, the blacklist's
 cool-down, hostfile and discovery parsing, the command line. Its runs on real clusters are in
 test_cluster.py (nodes lost) and test_elastic.py (ranks killed)."""
+import os
 import random
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
+from conftest import ROOT
+from processes import wait_for
 from distft import launcher
 from distft.launchenv import RESTART_ENV, encode_restart, restart_record
 from distft.supervisor import hosts as hostlib
@@ -180,3 +186,71 @@ def test_a_launch_cut_off_before_it_logged_its_checkpoint_keeps_its_segment_up_t
                {"event": "checkpoint", "step": 10}, {"event": "end", "step": 15}]
     got = [(s["world_size"], s["start_step"], s["end_step"]) for s in segments(records)]
     assert got == [(4, 0, 5), (2, 5, 15)]
+
+
+# --- the loop, with a stand-in for horovodrun ---------------------------------------------------
+
+FAKE_RUNNER = r"""#!/usr/bin/env python3
+# a stand-in for horovodrun: each launch does what the next line of $FAKE_PLAN says
+import os, sys, time
+plan = os.environ["FAKE_PLAN"]
+lines = open(plan).read().splitlines()
+step, rest = lines[0], lines[1:]
+open(plan, "w").write("\n".join(rest) + "\n")
+with open(os.environ["FAKE_SEEN"], "a") as fh:
+    fh.write(" ".join(sys.argv[1:5]) + " | " + os.environ.get("DISTFT_RESTART", "-") + "\n")
+print("[0]<stdout>:[distft] net: 1 trainable; 2 rank(s) [gloo], global batch 32 (1 x 16 per rank)", flush=True)
+def stop_said():
+    path = os.environ["DISTFT_STOP_FILE"]
+    return os.path.exists(path) and open(path).read() == os.environ["DISTFT_LAUNCH_ID"]
+if step == "wait-stop":  # as the ranks do: stop at the next step when the stop file says so
+    while not stop_said():
+        time.sleep(0.05)
+    print("Exit code: 75", flush=True)
+    sys.exit(1)
+if step.startswith("code"):
+    print("Process name: 1\nExit code: " + step[4:], flush=True)
+    sys.exit(1)
+sys.exit(int(step))
+"""
+
+
+def supervise(tmp_path, plan, *options):
+    runner = tmp_path / "fakerun"
+    runner.write_text(FAKE_RUNNER)
+    runner.chmod(0o755)
+    (tmp_path / "plan").write_text("\n".join(plan) + "\n")
+    env = {**os.environ, "FAKE_PLAN": str(tmp_path / "plan"), "FAKE_SEEN": str(tmp_path / "seen"),
+           "DISTFT_STOP_FILE": str(tmp_path / "stop"), "DISTFT_LAUNCH_ID": "L1", "PYTHONPATH": ROOT}
+    return subprocess.Popen([sys.executable, "-m", "distft.launcher", str(runner), "-np", "2", "-H", "localhost:2",
+                             "python", "-m", "distft", *options], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_stall_abort_is_relaunched_after_a_backoff_and_the_job_is_told_why(tmp_path):
+    proc = supervise(tmp_path, ["code5", "0"], "--max-restarts", "2")
+    text, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, text
+    assert "restart 1 of 2 in 1." in text and "relaunch 1 of 2 (stall): hosts localhost:2, world size 2" in text
+    first, second = (tmp_path / "seen").read_text().splitlines()
+    assert first.endswith("| -")
+    record = restart_record({RESTART_ENV: second.split(" | ")[1]})
+    assert record == {"n": 1, "reason": "stall", "hosts": "localhost:2", "world_size": 2, "counts": {"stall": 1}}
+
+
+def test_without_max_restarts_a_failure_is_the_exit_status_and_nothing_is_relaunched(tmp_path):
+    proc = supervise(tmp_path, ["code5", "0"])
+    text, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 5 and len((tmp_path / "seen").read_text().splitlines()) == 1, text
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_are_the_stop_request_and_exit_75(tmp_path, signum):
+    proc = supervise(tmp_path, ["wait-stop", "0"], "--max-restarts", "3")
+    wait_for(lambda: (tmp_path / "seen").exists(), 30, "the launch")
+    time.sleep(0.3)
+    proc.send_signal(signum)
+    text, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 75, text
+    assert (tmp_path / "stop").read_text() == "L1" and f"{signum.name}: stop requested" in text
+    assert len((tmp_path / "seen").read_text().splitlines()) == 1  # a stop is never relaunched
