@@ -11,7 +11,10 @@
 # NCCL_DEBUG=WARN. Arguments go to distft (e.g. --config X --set k=v).
 #   DISTFT_RUNNER      horovodrun (default), or srun inside a Slurm job: one rank per task
 # Exit status: the ranks' (0 done, 75 stopped and resumable, 2 user error, ...), not horovodrun's.
-# SIGTERM: the ranks checkpoint at the next step and exit 75 (see distft/launcher.py).
+# SIGTERM or SIGINT: the ranks checkpoint at the next step and exit 75 (see distft/supervisor/).
+# --max-restarts N [--min-np N --max-np N --host-discovery-script S --wait-hosts SECONDS], among
+# the arguments or as DISTFT_MAX_RESTARTS etc.: relaunch the job from its last checkpoint on the
+# hosts that are left after a lost rank or node (docs/launching.md).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 HERE="$DISTFT_ROOT/launch"

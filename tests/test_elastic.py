@@ -16,7 +16,7 @@ from processes import kill_tree, logged_steps, wait_for
 pytestmark = pytest.mark.horovod
 
 STEPS, RANKS = 10, 2
-CHAOS = dict(data={"global_batch": 16}, train={"epochs": 50, "max_steps": STEPS, "checkpoint_every_steps": 2,
+CHAOS = dict(data={"global_batch": 16}, metrics={"probe_batches": 0}, train={"epochs": 50, "max_steps": STEPS, "checkpoint_every_steps": 2,
                                                 "keep_checkpoints": 2, "log_every": 1, "stall_timeout": 30})
 
 

@@ -111,8 +111,9 @@ class Supervisor:
                 return listed
             why: dict[str, str] = {h: "blacklisted after failing twice (cool-down)" for h, _ in listed
                                    if self.blacklist.banned(h)}
+            names = {h for h, _ in listed}
             for host, (when, error) in self.lost_at.items():  # just probed: not again before the relaunch
-                if host not in why and self.clock() - when < 3 * opts.probe_timeout:
+                if host in names and host not in why and self.clock() - when < 3 * opts.probe_timeout:
                     why[host] = f"unreachable (ssh: {error})"
             for host, error in unreachable([h for h, _ in listed if h not in why], opts.probe_timeout):
                 why[host] = f"unreachable (ssh: {error})"
