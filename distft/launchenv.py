@@ -60,6 +60,11 @@ def stop_file_says_stop(path: str, launch_id: Optional[str]) -> bool:
     return text == ANY_LAUNCH or (launch_id is not None and text == launch_id)
 
 
+# what a rank prints when Horovod shut down under it because a peer failed, was killed or stalled
+# (cli.py, exit 3 as ranks that disagree): the supervisor tells the two apart by it
+PEER_LOST = "Horovod shut down: another rank failed, was killed or stalled"
+
+
 # the supervisor's word to a relaunched job (launch.sh --max-restarts): why it was relaunched,
 # where, and how many relaunches of each reason so far. base64url of JSON: it passes through
 # horovodrun's and mpirun's environment forwarding and ssh unquoted.

@@ -39,6 +39,16 @@ def test_a_lost_node_a_stall_and_a_killed_rank_are_restarted_within_the_budget_f
     assert not verdict.restart and "budget is spent (2 of --max-restarts 2)" in verdict.why
 
 
+def test_a_rank_that_saw_horovod_shut_down_under_it_is_a_lost_peer_not_ranks_that_disagree():
+    """Seen in the chaos test: rank 1 SIGKILLed, rank 0 reported first, with exit 3."""
+    error = ("distft: error (rank 0): Horovod shut down: another rank failed, was killed or stalled (see the "
+             "launcher's message and Horovod's stall report); the last completed checkpoint is intact")
+    failure = lost(code=3, error=error)
+    assert RestartPolicy(3).decide(failure).restart and failure.reason == "rank_lost"
+    assert not RestartPolicy(3).decide(lost(code=3, error="distft: error (rank 1): ranks [1] hold a different "
+                                                          "model from rank 0")).restart
+
+
 def test_reasons_are_a_bounded_set():
     assert lost(hosts=["node2"]).reason == "node_lost"
     assert lost(code=5).reason == "stall"

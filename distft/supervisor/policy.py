@@ -6,7 +6,8 @@ Failure classes (the job's exit codes are in the README):
 - 2 (config, data, checkpoint), 3 (frozen weights differ) and 4 (NaN/Inf): the same input gives
   the same failure, so never restarted;
 - a lost node (a host that no longer answers ssh), a stall abort (5: a collective never
-  completed), a rank killed or ended by a signal, an ssh failure: restarted, after a backoff.
+  completed), a rank killed or ended by a signal, a rank whose Horovod shut down under it because
+  of such a peer (3 with launchenv.PEER_LOST), an ssh failure: restarted, after a backoff.
 - A failure before the first step of a launch is restarted once (then it is not a lost rank,
   it is the set-up), and the same failure twice in a row from the same resume point stops.
 """
@@ -16,6 +17,8 @@ import random
 import re
 from dataclasses import dataclass, field
 from typing import Optional
+
+from distft.launchenv import PEER_LOST
 
 DONE, STOPPED, USER_ERROR, STALL = 0, 75, 2, 5
 NEVER_RESTARTED = {USER_ERROR: "a config, data or checkpoint error", 3: "frozen weights differ between ranks",
@@ -55,6 +58,12 @@ class Failure:
             return STALLED
         return RANK_LOST
 
+    @property
+    def peer_lost(self) -> bool:
+        """The first rank to fail saw Horovod shut down under it (exit 3, as ranks that disagree):
+        a peer was killed or stalled, and the one that was may be reported later or not at all."""
+        return PEER_LOST in self.error
+
     def signature(self) -> tuple:
         """What makes two failures "the same": class, code, hosts, error text, resume point."""
         return (self.reason, self.code, tuple(sorted(self.lost_hosts)), re.sub(r"\d+", "#", self.error),
@@ -78,7 +87,7 @@ class RestartPolicy:
     def decide(self, failure: Failure) -> Verdict:
         previous, self.last = self.last, failure
         code = failure.code
-        if code in NEVER_RESTARTED:
+        if code in NEVER_RESTARTED and not failure.peer_lost:
             return Verdict(False, f"exit {code}: {NEVER_RESTARTED[code]}, not restarted")
         if self.used >= self.max_restarts:
             return Verdict(False, f"the restart budget is spent ({self.used} of --max-restarts {self.max_restarts})")
