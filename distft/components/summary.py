@@ -60,7 +60,8 @@ def segments(records: list[dict]) -> list[dict]:
 
 def run_history(log_path: str) -> dict:
     """Segments, the window history and the validation history of every launch."""
-    segs = segments(read_log(log_path))
+    records = read_log(log_path)
+    segs = segments(records)
     return {
         "segments": [{k: s[k] for k in ("world_size", "start_step", "end_step", "samples", "global_batch")}
                      for s in segs],
@@ -68,7 +69,7 @@ def run_history(log_path: str) -> dict:
         "val_history": [{k: v for k, v in e.items() if k not in ("event", "time")} for s in segs for e in s["evals"]],
         # the supervisor's relaunches (launch.sh --max-restarts) that got as far as training
         "restarts": [{k: r.get(k) for k in ("at_step", "reason", "hosts", "world_size")}
-                     for r in read_log(log_path) if r.get("event") == "restart"],
+                     for r in records if r.get("event") == "restart"],
     }
 
 
