@@ -264,3 +264,32 @@ def test_sigterm_and_sigint_are_the_stop_request_and_exit_75(tmp_path, signum):
     assert proc.returncode == 75, text
     assert (tmp_path / "stop").read_text() == "L1" and f"{signum.name}: stop requested" in text
     assert len((tmp_path / "seen").read_text().splitlines()) == 1  # a stop is never relaunched
+
+
+def test_a_relaunch_takes_the_largest_world_that_divides_the_global_batch_and_says_so(tmp_path):
+    """The discovery script offers 3 slots; the job's global batch (32, from its start-up line)
+    needs 2 of them."""
+    script = tmp_path / "discover.sh"
+    script.write_text("#!/bin/sh\necho localhost:3\n")
+    script.chmod(0o755)
+    proc = supervise(tmp_path, ["code5", "0"], "--max-restarts", "1", "--host-discovery-script", str(script))
+    text, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, text
+    first, second = [line.split(" | ")[0] for line in (tmp_path / "seen").read_text().splitlines()]
+    assert first == "-np 3 -H localhost:3" and second == "-np 2 -H localhost:2"
+    assert "3 slots are left, but the job's global batch of 32 samples needs a world size that divides it: 2" in text
+
+
+def launched(tmp_path):
+    seen = tmp_path / "seen"
+    return len(seen.read_text().splitlines()) if seen.exists() else 0
+
+
+def test_a_stop_request_during_the_backoff_exits_75_without_relaunching(tmp_path):
+    proc = supervise(tmp_path, ["code5", "code9", "0"], "--max-restarts", "5")  # two different failures
+    wait_for(lambda: launched(tmp_path) == 2, 30, "the second launch")
+    time.sleep(0.5)  # it failed at once: the supervisor now waits 2-2.5 s before the third
+    proc.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 75, text
+    assert "stopped before the relaunch" in text and launched(tmp_path) == 2
