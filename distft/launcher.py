@@ -7,7 +7,7 @@
 The supervisor's own options may stand anywhere after the runner (launch.sh passes the user's
 arguments through); each has an environment equivalent (DISTFT_MAX_RESTARTS, DISTFT_MIN_NP,
 DISTFT_MAX_NP, DISTFT_HOST_DISCOVERY_SCRIPT, DISTFT_WAIT_HOSTS; DISTFT_BLACKLIST_COOLDOWN,
-DISTFT_RESTART_SEED, DISTFT_PROBE_TIMEOUT). With none of them (`--max-restarts 0`) it launches once, as plain
+DISTFT_RESTART_SEED, DISTFT_PROBE_TIMEOUT, DISTFT_GROW_EVERY). With none of them (`--max-restarts 0`) it launches once, as plain
 horovodrun would, and only passes the stop request and the exit status through. What it does
 is in distft/supervisor/; standard library only (an import-linter contract).
 """
@@ -32,6 +32,7 @@ OPTIONS = {
     "--blacklist-cooldown": ("DISTFT_BLACKLIST_COOLDOWN", float, "blacklist_cooldown"),
     "--restart-seed": ("DISTFT_RESTART_SEED", int, "seed"),
     "--probe-timeout": ("DISTFT_PROBE_TIMEOUT", int, "probe_timeout"),
+    "--grow-every": ("DISTFT_GROW_EVERY", float, "grow_every"),
 }
 
 

@@ -293,3 +293,24 @@ def test_a_stop_request_during_the_backoff_exits_75_without_relaunching(tmp_path
     text, _ = proc.communicate(timeout=30)
     assert proc.returncode == 75, text
     assert "stopped before the relaunch" in text and launched(tmp_path) == 2
+
+
+def test_a_job_below_the_hosts_capacity_stops_at_a_checkpoint_when_hosts_return_and_grows(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost:2\n")
+    script = tmp_path / "discover.sh"
+    script.write_text(f"#!/bin/sh\ncat {hosts}\n")
+    script.chmod(0o755)
+    proc = supervise(tmp_path, ["wait-stop", "0"], "--max-restarts", "1", "--host-discovery-script", str(script),
+                     "--grow-every", "0.3")
+    wait_for(lambda: launched(tmp_path) == 1, 30, "the first launch")
+    time.sleep(1)
+    hosts.write_text("localhost:4\n")  # two more slots came back
+    text, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, text
+    first, second = [line.split(" | ") for line in (tmp_path / "seen").read_text().splitlines()]
+    assert first[0] == "-np 2 -H localhost:2" and second[0] == "-np 4 -H localhost:4"
+    record = restart_record({RESTART_ENV: second[1]})
+    assert record["reason"] == "grow" and record["world_size"] == 4 and record["counts"] == {"grow": 1}
+    assert (tmp_path / "stop").read_text() == "L1"  # the first launch's id: the second has its own
+    assert "hosts came back: localhost:4; the ranks stop at the next step" in text

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
-from distft.launchenv import RESTART_ENV, encode_restart
+from distft.launchenv import LAUNCH_ID_ENV, RESTART_ENV, encode_restart
 from distft.supervisor.hosts import Blacklist, Hosts, HostSource, host_list, is_this_machine, place, unreachable
 from distft.supervisor.launch import Launch, say
 from distft.supervisor.policy import STOPPED, TOO_FEW_HOSTS, USER_ERROR, Failure, RestartPolicy, backoff_seconds, \
@@ -33,6 +33,7 @@ class Options:
     blacklist_cooldown: float = 600.0
     probe_timeout: int = 5
     seed: Optional[int] = None
+    grow_every: float = 60.0  # how often a job below the hosts' capacity looks for returned hosts (0: never)
 
     def elastic(self, source: HostSource) -> bool:
         """Any option beyond today's single launch (without one, nothing is probed or resized)."""
@@ -70,6 +71,8 @@ class Supervisor:
         self.global_batch: Optional[int] = None
         self.counts: dict[str, int] = {}
         self.lost_at: dict[str, tuple[float, str]] = {}  # hosts found unreachable after a failure
+        self.launches = 0
+        self.growing = False  # a stop requested to relaunch on more hosts
 
     # --- signals ----------------------------------------------------------------------------------
     def on_stop(self, signum, frame) -> None:
@@ -157,14 +160,22 @@ class Supervisor:
             env = None
             if pending:
                 record = {**pending, "hosts": host_list(hosts), "world_size": sum(s for _, s in hosts)}
-                say(f"relaunch {record['n']} of {self.options.max_restarts} ({record['reason']}): hosts "
+                of = "" if record["reason"] == "grow" else f" of {self.options.max_restarts}"
+                say(f"relaunch {record['n']}{of} ({record['reason']}): hosts "
                     f"{record['hosts']}, world size {record['world_size']}, from the last checkpoint")
                 env = {RESTART_ENV: encode_restart(record)}
             cmd = self.command(hosts)
             say(" ".join(cmd[:len(self.runner) + 4 + len(self.runner_args)]))
-            self.current = Launch(cmd, self.stop_file, self.launch_id, [h for h, _ in hosts], env)
+            # each launch its own id: a stop file left by the previous one does not stop this one
+            launch_id = self.launch_id if not self.launches else f"{self.launch_id}.{self.launches}"
+            self.launches += 1
+            self.current = Launch(cmd, self.stop_file, launch_id, [h for h, _ in hosts],
+                                  {**(env or {}), LAUNCH_ID_ENV: launch_id})
+            if self.options.max_restarts and self.options.grow_every:
+                threading.Thread(target=self._watch_for_hosts, args=(self.current, hosts), daemon=True).start()
             rc = self.current.run()
             launch, self.current = self.current, None
+            grew, self.growing = self.growing, False
             self.global_batch = launch.global_batch or self.global_batch
             if rc == 0:
                 return 0
@@ -173,6 +184,10 @@ class Supervisor:
             failure = self.failure(launch, rc, hosts)
             if self.stops or not self.options.max_restarts:
                 return failure.status
+            if grew and failure.code == STOPPED:  # stopped at an agreed checkpoint to grow
+                self.counts["grow"] = self.counts.get("grow", 0) + 1
+                pending = {"n": self.launches, "reason": "grow", "counts": dict(self.counts)}
+                continue
             verdict = self.policy.decide(failure)
             if not verdict.restart:
                 say(f"not restarted: {verdict.why}")
@@ -185,6 +200,35 @@ class Supervisor:
                 return STOPPED
             self.counts[failure.reason] = self.counts.get(failure.reason, 0) + 1
             pending = {"n": self.policy.used, "reason": failure.reason, "counts": dict(self.counts)}
+
+    def _watch_for_hosts(self, launch: Launch, hosts: Hosts) -> None:
+        """While `launch` runs below what the hosts could hold, look every --grow-every seconds
+        for hosts that came back; when a bigger world fits (and divides the global batch), ask
+        the ranks to stop at an agreed checkpoint: the loop relaunches on them (not a failure,
+        not counted against the budget)."""
+        opts, running = self.options, {h for h, _ in hosts}
+        size = sum(s for _, s in hosts)
+        while not self._launch_ended(launch, opts.grow_every):
+            if not launch.started or self.stops or self.growing:
+                continue
+            try:
+                listed = [(h, s) for h, s in self.source.read() if not self.blacklist.banned(h)]
+            except ValueError:
+                continue
+            lost = {h for h, _ in unreachable([h for h, _ in listed if h not in running], opts.probe_timeout)}
+            alive = [(h, s) for h, s in listed if h not in lost]
+            bigger = world_size(sum(s for _, s in alive), launch.global_batch, opts.min_np, opts.max_np)
+            if bigger > size and not self._launch_ended(launch, 0):
+                self.growing = True
+                say(f"hosts came back: {host_list(alive)}; the ranks stop at the next step with a checkpoint "
+                    f"and the job is relaunched on {bigger} ranks")
+                launch.request_stop()
+                return
+
+    @staticmethod
+    def _launch_ended(launch: Launch, wait: float) -> bool:
+        time.sleep(wait)
+        return launch.proc is not None and launch.proc.poll() is not None
 
     def failure(self, launch: Launch, rc: int, hosts: Hosts) -> Failure:
         code = launch.code()
