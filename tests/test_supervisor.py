@@ -49,6 +49,15 @@ def test_a_rank_that_saw_horovod_shut_down_under_it_is_a_lost_peer_not_ranks_tha
                                                           "model from rank 0")).restart
 
 
+def test_exit_3_with_a_node_gone_is_restarted_whatever_line_came_first():
+    """Seen on the cluster: node2 cut, rank 0 exited 3 (Horovod shut down), but another rank's
+    error line came first."""
+    stall = "distft: error (rank 1): no progress for 21 s (train.stall_timeout 20 s)"
+    assert RestartPolicy(3).decide(lost(code=3, hosts=["node2"], error=stall)).restart
+    failure = Failure(rc=1, code=3, started=True, resume_step=5, error=stall, peer_lost=True)
+    assert RestartPolicy(3).decide(failure).restart
+
+
 def test_reasons_are_a_bounded_set():
     assert lost(hosts=["node2"]).reason == "node_lost"
     assert lost(code=5).reason == "stall"

@@ -22,7 +22,7 @@ import sys
 import threading
 from typing import Iterable, Optional
 
-from distft.launchenv import write_stop_file
+from distft.launchenv import PEER_LOST, write_stop_file
 from distft.supervisor.hosts import is_this_machine, ssh
 
 # horovodrun's RuntimeError (Gloo) and mpirun's report name the first failing process's code;
@@ -62,6 +62,7 @@ class Launch:
         self.global_batch: Optional[int] = None
         self.resume_step: Optional[int] = None
         self.error = ""
+        self.peer_lost = False
 
     def _pump(self, source, sink) -> None:
         for line in iter(source.readline, ""):
@@ -79,6 +80,7 @@ class Launch:
         m = _RESUMED.search(line)
         if m:
             self.resume_step = int(m.group(1))
+        self.peer_lost = self.peer_lost or PEER_LOST in line
         m = _ERROR.search(line)
         if m and not self.error:
             self.error = m.group(0)

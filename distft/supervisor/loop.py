@@ -241,4 +241,4 @@ class Supervisor:
             say(f"horovodrun exited {rc} before any rank reported a code")
         else:
             say(f"the job's exit status: {code} (the first rank to end; horovodrun itself exits {rc})")
-        return Failure(rc, code, launch.started, launch.resume_step, [h for h, _ in lost], launch.error)
+        return Failure(rc, code, launch.started, launch.resume_step, [h for h, _ in lost], launch.error, launch.peer_lost)

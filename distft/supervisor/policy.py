@@ -40,6 +40,7 @@ class Failure:
     resume_step: Optional[int]  # where this launch resumed (None: unknown or a fresh start)
     lost_hosts: list[str] = field(default_factory=list)
     error: str = ""  # the first `distft: error` line, if any
+    peer_lost: bool = False  # a rank saw Horovod shut down under it (launchenv.PEER_LOST)
 
     @property
     def status(self) -> int:
@@ -59,10 +60,10 @@ class Failure:
         return RANK_LOST
 
     @property
-    def peer_lost(self) -> bool:
-        """The first rank to fail saw Horovod shut down under it (exit 3, as ranks that disagree):
-        a peer was killed or stalled, and the one that was may be reported later or not at all."""
-        return PEER_LOST in self.error
+    def transient(self) -> bool:
+        """A node gone, or a rank that saw Horovod shut down under it (exit 3, as ranks that
+        disagree): a peer was lost, and the one that was may be reported later or not at all."""
+        return bool(self.lost_hosts) or self.peer_lost or PEER_LOST in self.error
 
     def signature(self) -> tuple:
         """What makes two failures "the same": class, code, hosts, error text, resume point."""
@@ -87,7 +88,7 @@ class RestartPolicy:
     def decide(self, failure: Failure) -> Verdict:
         previous, self.last = self.last, failure
         code = failure.code
-        if code in NEVER_RESTARTED and not failure.peer_lost:
+        if code in NEVER_RESTARTED and not (code == 3 and failure.transient):
             return Verdict(False, f"exit {code}: {NEVER_RESTARTED[code]}, not restarted")
         if self.used >= self.max_restarts:
             return Verdict(False, f"the restart budget is spent ({self.used} of --max-restarts {self.max_restarts})")
