@@ -99,7 +99,7 @@ class Metrics:
                                      "(train.on_nonfinite: skip)", names, registry=r)
         self.bad_samples = Counter("distft_bad_samples", "Unreadable samples skipped", names, registry=r)
         self.restarts = Counter("distft_restarts", "Relaunches of the job by launch.sh --max-restarts, by reason "
-                                "(node_lost, stall, rank_lost, startup)", names + ["reason"], registry=r)
+                                "(node_lost, stall, rank_lost, startup, grow)", names + ["reason"], registry=r)
         self.world_size = gauge("distft_world_size", "Number of ranks")
         self.world_size.labels(**self.labels).set(world.size)
         self._window = {"samples": 0, "start": time.perf_counter(), "steps": 0, "step_seconds": 0.0}

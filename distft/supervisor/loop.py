@@ -20,7 +20,7 @@ from typing import Callable, Optional, Union
 from distft.launchenv import LAUNCH_ID_ENV, RESTART_ENV, encode_restart
 from distft.supervisor.hosts import Blacklist, Hosts, HostSource, host_list, is_this_machine, place, unreachable
 from distft.supervisor.launch import Launch, say
-from distft.supervisor.policy import STOPPED, TOO_FEW_HOSTS, USER_ERROR, Failure, RestartPolicy, backoff_seconds, \
+from distft.supervisor.policy import GROW, STOPPED, TOO_FEW_HOSTS, USER_ERROR, Failure, RestartPolicy, backoff_seconds, \
     world_size
 
 
@@ -160,7 +160,7 @@ class Supervisor:
             env = None
             if pending:
                 record = {**pending, "hosts": host_list(hosts), "world_size": sum(s for _, s in hosts)}
-                of = "" if record["reason"] == "grow" else f" of {self.options.max_restarts}"
+                of = "" if record["reason"] == GROW else f" of {self.options.max_restarts}"
                 say(f"relaunch {record['n']}{of} ({record['reason']}): hosts "
                     f"{record['hosts']}, world size {record['world_size']}, from the last checkpoint")
                 env = {RESTART_ENV: encode_restart(record)}
@@ -185,8 +185,8 @@ class Supervisor:
             if self.stops or not self.options.max_restarts:
                 return failure.status
             if grew and failure.code == STOPPED:  # stopped at an agreed checkpoint to grow
-                self.counts["grow"] = self.counts.get("grow", 0) + 1
-                pending = {"n": self.launches, "reason": "grow", "counts": dict(self.counts)}
+                self.counts[GROW] = self.counts.get(GROW, 0) + 1
+                pending = {"n": self.launches, "reason": GROW, "counts": dict(self.counts)}
                 continue
             verdict = self.policy.decide(failure)
             if not verdict.restart:

@@ -28,6 +28,7 @@ TOO_FEW_HOSTS = 6
 
 # the bounded set of reasons (a Prometheus label, summary.json's restarts[].reason)
 NODE_LOST, STALLED, RANK_LOST, STARTUP = "node_lost", "stall", "rank_lost", "startup"
+GROW = "grow"  # not a failure: relaunched on hosts that came back (loop.py)
 
 
 @dataclass
