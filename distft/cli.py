@@ -15,7 +15,7 @@ from distft import __version__
 from distft.config import load_config
 from distft.console import end_progress_line
 from distft.errors import ConfigError, DistftError, Preempted
-from distft.launchenv import launcher_rank
+from distft.launchenv import PEER_LOST, launcher_rank
 
 # Each command imports what it runs when it runs: `distft doctor` must answer where `import
 # mxnet` fails, and no command pays for another's imports (MXNet, Horovod, onnx).
@@ -380,7 +380,7 @@ def main(argv=None) -> int:
         if "Horovod has been shut down" in text or "HorovodInternalError" in type(exc).__name__:
             # a peer rank died or stalled; the launcher and Horovod's stall report name it
             rank = launcher_rank()
-            print(f"distft: error (rank {rank}): Horovod shut down: another rank failed, was killed or stalled "
+            print(f"distft: error (rank {rank}): {PEER_LOST} "
                   "(see the launcher's message and Horovod's stall report); the last completed checkpoint "
                   "is intact, relaunch to resume", file=sys.stderr, flush=True)
             code = 3

@@ -3,6 +3,8 @@ in every rank, and distft's own stop file, through which `distft.launcher` (laun
 asks the ranks to stop at the next step. Standard library only: the launcher imports it."""
 from __future__ import annotations
 
+import base64
+import json
 import os
 from typing import Optional
 
@@ -56,3 +58,29 @@ def stop_file_says_stop(path: str, launch_id: Optional[str]) -> bool:
     except OSError:
         return False
     return text == ANY_LAUNCH or (launch_id is not None and text == launch_id)
+
+
+# what a rank prints when Horovod shut down under it because a peer failed, was killed or stalled
+# (cli.py, exit 3 as ranks that disagree): the supervisor tells the two apart by it
+PEER_LOST = "Horovod shut down: another rank failed, was killed or stalled"
+
+
+# the supervisor's word to a relaunched job (launch.sh --max-restarts): why it was relaunched,
+# where, and how many relaunches of each reason so far. base64url of JSON: it passes through
+# horovodrun's and mpirun's environment forwarding and ssh unquoted.
+RESTART_ENV = "DISTFT_RESTART"
+
+
+def encode_restart(record: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(record, sort_keys=True).encode()).decode()
+
+
+def restart_record(env=os.environ) -> Optional[dict]:
+    """{n, reason, hosts, world_size, counts} when the supervisor relaunched this job, else None."""
+    text = env.get(RESTART_ENV)
+    if not text:
+        return None
+    try:
+        return json.loads(base64.urlsafe_b64decode(text.encode()))
+    except ValueError:
+        return None

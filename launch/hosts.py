@@ -15,21 +15,9 @@ import os
 import re
 import sys
 
-
-def parse_hostfile(text: str, default_slots: int = 1) -> list[tuple[str, int]]:
-    hosts = []
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        m = re.fullmatch(r"([^\s:]+)(?::(\d+)|\s+slots\s*=\s*(\d+))?(?:\s+max_slots\s*=\s*\d+)?", line)
-        if not m:
-            raise ValueError(f"hostfile line {lineno}: cannot read {raw!r} (expected 'host slots=N' or 'host:N')")
-        slots = int(m.group(2) or m.group(3) or default_slots)
-        hosts.append((m.group(1), slots))
-    if not hosts:
-        raise ValueError("hostfile names no hosts")
-    return hosts
+# the hostfile reader is the supervisor's (distft/supervisor/hosts.py: standard library only)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from distft.supervisor.hosts import parse_hostfile  # noqa: E402
 
 
 def _expand_ranges(body: str) -> list[str]:

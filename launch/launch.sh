@@ -11,7 +11,10 @@
 # NCCL_DEBUG=WARN. Arguments go to distft (e.g. --config X --set k=v).
 #   DISTFT_RUNNER      horovodrun (default), or srun inside a Slurm job: one rank per task
 # Exit status: the ranks' (0 done, 75 stopped and resumable, 2 user error, ...), not horovodrun's.
-# SIGTERM: the ranks checkpoint at the next step and exit 75 (see distft/launcher.py).
+# SIGTERM or SIGINT: the ranks checkpoint at the next step and exit 75 (see distft/supervisor/).
+# --max-restarts N [--min-np N --max-np N --host-discovery-script S --wait-hosts SECONDS], among
+# the arguments or as DISTFT_MAX_RESTARTS etc.: relaunch the job from its last checkpoint on the
+# hosts that are left after a lost rank or node (docs/launching.md).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 HERE="$DISTFT_ROOT/launch"
@@ -38,17 +41,18 @@ if [ "${DISTFT_RUNNER:-horovodrun}" = srun ]; then
   exec srun --mpi="${DISTFT_SRUN_MPI:-pmix}" python -m distft "$@"
 fi
 
+# distft.launcher (distft/supervisor/) runs horovodrun: SIGTERM or SIGINT here becomes a stop
+# request to one rank (horovodrun would SIGKILL its ranks 5 s after passing it on), the ranks'
+# exit code (75: stopped, resumable; 2: user error) becomes ours (horovodrun --gloo's own is 1
+# for any failure; --mpi passes mpirun's through), and with --max-restarts N it relaunches the
+# job from its last checkpoint on the hosts that are left. A hostfile is read again before each
+# launch; it prints "[launch] horovodrun -np N -H hosts" for each.
 if [ -n "${DISTFT_HOSTFILE:-}" ]; then
-  hosts=$(python3 "$HERE/hosts.py" --hostfile "$DISTFT_HOSTFILE" --slots "${DISTFT_SLOTS:-1}")
+  hosts=(--hostfile "$DISTFT_HOSTFILE" --slots "${DISTFT_SLOTS:-1}" horovodrun)
 elif [ -n "${SLURM_JOB_NODELIST:-}" ]; then
-  hosts=$(python3 "$HERE/hosts.py" --slurm)
+  # shellcheck disable=SC2207  # "-np N -H list", split on purpose
+  hosts=(horovodrun $(python3 "$HERE/hosts.py" --slurm))
 else
-  hosts="-np ${DISTFT_NP:-1} -H localhost:${DISTFT_NP:-1}"
+  hosts=(horovodrun -np "${DISTFT_NP:-1}" -H "localhost:${DISTFT_NP:-1}")
 fi
-echo "[launch] horovodrun $hosts --${DISTFT_CONTROLLER:-mpi}" >&2
-# distft.launcher runs horovodrun: SIGTERM here becomes a stop request to one rank (horovodrun
-# would SIGKILL its ranks 5 s after passing it on), and the ranks' exit code (75: stopped,
-# resumable; 2: user error) becomes ours (horovodrun --gloo's own is 1 for any failure; --mpi
-# passes mpirun's through)
-# shellcheck disable=SC2086  # $hosts is "-np N -H list", split on purpose
-exec python -m distft.launcher horovodrun $hosts "--${DISTFT_CONTROLLER:-mpi}" "${extra[@]}" python -m distft "$@"
+exec python -m distft.launcher "${hosts[@]}" "--${DISTFT_CONTROLLER:-mpi}" "${extra[@]}" python -m distft "$@"

@@ -16,7 +16,7 @@ import yaml
 import cluster
 import mpijob
 import slurm
-from conftest import MPI_ENV, ROOT, kustomize, read_summary, small_config, write_config
+from conftest import MPI_ENV, ROOT, assert_same_weights, kustomize, read_summary, run_cli, small_config, write_config
 from processes import logged_steps, wait_for
 from distft.components import checkpoint
 
@@ -173,6 +173,92 @@ def test_a_partitioned_node_ends_the_job_within_the_stall_timeout_naming_it_and_
     assert again.returncode == 0, text2[-4000:]
     s = read_summary(out)
     assert s["resumed"] and s["steps"] == last + 3 and s["world_size"] == 4
+
+
+def launches(out):
+    """log.jsonl's records, split at each launch's "start" event."""
+    runs = []
+    for line in open(out / "log.jsonl"):
+        record = json.loads(line)
+        if record.get("event") == "start":
+            runs.append([])
+        if runs:
+            runs[-1].append(record)
+    return runs
+
+
+def training_again(out):
+    """The second launch has logged a step."""
+    try:
+        runs = launches(out)
+    except OSError:
+        return False
+    return len(runs) >= 2 and any("step" in r and "event" not in r for r in runs[1])
+
+
+@pytest.mark.slow
+def test_a_node_lost_for_good_is_dropped_and_the_job_ends_on_the_rest_where_an_uninterrupted_run_ends(
+        tmp_path, pretrained, cluster_of):
+    """2 nodes x 2 slots under launch.sh --max-restarts 3; node2's link is cut for good after a
+    checkpoint. The reference: one process taking the same global batch of 32."""
+    stall = 20
+    doc = small_config(tmp_path, pretrained, data={"global_batch": 32}, metrics={"probe_batches": 0},
+                       train={"epochs": 50, "max_steps": 15, "checkpoint_every_steps": 5, "keep_checkpoints": 2,
+                              "log_every": 1, "stall_timeout": stall})
+    reference = {**doc, "train": {**doc["train"], "output": str(tmp_path / "reference")}}
+    alone = run_cli(["--config", write_config(tmp_path / "reference.yaml", reference)])
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    nodes = cluster_of(2)
+    node1, node2 = nodes.nodes
+    out = tmp_path / "out"
+    proc = launch_on(nodes, node1, tmp_path, ["--config", write_config(tmp_path / "job.yaml", doc),
+                                              "--max-restarts", "3", "--min-np", "2"], nodes.nodes)
+    try:
+        wait_for(lambda: checkpoint.list_checkpoints(str(out)), 240, "a first checkpoint")
+        cut = time.monotonic()
+        node2.link(up=False)
+        try:
+            wait_for(lambda: training_again(out), stall + 60, "training again on node1 alone")
+        except TimeoutError:
+            proc.kill()
+            pytest.fail(f"not training again {stall + 60} s after the cut:\n" + proc.communicate()[0][-5000:])
+        took = time.monotonic() - cut
+        text, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, text[-4000:]
+    assert took < stall + 60
+    assert "[launch] node2 is unreachable" in text and "[launch] node1 is unreachable" not in text
+    assert "[launch] horovodrun -np 2 -H node1:2 " in text
+    s = read_summary(out)
+    assert s["steps"] == 15 and [seg["world_size"] for seg in s["segments"]] == [4, 2]
+    assert s["restarts"] == [{"at_step": s["segments"][1]["start_step"], "reason": "node_lost", "hosts": ["node1:2"],
+                              "world_size": 2}]
+    assert_same_weights(out / "model.params", tmp_path / "reference" / "model.params")
+    print(f"training again {took:.1f} s after the cut (stall_timeout {stall} s)")
+
+
+def test_below_min_np_the_supervisor_waits_for_hosts_then_exits_naming_the_missing_one(
+        tmp_path, pretrained, cluster_of):
+    nodes = cluster_of(2)
+    node1, node2 = nodes.nodes
+    node2.link(up=False)
+    cfg = write_config(tmp_path / "job.yaml", small_config(tmp_path, pretrained))
+    start = time.monotonic()
+    proc = launch_on(nodes, node1, tmp_path, ["--config", cfg, "--max-restarts", "3", "--min-np", "4",
+                                              "--wait-hosts", "8"], nodes.nodes)
+    try:
+        text, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    took = time.monotonic() - start
+    assert proc.returncode == 6, text[-3000:]
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("[launch] too few hosts")]
+    assert "--min-np 4" in line and "missing: node2 unreachable" in line and "node1 " not in line.split("missing")[1]
+    assert 8 <= took < 8 + 40
+    assert "[launch] horovodrun" not in text  # nothing was started
 
 
 def promql_on(nodes, node, port, query):

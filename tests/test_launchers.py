@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from distft.components import checkpoint
-from distft import launchenv, launcher
+from distft import launchenv
+from distft.supervisor.launch import first_failure_code
 from distft.config import load_config
 
 from conftest import MPI_ENV, ROOT, kustomize, read_summary, small_config, write_config
@@ -280,11 +281,10 @@ def test_a_user_error_on_the_ranks_is_the_launchers_exit_2(tmp_path, pretrained,
 def test_exit_codes_are_read_from_horovodrun_and_mpirun_reports_not_from_rank_output():
     gloo = ["[0]<stderr>:Exit code: 9", "RuntimeError: Horovod detected ... was:", "Process name: 1",
             "Exit code: 75"]
-    assert launcher.first_failure_code(gloo) == 75
+    assert first_failure_code(gloo) == 75
     mpi = ["  Process name: [[123,1],0]", "  Exit code:    2", "RuntimeError: mpirun failed with exit code 2"]
-    assert launcher.first_failure_code(mpi) == 2
-    assert launcher.first_failure_code(["[1,0]<stdout>:Exit code: 3"]) is None
-    assert launcher.job_hosts(["horovodrun", "-np", "4", "-H", "node1:2,node2:2", "--gloo"]) == ["node1", "node2"]
+    assert first_failure_code(mpi) == 2
+    assert first_failure_code(["[1,0]<stdout>:Exit code: 3"]) is None
 
 
 # --- Slurm ---------------------------------------------------------------------------------------

@@ -280,3 +280,20 @@ def test_report_numbers_epochs_as_the_logs_do(tmp_path, monkeypatch):
     metrics.write_report(str(tmp_path / "report.png"), history, summary)
     (val,) = [args for ax, args in drawn if ax.get_title() == "validation top-1"]
     assert list(val[0]) == [0, 1] and list(val[1]) == [0.4, 0.6]
+
+
+def test_a_relaunch_counts_its_restarts_by_reason_and_logs_where_it_resumed(tmp_path):
+    from prometheus_client import generate_latest
+
+    from distft.components.summary import run_history
+
+    m = Metrics(MetricsConfig(port=0, report=False), LocalWorld(), str(tmp_path), 1)
+    m.start()
+    m.restarted({"n": 3, "reason": "node_lost", "hosts": "node1:2,node3:2", "world_size": 4,
+                 "counts": {"node_lost": 2, "stall": 1}}, at_step=15)
+    text = generate_latest(m.registry).decode()
+    assert re.search(r'^distft_restarts_total\{.*reason="node_lost".*\} 2\.0$', text, re.M)
+    assert re.search(r'^distft_restarts_total\{.*reason="stall".*\} 1\.0$', text, re.M)
+    m.close()
+    assert run_history(str(tmp_path / "log.jsonl"))["restarts"] == [
+        {"at_step": 15, "reason": "node_lost", "hosts": ["node1:2", "node3:2"], "world_size": 1}]

@@ -101,6 +101,8 @@ class Metrics:
         self.skipped_steps = Counter("distft_skipped_steps", "Updates skipped for NaN/Inf "
                                      "(train.on_nonfinite: skip)", names, registry=r)
         self.bad_samples = Counter("distft_bad_samples", "Unreadable samples skipped", names, registry=r)
+        self.restarts = Counter("distft_restarts", "Relaunches of the job by launch.sh --max-restarts, by reason "
+                                "(node_lost, stall, rank_lost, startup, grow)", names + ["reason"], registry=r)
         self.world_size = gauge("distft_world_size", "Number of ranks")
         self.world_size.labels(**self.labels).set(world.size)
         self._window = {"samples": 0, "start": time.perf_counter(), "steps": 0, "step_seconds": 0.0, "data_seconds": 0.0}
@@ -270,6 +272,14 @@ class Metrics:
         if evals["val_top5"] is not None:  # None: 5 classes or fewer
             self.child(self.val_top5, **labels).set(evals["val_top5"])
         self.event("eval", epoch=epoch, step=step, **labels, **evals)
+
+    def restarted(self, record: dict, at_step: int) -> None:
+        """A relaunch by the supervisor: its counts by reason (this job's, so far) and, in the log,
+        where it resumed (summary.json `restarts`)."""
+        for reason, n in (record.get("counts") or {}).items():
+            self.child(self.restarts, reason=str(reason)).inc(int(n))
+        self.event("restart", at_step=at_step, reason=record.get("reason"),
+                   hosts=[h for h in str(record.get("hosts") or "").split(",") if h], world_size=self.world.size)
 
     def event(self, name: str, **fields) -> None:
         """A line of the run's log.jsonl (rank 0): what summary.json is built from, across launches."""

@@ -49,8 +49,9 @@ def segments(records: list[dict]) -> list[dict]:
         elif event is None and "step" in r:
             segs[-1]["windows"].append(r)
     for seg, nxt in zip(segs, segs[1:] + [None]):
-        if nxt is not None:
-            seg["end_step"] = min(seg["end_step"], nxt["start_step"])
+        if nxt is not None:  # the next launch resumed where this one's last complete checkpoint is
+            # (its `checkpoint` line may be missing: a launch cut off while agreeing on it)
+            seg["end_step"] = max(seg["start_step"], nxt["start_step"])
         seg["windows"] = [w for w in seg["windows"] if w["step"] <= seg["end_step"]]
         seg["evals"] = [e for e in seg["evals"] if e.get("step", 0) <= seg["end_step"]]
         seg["samples"] = (seg["end_step"] - seg["start_step"]) * seg["global_batch"]
@@ -59,12 +60,16 @@ def segments(records: list[dict]) -> list[dict]:
 
 def run_history(log_path: str) -> dict:
     """Segments, the window history and the validation history of every launch."""
-    segs = segments(read_log(log_path))
+    records = read_log(log_path)
+    segs = segments(records)
     return {
         "segments": [{k: s[k] for k in ("world_size", "start_step", "end_step", "samples", "global_batch")}
                      for s in segs],
         "history": [w for s in segs for w in s["windows"]],
         "val_history": [{k: v for k, v in e.items() if k not in ("event", "time")} for s in segs for e in s["evals"]],
+        # the supervisor's relaunches (launch.sh --max-restarts) that got as far as training
+        "restarts": [{k: r.get(k) for k in ("at_step", "reason", "hosts", "world_size")}
+                     for r in records if r.get("event") == "restart"],
     }
 
 
@@ -201,6 +206,7 @@ def compose(job, stats: Stats, evals: dict, digests: list[str]) -> dict:
         # per launch: world size, the steps it took (from its resume point to its last
         # checkpoint or its end) and their samples
         "segments": runs.get("segments", []),
+        "restarts": runs.get("restarts", []),
         # every launch's validations and log windows (log.jsonl), lost work excluded
         "val_history": runs.get("val_history", []),
         # per epoch of this launch: samples/s over its steps (data wait included; evaluation

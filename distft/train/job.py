@@ -36,6 +36,7 @@ from distft.data.preprocess import Preprocess
 from distft.train.resilience import Resilience
 from distft.data import classes
 from distft.files import atomic_write
+from distft.launchenv import restart_record
 from distft.runfolder import RunFolder
 from distft.components.state import TrainState, split_global_batch
 from distft.train.step import TrainingStep
@@ -167,6 +168,11 @@ class Job:
         if meta:
             log(world, f"resumed at step {self.state.step} (epoch {self.state.epoch}), written on "
                        f"{self.state.world_size} rank(s)")
+        restart = restart_record()  # relaunched by launch.sh --max-restarts: say why and where
+        if restart:
+            self.metrics.restarted(restart, at_step=self.state.step)
+            log(world, f"restart {restart.get('n')} ({restart.get('reason')}): resumed at step {self.state.step} "
+                       f"on {world.size} rank(s), hosts {restart.get('hosts')}")
 
     # --- the loop -------------------------------------------------------------------------------
     def fit(self) -> dict:
