@@ -31,7 +31,7 @@ from distft.models.freeze import BN_STATS
 from distft.train.grid import grid_points, table as heads_table
 from distft.train.heads import build_heads
 from distft.components.metrics import Metrics, forward_probe
-from distft.components.optim import OptimizerState
+from distft.components.optim import Optimizers
 from distft.data.preprocess import Preprocess
 from distft.train.resilience import Resilience
 from distft.data import classes
@@ -69,15 +69,15 @@ class Job:
             if cfg.data.val_split and "data" not in meta:  # written before samples were held out by name
                 self.sets = open_data(cfg, world, lambda msg: log(world, msg), holdout_by_position=True)
         solving = cfg.optimizer.name == probe.SOLVER
-        if solving:  # full batch: a step is a pass over all of data.train
-            samples = len(self.sets.train)
-            self.state = TrainState.from_meta(meta, cfg.data.batch_size) if meta else TrainState(global_batch=samples)
-            self.batching = probe.batching(samples, world, cfg.data.batch_size)
-        else:
-            self.state = (TrainState.from_meta(meta, cfg.data.batch_size) if meta else
-                          TrainState(global_batch=cfg.data.global_batch or cfg.data.batch_size * world.size))
-            self.batching = split_global_batch(self.state.global_batch, world.size, cfg.data.batch_size,
-                                               self.state.world_size if meta else world.size)
+        samples = len(self.sets.train)
+        # full batch for a solve: a step is a pass over all of data.train
+        self.state = TrainState(global_batch=samples if solving else
+                                cfg.data.global_batch or cfg.data.batch_size * world.size)
+        if meta:
+            self.state.load_state_dict(meta, cfg.data.batch_size)
+        self.batching = probe.batching(samples, world, cfg.data.batch_size) if solving else \
+            split_global_batch(self.state.global_batch, world.size, cfg.data.batch_size,
+                               self.state.world_size if meta else world.size)
         self.data = build_data(cfg, world, self.batching, self.sets)
         solved = solving and probe.finished(meta)
         if meta and (self.state.step >= self.data.total_steps or solved) and \
@@ -98,30 +98,27 @@ class Job:
         if solving:
             probe.check_plan(cfg, self.network.plan, self.net)  # the same verdict on every rank
         self.heads = agreed_everywhere(world, "building the heads", lambda: build_heads(
-            cfg, world, self.net, self.network, self.params, self.ctx))
+            cfg, world, self.net, self.network, self.ctx))
         self.params.update(self.heads.copies_params())  # a grid's other heads, by their state names
         self.names = {p: n for n, p in self.params.items()}
-        if meta:
-            self.checkpoints.restore_weights(self.params, self.heads.state_names())
-            self.heads.restore_meta(meta)
-        exchanged, sent = agree_on_start_state(world, self.network.plan, self.params, cfg.dist.on_frozen_mismatch,
-                                               cfg.dist.trainable_start, self.heads.copies_state_names())
-        self.bytes_control += exchanged + self.checkpoints.bytes_control
-        self.bytes_broadcast += sent
         self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()  # validation: plain cross-entropy for every head
         if solving:
             self.solver = probe.LinearProbe(cfg, world, self.heads, samples, self.ctx)
-            if meta:
-                self.bytes_broadcast += self.checkpoints.restore_solver(self.solver, meta)
             self.cache = self.solver.cache
         else:
             self.step = TrainingStep(cfg, world, self.ctx, self.loss_fn, self.loss_scale, self.metrics, self.names)
             self.bind_network()
-            if meta:
-                self.bytes_broadcast += self.checkpoints.restore_optimizer(self.heads.trainers(), self.names,
-                                                                           self.loss_scale, meta)
             self.heads.set_schedules(self.data.steps_per_epoch, self.data.total_steps,
                                      self.state.global_batch / cfg.data.batch_size)
+        optimizer = self.solver or Optimizers(world, self.heads.trainers, self.names, self.loss_scale)
+        self.checkpoints.track(self.state, self.heads, optimizer, data=self.sets.identity,
+                               steps_per_epoch=self.data.steps_per_epoch, total_steps=self.data.total_steps,
+                               prepare=self.prepare_checkpoint, together=self.guard.together, events=self.metrics)
+        self.bytes_broadcast += self.checkpoints.load()  # rank 0 read the files: the rest is verified below
+        exchanged, sent = agree_on_start_state(world, self.network.plan, self.params, cfg.dist.on_frozen_mismatch,
+                                               cfg.dist.trainable_start, self.heads.copies_state_names())
+        self.bytes_control += exchanged + self.checkpoints.bytes_control
+        self.bytes_broadcast += sent
         self.start_outputs(meta)
         return None
 
@@ -186,17 +183,14 @@ class Job:
                 self.guard.poll(state.step)
                 if self.step.agreed_stop():
                     self.stop()
-                if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0 \
-                        and 0 < state.step_in_epoch < data.steps_per_epoch and state.step < data.total_steps:
-                    self.save_checkpoint(state)
+                self.checkpoints.save()  # when due
                 self.guard.beat()
                 stats.mark()
             stats.end_epoch(state.epoch, self.batching.global_batch)
             epoch_done = state.step_in_epoch == data.steps_per_epoch
             if epoch_done and data.val_loader is not None:
                 evals = self.validate(state.epoch)
-            if self.checkpoint_due(epoch_done):
-                self.save_checkpoint(state.at_epoch_end(data.steps_per_epoch))
+            self.checkpoints.save(boundary=True)  # when due
             if epoch_done:
                 state.start_epoch(state.epoch + 1)
         if not evals and data.val_loader is not None:  # resumed a finished run: still report
@@ -235,15 +229,6 @@ class Job:
                 log(self.world, f"epoch {state.epoch} step {state.step_in_epoch}/{self.data.steps_per_epoch} "
                                 f"{what} samples/s {record['samples_per_sec']:.1f}")
 
-    def checkpoint_due(self, epoch_done: bool) -> bool:
-        cfg, state = self.cfg, self.state
-        done = state.step >= self.data.total_steps
-        every_epochs = cfg.train.checkpoint_every_epochs
-        every_steps = cfg.train.checkpoint_every_steps
-        due = bool(every_epochs) and (state.epoch + 1) % every_epochs == 0
-        due = due or bool(every_steps) and state.step % every_steps == 0
-        return done or (epoch_done and due)
-
     # --- what the loop calls --------------------------------------------------------------------
     def sync(self, where: str, names=None) -> list[str]:
         local = self.network.local_stats(self.cfg.dist.batchnorm)
@@ -268,30 +253,23 @@ class Job:
             self.metrics.evaluation(evals, epoch, self.state.step, head=head.name if self.heads.grid else None)
         return self.heads.best().evals
 
-    def save_checkpoint(self, at: TrainState) -> None:
-        with self.guard.together():
-            if self.solver is not None:
-                self.solver.write_weights()
-            digests = self.sync(f"checkpoint at step {at.step}")
-            at.plan_epoch, at.world_size = self.network.plan_epoch, self.world.size
-            if self.solver is not None:  # the machines' float64 arrays in the optimizer file
-                arrays, extra = self.solver.state_dict()
-                optimizer = OptimizerState(arrays)
-            else:
-                self.step.check_weights(at.step, self.state.epoch)
-                optimizer = self.heads.capture_optimizer(self.names, self.loss_scale)
-                extra = {"lr": self.heads[0].schedule(max(at.step - 1, 0)), **self.heads.checkpoint_meta()}
-            self.checkpoints.save(at, self.params, self.heads.state_names(), optimizer, digests[0],
-                                  {"model": self.cfg.model.name, "classes": self.cfg.model.classes,
-                                   "data": self.sets.identity, **extra})
-        self.metrics.event("checkpoint", step=at.step)
+    def prepare_checkpoint(self, at: TrainState) -> str:
+        """Before rank 0 writes `at`: every rank holds the same model, proved by digest (returns
+        rank 0's), and its weights are finite."""
+        if self.solver is not None:
+            self.solver.write_weights()
+        digests = self.sync(f"checkpoint at step {at.step}")
+        at.plan_epoch = self.network.plan_epoch
+        if self.solver is None:
+            self.step.check_weights(at.step, self.state.epoch)
+        return digests[0]
 
     def stop(self) -> None:
         """Every rank agreed to stop (preemption): checkpoint at this step and leave with 75."""
         self.guard.stop_agreed()
         if self.state.step_in_epoch == self.data.steps_per_epoch and self.data.val_loader is not None:
             self.validate(self.state.epoch)  # the relaunch starts the next epoch: validate this one now
-        self.save_checkpoint(self.state.at_epoch_end(self.data.steps_per_epoch))
+        self.checkpoints.save(force=True)
         self.guard.finished = True
         raise Preempted(f"preempted ({self.guard.stop_reason}) at step {self.state.step}; checkpoint written; "
                         "run the same command again to resume")
@@ -305,10 +283,7 @@ class Job:
         old = set(self.network.plan.trainable_names())
         kept = self.heads.capture_optimizer(self.names, None)
         self.network = build_network(self.cfg, self.world, self.net, self.spec, epoch, self.ctx)
-        schedules = [h.schedule for h in self.heads]
-        self.heads = build_heads(self.cfg, self.world, self.net, self.network, self.params, self.ctx)  # no grid
-        for head, schedule in zip(self.heads, schedules):
-            head.schedule = schedule
+        self.heads.follow(build_heads(self.cfg, self.world, self.net, self.network, self.ctx))  # no grid
         self.bind_network()
         new = set(self.network.plan.trainable_names())
         kept.restore(self.heads[0].trainer, self.names, only={self.params[n] for n in new & old})
