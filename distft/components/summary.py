@@ -139,7 +139,7 @@ def compose(job, stats: Stats, evals: dict, digests: list[str]) -> dict:
     where = {"local_rank": world.local_rank, "cross_rank": world.cross_rank, "host": socket.gethostname()}
     placement = world.allgather_json(where, "distft.placement")
     t = plan.totals()
-    wall = time.perf_counter() - job.started if getattr(job, "started", None) else 0.0
+    wall = time.perf_counter() - job.started if job.started else 0.0
     rate = stats.rate(wall)
     runs = run_history(RunFolder(job.out).log) if world.rank == 0 else {}
     exchange = job.solver if job.solver is not None else job.exchange  # a solve's allreduce: one per pass
@@ -173,7 +173,7 @@ def compose(job, stats: Stats, evals: dict, digests: list[str]) -> dict:
         # backward: none for a layer whose input needs no gradient)
         "bn_exchanges": dict(job.network.exchanges.counts) if job.network.exchanges is not None else {},
         # the exchange left in flight while the next batch starts (off: read before the update)
-        "exchange_overlapped": job.step is not None and job.step.deferred,
+        "exchange_overlapped": job.training_step is not None and job.training_step.deferred,
         "allreduce_seconds": exchange.seconds_total,
         "rank_state_digests": digests,
         "peak_rss_bytes": rss,  # per rank
@@ -183,7 +183,7 @@ def compose(job, stats: Stats, evals: dict, digests: list[str]) -> dict:
         "freeze_switches": job.switches,
         "lr_mult": trainer_lr_mults(trainer, job.names) if trainer is not None else {},
         "resumed": state.step > stats.steps,
-        "skipped_steps": job.step.skipped if job.step is not None else 0,
+        "skipped_steps": job.training_step.skipped if job.training_step is not None else 0,
         "precision": job.compute_dtype,
         "loss_scale": job.loss_scale.scale, "loss_scale_overflows": job.loss_scale.overflows,
         "feature_cache": ({"hits": job.cache.hits, "misses": job.cache.misses, "file": job.cache.path}

@@ -22,14 +22,17 @@ from distft import precision
 from distft.components import probe
 from distft.distributed.agreement import agree_on_start_state, agreed, agreed_everywhere, check_same_config, from_rank0, sync_point
 from distft.train.advice import warnings
-from distft.train.builders import build_cache, build_data, build_network, open_data
+from distft.train.builders import Data, DataSets, Network, build_cache, build_data, build_network, open_data
 from distft.components.checkpointer import Checkpointer, check_relaunch
 from distft.config import Config, dump_config
 from distft.console import log, warn
 from distft.errors import Preempted
 from distft.models.freeze import BN_STATS
+from distft.models.spec import ModelSpec
+from distft.components.cache import FeatureCache
+from distft.distributed.exchange import GradientExchange
 from distft.train.grid import grid_points, table as heads_table
-from distft.train.heads import build_heads
+from distft.train.heads import HeadSet, build_heads
 from distft.components.metrics import Metrics, forward_probe
 from distft.components.optim import Optimizers
 from distft.data.preprocess import Preprocess
@@ -37,7 +40,7 @@ from distft.train.resilience import Resilience
 from distft.data import classes
 from distft.files import atomic_write
 from distft.runfolder import RunFolder
-from distft.components.state import TrainState, split_global_batch
+from distft.components.state import Batching, TrainState, split_global_batch
 from distft.train.step import TrainingStep
 from distft.components.summary import Stats, completed, compose, write_outputs
 
@@ -50,8 +53,28 @@ class Job:
         self.run = RunFolder(self.out)
         self.guard = Resilience(world, cfg.train.stall_timeout, cfg.train.preempt_grace)
         self.checkpoints = Checkpointer(cfg, world, self.ctx)
-        self.metrics = self.data = self.cache = self.step = None
-        self.solver: Optional[probe.LinearProbe] = None  # optimizer.name: lbfgs
+        # built by setup, in this order
+        self.sets: Optional[DataSets] = None  # data.train and the validation set, opened
+        self.state: Optional[TrainState] = None  # where the job is (from the checkpoint resumed from)
+        self.batching: Optional[Batching] = None  # this launch's split of the global batch
+        self.data: Optional[Data] = None  # sampler and loaders
+        self.metrics: Optional[Metrics] = None
+        self.compute_dtype: str = "float32"
+        self.loss_scale: Optional[precision.LossScale] = None
+        self.net = None  # the Gluon model
+        self.spec: Optional[ModelSpec] = None  # the model as plain data
+        self.params: dict = {}  # state name -> Parameter: the network's and a grid's other heads'
+        self.names: dict = {}  # Parameter -> state name
+        self.network: Optional[Network] = None  # the network as the freeze plan in force runs it
+        self.heads: Optional[HeadSet] = None
+        self.loss_fn = None  # validation's loss
+        self.solver: Optional[probe.LinearProbe] = None  # optimizer.name: lbfgs (no training step)
+        self.training_step: Optional[TrainingStep] = None  # runs one step; not state.step, the count
+        self.exchange: Optional[GradientExchange] = None  # the gradient exchange in force
+        self.cache: Optional[FeatureCache] = None
+        self.forward_rate: Optional[float] = None  # samples/s of the forward pass alone, per rank
+        # this launch's figures
+        self.started = 0.0  # when the loop started (perf_counter)
         self.optimum: Optional[dict] = None  # a head-only run's objective at its end (summary.json)
         self.switches: list = []
         self.bytes_broadcast = self.bytes_control = 0
@@ -86,6 +109,15 @@ class Job:
                        "nothing to do " + ("(the solve had ended)" if solved else
                                            "(raise train.epochs or train.max_steps to train on)"))
             return {"complete": True, "steps": self.state.step}
+        self.build(solving, samples)
+        self.start_outputs(meta)
+        return None
+
+    def build(self, solving: bool, samples: int) -> None:
+        """The parts of the job where it is (`state`): metrics, the model and its heads, the
+        optimizer (or the solve) and the checkpointer that restores them; then every rank is
+        proved to hold rank 0's model."""
+        cfg, world = self.cfg, self.world
         self.metrics = Metrics(cfg.metrics, world, self.out, cfg.train.log_every, cfg.train.stall_timeout,
                                heads=[p.name for p in grid_points(cfg.heads.grid)] if cfg.heads.grid else None)
         self.compute_dtype = precision.enable(cfg.train.precision, self.ctx)  # before the model is built
@@ -106,11 +138,11 @@ class Job:
             self.solver = probe.LinearProbe(cfg, world, self.heads, samples, self.ctx)
             self.cache = self.solver.cache
         else:
-            self.step = TrainingStep(cfg, world, self.ctx, self.loss_fn, self.loss_scale, self.metrics, self.names)
+            self.training_step = TrainingStep(cfg, world, self.ctx, self.loss_fn, self.loss_scale, self.metrics, self.names)
             self.bind_network()
             self.heads.set_schedules(self.data.steps_per_epoch, self.data.total_steps,
                                      self.state.global_batch / cfg.data.batch_size)
-        optimizer = self.solver or Optimizers(world, self.heads.trainers, self.names, self.loss_scale)
+        optimizer = self.solver if solving else Optimizers(world, self.heads.trainers, self.names, self.loss_scale)
         self.checkpoints.track(self.state, self.heads, optimizer, data=self.sets.identity,
                                steps_per_epoch=self.data.steps_per_epoch, total_steps=self.data.total_steps,
                                prepare=self.prepare_checkpoint, together=self.guard.together, events=self.metrics)
@@ -119,22 +151,20 @@ class Job:
                                                cfg.dist.trainable_start, self.heads.copies_state_names())
         self.bytes_control += exchanged + self.checkpoints.bytes_control
         self.bytes_broadcast += sent
-        self.start_outputs(meta)
-        return None
 
     def check_output(self) -> None:
         agreed(self.world, "checking train.output", self.run.check_writable)
 
     def bind_network(self) -> None:
         """The optimizers, gradient exchange, cache and step for the network as set up now."""
-        plan, waited = self.network.plan, self.exchange.seconds_total if hasattr(self, "exchange") else 0.0
+        plan, waited = self.network.plan, self.exchange.seconds_total if self.exchange is not None else 0.0
         self.heads.bind(self.world, self.spec)
         self.exchange = self.heads.exchange
         self.exchange.seconds_total = waited  # a run's total, across plan switches
         if self.cache is not None:
             self.cache.close()
         self.cache = build_cache(self.cfg, self.network, self.data.sampler, self.world.rank)
-        self.step.bind(self.network.runner, self.heads, plan, self.cache, self.batching)
+        self.training_step.bind(self.network.runner, self.heads, plan, self.cache, self.batching)
 
     def start_outputs(self, meta) -> None:
         cfg, world, b = self.cfg, self.world, self.batching
@@ -176,12 +206,12 @@ class Job:
             for _, idx, x, y in self.batches(stats):
                 lrs = self.heads.learning_rates(state.step)  # one per head (one without a grid)
                 stats.begin_step()
-                losses = self.step(idx, x, y, lrs, self.guard.stop_requested, state.step + 1, state.epoch)
+                losses = self.training_step(idx, x, y, lrs, self.guard.stop_requested, state.step + 1, state.epoch)
                 state.advance()
                 stats.end_step(self.batching.global_batch)
                 self.record_step(stats, losses, lrs)
                 self.guard.poll(state.step)
-                if self.step.agreed_stop():
+                if self.training_step.agreed_stop():
                     self.stop()
                 self.checkpoints.save()  # when due
                 self.guard.beat()
@@ -234,7 +264,7 @@ class Job:
         local = self.network.local_stats(self.cfg.dist.batchnorm)
         if local:  # a grid's other heads have moving statistics of their own
             local = local + [n for n in self.heads.copies_state_names() if n.rpartition(".")[2] in BN_STATS]
-        settle = self.step.settle if self.step is not None else (lambda: None)
+        settle = self.training_step.settle if self.training_step is not None else (lambda: None)
         return sync_point(self.world, settle, self.params, local, where, names)
 
     def validate(self, epoch: int) -> dict:
@@ -261,7 +291,7 @@ class Job:
         digests = self.sync(f"checkpoint at step {at.step}")
         at.plan_epoch = self.network.plan_epoch
         if self.solver is None:
-            self.step.check_weights(at.step, self.state.epoch)
+            self.training_step.check_weights(at.step, self.state.epoch)
         return digests[0]
 
     def stop(self) -> None:
