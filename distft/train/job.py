@@ -34,7 +34,7 @@ from distft.distributed.exchange import GradientExchange
 from distft.train.grid import grid_points, table as heads_table
 from distft.train.heads import HeadSet, build_heads
 from distft.components.metrics import Metrics, forward_probe
-from distft.components.optim import Optimizers
+from distft.components.optim import Optimizers, trainer_lr_mults
 from distft.data.preprocess import Preprocess
 from distft.train.resilience import Resilience
 from distft.data import classes
@@ -42,7 +42,7 @@ from distft.files import atomic_write
 from distft.runfolder import RunFolder
 from distft.components.state import Batching, TrainState, split_global_batch
 from distft.train.step import TrainingStep
-from distft.components.summary import Stats, completed, compose, write_outputs
+from distft.components.summary import LaunchRecord, Stats, completed, compose, write_outputs
 
 
 class Job:
@@ -138,7 +138,8 @@ class Job:
             self.solver = probe.LinearProbe(cfg, world, self.heads, samples, self.ctx)
             self.cache = self.solver.cache
         else:
-            self.training_step = TrainingStep(cfg, world, self.ctx, self.loss_fn, self.loss_scale, self.metrics, self.names)
+            self.training_step = TrainingStep(cfg, world, self.ctx, self.loss_fn, self.loss_scale, self.metrics,
+                                              self.names)
             self.bind_network()
             self.heads.set_schedules(self.data.steps_per_epoch, self.data.total_steps,
                                      self.state.global_batch / cfg.data.batch_size)
@@ -354,7 +355,7 @@ class Job:
             digests = self.sync("end of training")
             self.measure_optimum()
             self.metrics.event("end", step=self.state.step)
-            summary = compose(self, stats, evals, digests)
+            summary = compose(self.world, self.record(), stats, evals, digests, self.out)
             agreed(self.world, "writing model.params and summary.json",
                    lambda: write_outputs(self.out, self.heads.model_files(self.run, self.net), summary))
         if self.heads.grid:
@@ -366,6 +367,30 @@ class Job:
         self.guard.finished = True
         self.metrics.finish(summary)
         return summary
+
+    def record(self) -> LaunchRecord:
+        """This launch, as summary.json reports it."""
+        exchange = self.solver if self.solver is not None else self.exchange  # a solve's allreduce: one per pass
+        trainer, step, cache, network, heads = self.heads[0].trainer, self.training_step, self.cache, \
+            self.network, self.heads
+        grid = {"heads": heads.summary(), "best_head": getattr(heads.best(), "name", None),
+                "heads_select": self.cfg.heads.select} if heads.grid else None
+        return LaunchRecord(
+            model=self.cfg.model.name, classes=self.sets.class_names or [str(i) for i in range(self.cfg.model.classes)],
+            data=self.sets.inventory, state=self.state, steps_per_epoch=self.data.steps_per_epoch,
+            batching=self.batching, started=self.started, plan_totals=network.plan.totals(),
+            frozen_prefix=network.plan.prefix, bytes_broadcast=self.bytes_broadcast, bytes_control=self.bytes_control,
+            allreduce_bytes_per_step=exchange.bytes_per_step, allreduce_seconds=exchange.seconds_total,
+            synchronized_bn_layers=network.synchronized_bn, bn_channel=network.bn_channel,
+            bn_exchanges=dict(network.exchanges.counts) if network.exchanges is not None else {},
+            exchange_overlapped=step is not None and step.deferred,
+            skipped_steps=step.skipped if step is not None else 0, freeze_switches=self.switches,
+            lr_mult=trainer_lr_mults(trainer, self.names) if trainer is not None else {},
+            precision=self.compute_dtype, loss_scale=self.loss_scale.scale,
+            loss_scale_overflows=self.loss_scale.overflows,
+            feature_cache=None if cache is None else {"hits": cache.hits, "misses": cache.misses, "file": cache.path},
+            bad_samples=self.data.train_loader.bad, forward_rate=self.forward_rate, metrics_port=self.metrics.port,
+            ctx=self.ctx, optimum=self.optimum, grid=grid)
 
     def close(self) -> None:
         self.guard.finished = True
