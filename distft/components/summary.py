@@ -174,7 +174,7 @@ class LaunchRecord:
 def compose(world, launch: LaunchRecord, stats: Stats, evals: dict, digests: list[str], output: str) -> dict:
     """summary.json: this launch's figures, and the history of every launch from log.jsonl."""
     state, t = launch.state, launch.plan_totals
-    rss = [int(b) for b in (x.decode() for x in world.allgather_bytes(str(peak_rss_bytes()).encode(), "distft.rss"))]
+    rss = [int(b) for b in world.allgather_json(peak_rss_bytes(), "distft.rss")]
     where = {"local_rank": world.local_rank, "cross_rank": world.cross_rank, "host": socket.gethostname()}
     placement = world.allgather_json(where, "distft.placement")
     wall = time.perf_counter() - launch.started if launch.started else 0.0
