@@ -15,19 +15,25 @@ def test_no_arguments_and_no_job_prints_help_and_exits_2(tmp_path):
     assert not (tmp_path / "runs").exists() and proc.stdout == ""
 
 
-def test_no_arguments_trains_distft_yaml_in_the_working_directory(tmp_path):
+def test_no_arguments_trains_distft_yaml_in_the_working_directory(tmp_path, monkeypatch, capsys):
+    from distft import cli
+
     # a job whose config is refused proves which file was read, without training
     write_config(tmp_path / "distft.yaml", {"optimizer": {"lr": "fast"}})
-    proc = run_cli([], timeout=60, env={"DISTFT_CONFIG": ""}, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == "distft: error: optimizer.lr: expected a number, got 'fast'"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DISTFT_CONFIG", "")
+    assert cli.main([]) == 2
+    assert capsys.readouterr().err.strip() == "distft: error: optimizer.lr: expected a number, got 'fast'"
 
 
-def test_no_arguments_trains_distft_config_from_the_environment(tmp_path):
+def test_no_arguments_trains_distft_config_from_the_environment(tmp_path, monkeypatch, capsys):
+    from distft import cli
+
     path = write_config(tmp_path / "job.yaml", {"model": {"nmae": "x"}})
-    proc = run_cli([], timeout=60, env={"DISTFT_CONFIG": path}, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == "distft: error: model.nmae: unknown key (did you mean 'model.name'?)"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DISTFT_CONFIG", path)
+    assert cli.main([]) == 2
+    assert capsys.readouterr().err.strip() == "distft: error: model.nmae: unknown key (did you mean 'model.name'?)"
 
 
 def test_version_and_described_commands():
@@ -57,11 +63,11 @@ def test_every_command_describes_itself(capsys, command, words):
 
 
 def test_bench_writes_its_json_and_markdown_into_new_folders(tmp_path, monkeypatch, capsys):
-    from distft.bench import bench
+    from distft.bench import bench, tables
     from distft import cli
 
     monkeypatch.setattr(bench, "run", lambda *args, **kwargs: {"samples_per_sec": {"distft": 1.0}, "controller": "mpi"})
-    monkeypatch.setattr(bench, "markdown", lambda result: "| table |\n")
+    monkeypatch.setattr(tables, "markdown", lambda result: "| table |\n")
     out = tmp_path / "bench" / "nested"
     assert cli.main(["bench", "--json", str(out / "b.json"), "--markdown", str(tmp_path / "md" / "b.md")]) == 0
     assert (out / "b.json").read_text().startswith("{") and (tmp_path / "md" / "b.md").read_text() == "| table |\n"
