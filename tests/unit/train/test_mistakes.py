@@ -4,7 +4,7 @@ refused run changes nothing in train.output. Warnings for jobs that run but misl
 import pytest
 
 from conftest import run_cli, write_config
-from test_classes import folder
+from imagefiles import folder
 
 
 def job(tmp_path, **sections):
