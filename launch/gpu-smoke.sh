@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for a machine with GPUs: the GPU install (DISTFT_EXTRA=cu112, into .venv-cu112),
-# `distft doctor`, the GPU tests (tests/test_gpu.py: cuDNN BatchNorm, 1 GPU vs CPU, fp16 AMP,
+# `distft doctor`, the GPU tests (tests/gpu/test_gpu.py: cuDNN BatchNorm, 1 GPU vs CPU, fp16 AMP,
 # 2 ranks over NCCL), then `distft bench`; everything lands in one JSON. NOT YET RUN ON A GPU.
 #
 #   bash launch/gpu-smoke.sh [OUT.json]       (default: ./gpu-smoke.json)
@@ -28,9 +28,9 @@ if [ "$doctor_rc" != 0 ]; then
 elif [ "$gpus" = 0 ]; then
   reason="no GPU is visible here (see the doctor's driver line): nothing to smoke-test"
 else
-  step "GPU tests (pytest -m gpu tests/test_gpu.py) on $gpus GPU(s)"
+  step "GPU tests (pytest -m gpu tests/gpu/test_gpu.py) on $gpus GPU(s)"
   tests_rc=0
-  python -m pytest -m gpu tests/test_gpu.py -q -rs --junitxml "$work/tests.xml" || tests_rc=$?
+  python -m pytest -m gpu tests/gpu/test_gpu.py -q -rs --junitxml "$work/tests.xml" || tests_rc=$?
   np_=$(( gpus >= 2 ? 2 : 1 ))
   step "distft bench --np $np_ (configs/bench-resnet50.yaml)"
   bench_rc=0

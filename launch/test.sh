@@ -5,7 +5,7 @@
 # The GPU install (DISTFT_EXTRA=cu112 into .venv-cu112: mxnet-cu112, the CUDA libraries, Horovod
 # built with NCCL) takes minutes with cold caches: for a whole-suite run it is built in the
 # background, at the lowest CPU and I/O priority, while the other tests run;
-# tests/test_gpu_install.py runs last and waits for it. A run that selects tests (a path, -k, -m)
+# tests/install/test_gpu_install.py runs last and waits for it. A run that selects tests (a path, -k, -m)
 # leaves the install to that test.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"

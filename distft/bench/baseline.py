@@ -32,7 +32,7 @@ from distft.models.freeze import is_under
 from distft.models.gluon import structural_params
 
 
-def main(argv=None) -> int:
+def _arguments(argv):
     p = argparse.ArgumentParser()
     p.add_argument("--config", required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[])
@@ -40,14 +40,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--window", type=int, default=5)
     p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    hvd = horovod()
-    started = psutil.Process().create_time()
-    cfg = load_config(args.config, args.overrides)
-    resolve_model_classes(cfg)
-    hvd.init()
-    ctx = mx.gpu(hvd.local_rank()) if mx.context.num_gpus() else mx.cpu()
+
+def _model(cfg, ctx):
+    """The model as a user of plain Horovod sets it up: the zoo's network, the pretrained weights
+    for everything but the new head, grad_req = 'null' outside the trainable blocks."""
     net = gluon.model_zoo.vision.get_model(cfg.model.name, classes=cfg.model.classes)
     # pretrained weights for everything but the new head, as a user would load them
     if isinstance(cfg.model.pretrained, str):
@@ -62,6 +60,18 @@ def main(argv=None) -> int:
     for name, param in structural_params(net).items():
         if not any(is_under(name, t) for t in trainable) and param.grad_req != "null":
             param.grad_req = "null"
+    return net
+
+
+def main(argv=None) -> int:
+    args = _arguments(argv)
+    hvd = horovod()
+    started = psutil.Process().create_time()
+    cfg = load_config(args.config, args.overrides)
+    resolve_model_classes(cfg)
+    hvd.init()
+    ctx = mx.gpu(hvd.local_rank()) if mx.context.num_gpus() else mx.cpu()
+    net = _model(cfg, ctx)
     params = net.collect_params()
     hvd.broadcast_parameters(params, root_rank=0)  # deferred ones are sent at their first forward
     net.hybridize(static_alloc=True, static_shape=True)

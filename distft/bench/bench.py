@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from typing import Optional
 
 from distft.bench import timeline
 from distft.config import dump_config, load_config
@@ -269,6 +270,29 @@ def _summary(directory: str) -> dict:
         return json.load(fh)
 
 
+def _grid_round(config: str, overrides: list, steps: int, window: int, cache_epochs: int, launcher: list,
+                out: str, mode: str, timeout: int) -> tuple[dict, Optional[dict]]:
+    """One round of `mode` (the grid, or its first point alone): steady samples/s over the
+    windows after the first, peak memory, bytes per step; with `cache_epochs`, the same job
+    again with the feature cache (its epochs' samples/s; None without)."""
+    job = out + ".yaml"
+    dump_config(_timed_job(config, overrides, steps, window, out), job)
+    _run(launcher + [sys.executable, "-m", "distft", "--config", job], f"distft ({mode})", timeout)
+    s = _summary(out)
+    windows = [h["samples_per_sec"] for h in s["history"]]
+    plain = {"samples_per_sec": statistics.median(windows[1:]), "windows": windows,
+             "peak_rss_bytes": max(s["peak_rss_bytes"]), "allreduce_bytes_per_step": s["allreduce_bytes_per_step"]}
+    if not cache_epochs:
+        return plain, None
+    out = out + "-cached"
+    dump_config(load_config(config, overrides + [
+        "train.cache_features=true", "data.augment=false", "train.max_steps=null",
+        f"train.epochs={cache_epochs}", "train.log_every=1000000", f"train.output={out}"]), job)
+    _run(launcher + [sys.executable, "-m", "distft", "--config", job], f"cached distft ({mode})", timeout)
+    epochs = [e["samples_per_sec"] for e in _summary(out)["epoch_history"]]
+    return plain, {"epochs": epochs, "samples_per_sec": statistics.median(epochs[1:])}
+
+
 def run_grid(config: str, overrides: list, np_: int, steps: int, window: int, controller: str = "mpi",
              timeout: int = 3600, cache_epochs: int = 3, repeats: int = 1) -> dict:
     """distft with heads.grid (K heads) and with one head (the grid's first point alone), in turn
@@ -288,24 +312,11 @@ def run_grid(config: str, overrides: list, np_: int, steps: int, window: int, co
     try:
         for r in range(repeats):  # interleaved, so a slow spell of a shared machine hits both
             for mode, extra in (("grid", []), ("one", one_head)):
-                out = os.path.join(work, f"{mode}-{r}")
-                job = os.path.join(work, f"{mode}.yaml")
-                dump_config(_timed_job(config, common + extra, steps, window, out), job)
-                _run(launcher + [sys.executable, "-m", "distft", "--config", job], f"distft ({mode})", timeout)
-                s = _summary(out)
-                windows = [h["samples_per_sec"] for h in s["history"]]
-                runs[mode].append({"samples_per_sec": statistics.median(windows[1:]), "windows": windows,
-                                   "peak_rss_bytes": max(s["peak_rss_bytes"]),
-                                   "allreduce_bytes_per_step": s["allreduce_bytes_per_step"]})
-                if cache_epochs:
-                    out = os.path.join(work, f"{mode}-cached-{r}")
-                    dump_config(load_config(config, common + extra + [
-                        "train.cache_features=true", "data.augment=false", "train.max_steps=null",
-                        f"train.epochs={cache_epochs}", "train.log_every=1000000", f"train.output={out}"]), job)
-                    _run(launcher + [sys.executable, "-m", "distft", "--config", job], f"cached distft ({mode})",
-                         timeout)
-                    epochs = [e["samples_per_sec"] for e in _summary(out)["epoch_history"]]
-                    cached[mode].append({"epochs": epochs, "samples_per_sec": statistics.median(epochs[1:])})
+                plain, with_cache = _grid_round(config, common + extra, steps, window, cache_epochs, launcher,
+                                                os.path.join(work, f"{mode}-{r}"), mode, timeout)
+                runs[mode].append(plain)
+                if with_cache is not None:
+                    cached[mode].append(with_cache)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     k = len(points)

@@ -8,11 +8,12 @@ with a warning. Checkpoints that exist but none of which can be used stop every 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import mxnet as mx
 
@@ -22,9 +23,7 @@ from distft.distributed.agreement import agreed, from_rank0
 from distft.config import as_yaml
 from distft.console import log, warn
 from distft.errors import CheckpointError, ConfigError, DataError, mxnet_reason
-from distft.components.optim import OptimizerState
 from distft.components.state import TrainState
-from distft.models.network import set_weights
 from distft.runfolder import RunFolder
 
 
@@ -79,11 +78,40 @@ def check_relaunch(cfg, meta: dict, data_identity: Optional[dict] = None) -> Non
 
 
 class Checkpointer:
+    """The job's checkpoints. Handed the job's stateful parts once (`track`): the train state,
+    the weights and the optimizer, each with `state_dict()` / `load_state_dict()`; then `save`
+    writes them when due (it owns the cadence) and `load` restores them from the checkpoint
+    `find_resume_point` read.
+
+    A part's state dict: `arrays` (NDArrays by name: the weights go to trainable.params, the
+    optimizer's to optimizer.params), the rest to meta.json's top level. A part loads from rank
+    0's arrays ({} on the other ranks) and the checkpoint's metadata (every rank), brings every
+    rank to rank 0's state where it must, and returns the bytes it broadcast."""
+
     def __init__(self, cfg, world, ctx):
         self.cfg, self.world, self.ctx = cfg, world, ctx
         self.out = cfg.train.output
         self.loaded: Optional[checkpoint.Checkpoint] = None  # rank 0, until restored
+        self.meta: Optional[dict] = None  # the checkpoint resumed from, on every rank
         self.bytes_control = 0
+        # set by `track`
+        self.state: Optional[TrainState] = None
+        self.weights = self.optimizer = None
+        self.data: Optional[dict] = None  # data.train's identity, kept with every checkpoint
+        self.steps_per_epoch = self.total_steps = 0
+        self.prepare: Optional[Callable[[TrainState], str]] = None
+        self.together: Callable = contextlib.nullcontext
+        self.events = None
+
+    def track(self, state: TrainState, weights, optimizer, *, data: dict, steps_per_epoch: int, total_steps: int,
+              prepare: Callable[[TrainState], str], together: Callable = contextlib.nullcontext,
+              events=None) -> None:
+        """The parts to save and restore. `prepare(at)`: bring every rank to the same state before
+        rank 0 writes `at` (returns the state digest); `together`: the phase every rank enters
+        (the watchdog's); `events`: where a written checkpoint is recorded (log.jsonl)."""
+        self.state, self.weights, self.optimizer, self.data = state, weights, optimizer, data
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        self.prepare, self.together, self.events = prepare, together, events
 
     # --- resuming -------------------------------------------------------------------------------
     def find_resume_point(self) -> Optional[dict]:
@@ -93,6 +121,7 @@ class Checkpointer:
         meta = from_rank0(self.world, agreed(self.world, "reading the checkpoints", self._read_latest),
                           "distft.resume_meta")
         self.bytes_control += len(json.dumps(meta)) * (self.world.size - 1)
+        self.meta = meta
         return meta
 
     def _read_latest(self) -> Optional[dict]:
@@ -112,73 +141,74 @@ class Checkpointer:
                 f"can be used (newest: {newest}); to start over, set train.resume: false or remove them")
         return None
 
-    def restore_weights(self, params: dict, state_names: list[str]) -> None:
-        """Rank 0 puts the checkpoint's weights (`state_names`: what the plan trains, for every
-        head) into the model; every rank learns if it could."""
-        agreed(self.world, "restoring the checkpoint", lambda: self._restore_weights(params, state_names))
-
-    def _restore_weights(self, params: dict, state_names: list[str]) -> None:
-        ckpt = self.loaded
-        want = set(state_names)
-        have = set(ckpt.params)
-        unknown = sorted(have - set(params))
-        if unknown or not want <= have:
-            missing = sorted(want - have)
-            raise CheckpointError(
-                f"{ckpt.path}: does not belong to this model/freeze plan"
-                + (f"; not in {self.cfg.model.name}: {', '.join(unknown[:3])}" if unknown else "")
-                + (f"; missing: {', '.join(missing[:3])}" if missing else ""))
-        set_weights(params, ckpt.params, self.ctx, ckpt.path)
-
-    def restore_optimizer(self, trainers: list, names: dict, loss_scale, meta: dict) -> int:
-        """The optimizer state of the checkpoint on every rank, for each trainer (one per head).
-        Returns bytes broadcast."""
-        state = OptimizerState()
-        if self.world.rank == 0:
-            state = OptimizerState.from_checkpoint(self.loaded.optimizer, meta)
+    def load(self) -> int:
+        """The weights and the optimizer state of the checkpoint resumed from, on every rank (the
+        train state was read from its metadata first: it decides the data and the plan).
+        Returns the bytes broadcast."""
+        if self.meta is None:
+            return 0
+        ckpt = self.loaded if self.world.rank == 0 else None
         sent = 0
-        for trainer in trainers:
-            agreed(self.world, "restoring the optimizer state",
-                   lambda: state.restore(trainer, names, loss_scale=loss_scale))
-            sent += state.share(self.world, trainer, names)
-            state.restore(trainer, names, loss_scale=loss_scale)
-        self.loaded = None
-        return sent
-
-    def restore_solver(self, solver, meta: dict) -> int:
-        """A solve's state (optimizer.name: lbfgs: every head's L-BFGS machine) on every rank.
-        Returns bytes broadcast."""
-        arrays = self.loaded.optimizer if self.world.rank == 0 else {}
-        agreed(self.world, "restoring the solver state", lambda: solver.check_state(arrays, meta))
-        sent = solver.load_state_dict(self.world, arrays, meta)
+        for part, arrays in ((self.weights, ckpt.params if ckpt else {}),
+                             (self.optimizer, ckpt.optimizer if ckpt else {})):
+            sent += part.load_state_dict({**self.meta, "arrays": arrays, "path": ckpt.path if ckpt else ""})
         self.loaded = None
         return sent
 
     # --- writing --------------------------------------------------------------------------------
-    def save(self, state: TrainState, params: dict, names_to_save: list[str], optimizer: OptimizerState,
-             digest: str, extra: dict) -> str:
-        """Rank 0 writes; every rank returns its path or raises the same error."""
-        def write():
-            arrays = {n: params[n].data().as_in_context(mx.cpu()) for n in names_to_save}  # copies only from a GPU
-            meta = {**state.to_meta(), "epoch": state.epoch, "world_size": state.world_size,
-                    "job": job_identity(self.cfg), **optimizer.meta(), "state_digest": digest, **extra}
-            delay = faults.checkpoint_delay()
-            if delay:
-                time.sleep(delay)
-            try:
-                path = checkpoint.save(self.out, state.step, arrays, optimizer.arrays, meta,
-                                       self.cfg.train.keep_checkpoints)
-            except (OSError, mx.base.MXNetError) as exc:
-                kept = checkpoint.list_checkpoints(self.out)
-                reason = getattr(exc, "strerror", None) or mxnet_reason(exc)
-                free = shutil.disk_usage(self.out).free
-                raise CheckpointError(
-                    f"train.output: writing the checkpoint of step {state.step} failed ({reason}; "
-                    f"{free:,} bytes free there); "
-                    + (f"the previous checkpoint {kept[-1]} is intact" if kept else "no earlier checkpoint exists")
-                ) from None
-            log(self.world, f"checkpoint {path}")
-            return path
+    def steps_due(self) -> bool:
+        """train.checkpoint_every_steps divides the step just taken."""
+        every = self.cfg.train.checkpoint_every_steps
+        return bool(every) and self.state.step % every == 0
 
-        return agreed(self.world, f"writing the checkpoint of step {state.step}", write) or \
-            os.path.join(RunFolder(self.out).checkpoints, f"ckpt-{state.step:08d}")
+    def due(self, boundary: bool) -> bool:
+        """Whether a checkpoint is due now. Inside an epoch (`boundary` false: after a step):
+        every train.checkpoint_every_steps steps, but a step that ends the epoch or the job
+        waits for the boundary. At the end of an epoch's batches (after its validation): the
+        job's end, train.checkpoint_every_steps, and every train.checkpoint_every_epochs
+        epochs."""
+        state, every_epochs = self.state, self.cfg.train.checkpoint_every_epochs
+        if not boundary:
+            return self.steps_due() and state.step_in_epoch < self.steps_per_epoch and state.step < self.total_steps
+        epoch_done = state.step_in_epoch == self.steps_per_epoch
+        epochs_due = bool(every_epochs) and (state.epoch + 1) % every_epochs == 0
+        return state.step >= self.total_steps or (epoch_done and (epochs_due or self.steps_due()))
+
+    def save(self, boundary: bool = False, force: bool = False) -> Optional[str]:
+        """Write a checkpoint if one is due (`due`) or `force`d (a stop, a solve's end): the state
+        after the last step (at an epoch's end: the next epoch, at its start). Rank 0 writes;
+        every rank returns its path (None when none was due) or raises the same error."""
+        if not (force or self.due(boundary)):
+            return None
+        at = self.state.at_epoch_end(self.steps_per_epoch)
+        with self.together():
+            digest = self.prepare(at)
+            at.world_size = self.world.size
+            path = agreed(self.world, f"writing the checkpoint of step {at.step}", lambda: self._write(at, digest)) \
+                or os.path.join(RunFolder(self.out).checkpoints, f"ckpt-{at.step:08d}")
+        if self.events is not None:
+            self.events.event("checkpoint", step=at.step)
+        return path
+
+    def _write(self, at: TrainState, digest: str) -> str:
+        weights, optimizer = self.weights.state_dict(), self.optimizer.state_dict()
+        params, optimizer_arrays = weights.pop("arrays"), optimizer.pop("arrays")
+        meta = {**at.state_dict(), "job": job_identity(self.cfg), "state_digest": digest,
+                "model": self.cfg.model.name, "classes": self.cfg.model.classes, "data": self.data,
+                **weights, **optimizer}
+        delay = faults.checkpoint_delay()
+        if delay:
+            time.sleep(delay)
+        try:
+            path = checkpoint.save(self.out, at.step, params, optimizer_arrays, meta, self.cfg.train.keep_checkpoints)
+        except (OSError, mx.base.MXNetError) as exc:
+            kept = checkpoint.list_checkpoints(self.out)
+            reason = getattr(exc, "strerror", None) or mxnet_reason(exc)
+            free = shutil.disk_usage(self.out).free
+            raise CheckpointError(
+                f"train.output: writing the checkpoint of step {at.step} failed ({reason}; "
+                f"{free:,} bytes free there); "
+                + (f"the previous checkpoint {kept[-1]} is intact" if kept else "no earlier checkpoint exists")
+            ) from None
+        log(self.world, f"checkpoint {path}")
+        return path

@@ -21,7 +21,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
 
-from distft.console import draw_progress, end_progress_line, warn
+from distft.console import draw_progress, end_progress_line, log, warn
 from distft.errors import ConfigError
 from distft.launchenv import under_launcher
 from distft.runfolder import RunFolder
@@ -51,13 +51,29 @@ class _Server(ThreadingMixIn, WSGIServer):
 class Metrics:
     def __init__(self, cfg, world, output: str, log_every: int, stall_timeout: float = 0.0,
                  heads: Optional[list] = None):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
         self.cfg, self.world, self.output = cfg, world, output
         self.log_every = log_every
         self.job = cfg.job or os.path.basename(os.path.abspath(output)) or "distft"
         self.labels = {"job": self.job, "rank": str(world.rank), "local_rank": str(world.local_rank),
                        "host": socket.gethostname()}
+        self.heads = heads
+        self._declare_series(heads)
+        self.world_size.labels(**self.labels).set(world.size)
+        self._window = {"samples": 0, "start": time.perf_counter(), "steps": 0, "step_seconds": 0.0, "data_seconds": 0.0}
+        self._warned_data_wait = False
+        self.history: list[dict] = []
+        self.server = None
+        self.port: Optional[int] = None
+        self._jsonl = None
+        self._progress = world.rank == 0 and progress_wanted(cfg.progress, sys.stdout.isatty(), os.environ)
+        self._last_push = 0
+        self.stall_timeout = stall_timeout
+        self.progressed_at = time.monotonic()  # start-up counts as progress until the first step
+
+    def _declare_series(self, heads: Optional[list]) -> None:
+        """The Prometheus series of this rank (per-head ones labelled `head` for a grid)."""
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         self.registry = CollectorRegistry(auto_describe=True)
         names = list(self.labels)
         r = self.registry
@@ -79,7 +95,6 @@ class Metrics:
         self.trainable = gauge("distft_trainable_parameters", "Trainable parameters (scalars)")
         self.frozen = gauge("distft_frozen_parameters", "Frozen parameters and statistics (scalars)")
         # a grid's per-head series carry a `head` label (h0, h1, ...: as many as grid points)
-        self.heads = heads
         per_head = ["head"] if heads else []
         self.loss = gauge("distft_loss", "Training loss (mean over the last step's batch)", per_head)
         self.lr = gauge("distft_learning_rate", "Learning rate", per_head)
@@ -104,17 +119,6 @@ class Metrics:
         self.restarts = Counter("distft_restarts", "Relaunches of the job by launch.sh --max-restarts, by reason "
                                 "(node_lost, stall, rank_lost, startup, grow)", names + ["reason"], registry=r)
         self.world_size = gauge("distft_world_size", "Number of ranks")
-        self.world_size.labels(**self.labels).set(world.size)
-        self._window = {"samples": 0, "start": time.perf_counter(), "steps": 0, "step_seconds": 0.0, "data_seconds": 0.0}
-        self._warned_data_wait = False
-        self.history: list[dict] = []
-        self.server = None
-        self.port: Optional[int] = None
-        self._jsonl = None
-        self._progress = world.rank == 0 and progress_wanted(cfg.progress, sys.stdout.isatty(), os.environ)
-        self._last_push = 0
-        self.stall_timeout = stall_timeout
-        self.progressed_at = time.monotonic()  # start-up counts as progress until the first step
 
     @property
     def shows_progress(self) -> bool:
@@ -273,9 +277,14 @@ class Metrics:
             self.child(self.val_top5, **labels).set(evals["val_top5"])
         self.event("eval", epoch=epoch, step=step, **labels, **evals)
 
-    def restarted(self, record: dict, at_step: int) -> None:
-        """A relaunch by the supervisor: its counts by reason (this job's, so far) and, in the log,
-        where it resumed (summary.json `restarts`)."""
+    def restarted(self, record: Optional[dict], at_step: int) -> None:
+        """A relaunch by the supervisor (None: this launch is not one): one line saying why and where
+        it resumed, its counts by reason (this job's, so far), and the event in log.jsonl
+        (summary.json `restarts`)."""
+        if not record:
+            return
+        log(self.world, f"restart {record.get('n')} ({record.get('reason')}): resumed at step {at_step} "
+                        f"on {self.world.size} rank(s), hosts {record.get('hosts')}")
         for reason, n in (record.get("counts") or {}).items():
             self.child(self.restarts, reason=str(reason)).inc(int(n))
         self.event("restart", at_step=at_step, reason=record.get("reason"),

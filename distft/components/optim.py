@@ -5,12 +5,12 @@ the only module that touches gluon.Trainer's private fields."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import mxnet as mx
 from mxnet import gluon
 
-from distft.distributed.agreement import from_rank0
+from distft.distributed.agreement import agreed, from_rank0
 from distft.distributed.exchange import GradientExchange
 from distft.errors import CheckpointError
 
@@ -162,4 +162,34 @@ class OptimizerState:
         sent = world.broadcast_(list(arrays.values()), "distft.optimizer_state") if arrays else 0
         # kept beside what is there: called once per trainer of a grid, on one state
         self.arrays, self.counts, self.loss_scale = {**self.arrays, **arrays}, doc["counts"], doc["loss_scale"]
+        return sent
+
+
+class Optimizers:
+    """The optimizer state of a run's trainers (one per head) as one part of its checkpoints:
+    `trainers` gives the trainers in force (new ones after a freeze-plan switch), `names`
+    each Parameter's state name, `loss_scale` float16 training's scale (saved with them)."""
+
+    def __init__(self, world, trainers: Callable[[], list], names: dict, loss_scale):
+        self.world, self.trainers, self.names, self.loss_scale = world, trainers, names, loss_scale
+
+    def state_dict(self) -> dict:
+        """`arrays`: the state leaves (the checkpoint's optimizer file); the rest goes to its
+        metadata: update counts, the loss scale, the learning rate of the last update."""
+        trainers = self.trainers()
+        state = OptimizerState.capture_all(trainers, self.names, self.loss_scale)
+        return {"arrays": state.arrays, **state.meta(), "lr": float(trainers[0].learning_rate)}
+
+    def load_state_dict(self, state: dict) -> int:
+        """`state["arrays"]`: the leaves rank 0 read from the checkpoint ({} on the other ranks);
+        the rest: its metadata, on every rank. Every rank ends with rank 0's state. Returns the
+        bytes broadcast."""
+        restored = OptimizerState.from_checkpoint(state["arrays"], state) if self.world.rank == 0 \
+            else OptimizerState()
+        sent = 0
+        for trainer in self.trainers():
+            agreed(self.world, "restoring the optimizer state",
+                   lambda: restored.restore(trainer, self.names, loss_scale=self.loss_scale))
+            sent += restored.share(self.world, trainer, self.names)
+            restored.restore(trainer, self.names, loss_scale=self.loss_scale)
         return sent

@@ -36,6 +36,7 @@ from distft.components.cache import FeatureCache
 from distft.components.lbfgs import LBFGS, NOT_FINITE
 from distft.components.objective import HIGH_BITS, LOW_WORD, Objective
 from distft.components.state import Batching
+from distft.distributed.agreement import agreed
 from distft.distributed.bnchannel import open_channel
 from distft.errors import CheckpointError, ConfigError
 from distft.models.network import linear_head_problem
@@ -268,9 +269,9 @@ class LinearProbe:
                 "heads": self.figures()}
 
     # --- state -----------------------------------------------------------------------------------------
-    def state_dict(self) -> tuple[dict, dict]:
-        """(arrays, meta): the machines' arrays keyed `lbfgs.<head>.<name>` (float64 NDArrays,
-        what a checkpoint's optimizer file holds), their numbers per head (its metadata)."""
+    def state_dict(self) -> dict:
+        """`arrays`: the machines' arrays keyed `lbfgs.<head>.<name>` (float64 NDArrays, what a
+        checkpoint's optimizer file holds); `lbfgs`: their numbers per head (its metadata)."""
         arrays, numbers = {}, {}
         for h, m in zip(self.heads, self.machines):
             a, n = m.state_dict()
@@ -278,10 +279,10 @@ class LinearProbe:
             numbers[h.name] = n
         if self.objective.mean is not None:  # the machines' coordinates
             arrays[MEAN] = mx.nd.array(self.objective.mean, dtype=np.float64)
-        return arrays, {SOLVER: numbers}
+        return {"arrays": arrays, SOLVER: numbers}
 
-    def check_state(self, arrays: dict, meta: dict) -> None:
-        """Rank 0, before `load_state_dict`: the checkpoint holds every machine's arrays."""
+    def _check_state(self, arrays: dict, meta: dict) -> None:
+        """Rank 0: the checkpoint holds every machine's arrays."""
         numbers = _numbers(meta, self.heads)
         for name, shape in self._shapes(numbers).items():
             if name not in arrays or tuple(arrays[name].shape) != shape:
@@ -295,10 +296,12 @@ class LinearProbe:
             shapes[MEAN] = (self.objective.dim,)
         return shapes
 
-    def load_state_dict(self, world, arrays: dict, meta: dict) -> int:
-        """The machines from a checkpoint that rank 0 read (`arrays`: its NDArrays there, {}
-        elsewhere; `meta`: on every rank). Returns the bytes broadcast."""
-        numbers = _numbers(meta, self.heads)
+    def load_state_dict(self, state: dict) -> int:
+        """The machines from a checkpoint that rank 0 read (`state["arrays"]`: its NDArrays there,
+        {} elsewhere; the rest: its metadata, on every rank). Returns the bytes broadcast."""
+        world, arrays = self.world, state["arrays"]
+        agreed(world, "restoring the solver state", lambda: self._check_state(arrays, state))
+        numbers = _numbers(state, self.heads)
         received = {name: arrays[name].astype(np.float64).as_in_context(mx.cpu()) if world.rank == 0 else
                     mx.nd.zeros(shape, dtype=np.float64) for name, shape in self._shapes(numbers).items()}
         names = sorted(received)

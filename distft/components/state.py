@@ -47,8 +47,16 @@ class TrainState:
             return self
         return TrainState(self.epoch + 1, 0, self.step, self.plan_epoch, self.world_size, self.global_batch)
 
-    def to_meta(self) -> dict:
-        return {"state": asdict(self)}
+    # --- a checkpoint's part -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Its part of a checkpoint's metadata (`epoch` and `world_size` also at the top level, where
+        the first format kept them)."""
+        return {"state": asdict(self), "epoch": self.epoch, "world_size": self.world_size}
+
+    def load_state_dict(self, meta: dict, batch_size: int) -> None:
+        """From a checkpoint's metadata (`from_meta`), in place."""
+        for key, value in asdict(self.from_meta(meta, batch_size)).items():
+            setattr(self, key, value)
 
     @classmethod
     def from_meta(cls, meta: dict, batch_size: int) -> "TrainState":

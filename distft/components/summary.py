@@ -6,8 +6,10 @@ import json
 import os
 import socket
 import time
+from dataclasses import dataclass
+from typing import Optional
 
-from distft.components.optim import trainer_lr_mults
+from distft.components.state import Batching, TrainState
 from distft.errors import CheckpointError, mxnet_reason
 from distft.files import atomic_write
 from distft.runfolder import RunFolder
@@ -141,27 +143,61 @@ class Stats:
         return self.samples / wall if wall else 0.0
 
 
-def compose(job, stats: Stats, evals: dict, digests: list[str]) -> dict:
+@dataclass
+class LaunchRecord:
+    """What summary.json reports of this launch beside its timing (`Stats`): the job gathers it
+    at its end (`Job.record`)."""
+
+    model: str
+    classes: list  # by name
+    data: dict  # per data set: its files and, per class, those read, unreadable (left out) and ignored
+    state: TrainState
+    steps_per_epoch: int
+    batching: Batching
+    started: float  # when the loop started (perf_counter; 0: it did not)
+    plan_totals: dict  # FreezePlan.totals()
+    frozen_prefix: list
+    bytes_broadcast: int  # trainable state broadcast at start-up
+    bytes_control: int  # config and frozen weight hashes, resume point
+    allreduce_bytes_per_step: int
+    allreduce_seconds: float
+    synchronized_bn_layers: list
+    bn_channel: Optional[str]
+    bn_exchanges: dict
+    exchange_overlapped: bool
+    skipped_steps: int
+    freeze_switches: list
+    lr_mult: dict
+    precision: str
+    loss_scale: float
+    loss_scale_overflows: int
+    feature_cache: Optional[dict]  # hits, misses, file
+    bad_samples: int
+    forward_rate: Optional[float]  # samples/s of the forward pass alone, per rank
+    metrics_port: Optional[int]
+    ctx: object  # this rank's device
+    optimum: Optional[dict] = None
+    grid: Optional[dict] = None  # heads, best_head, heads_select
+
+
+def compose(world, launch: LaunchRecord, stats: Stats, evals: dict, digests: list[str], output: str) -> dict:
     """summary.json: this launch's figures, and the history of every launch from log.jsonl."""
-    world, state, plan = job.world, job.state, job.network.plan
-    rss = [int(b) for b in (x.decode() for x in world.allgather_bytes(str(peak_rss_bytes()).encode(), "distft.rss"))]
+    state, t = launch.state, launch.plan_totals
+    rss = [int(b) for b in world.allgather_json(peak_rss_bytes(), "distft.rss")]
     where = {"local_rank": world.local_rank, "cross_rank": world.cross_rank, "host": socket.gethostname()}
     placement = world.allgather_json(where, "distft.placement")
-    t = plan.totals()
-    wall = time.perf_counter() - job.started if getattr(job, "started", None) else 0.0
+    wall = time.perf_counter() - launch.started if launch.started else 0.0
     rate = stats.rate(wall)
-    runs = run_history(RunFolder(job.out).log) if world.rank == 0 else {}
-    exchange = job.solver if job.solver is not None else job.exchange  # a solve's allreduce: one per pass
-    trainer = job.heads[0].trainer
+    runs = run_history(RunFolder(output).log) if world.rank == 0 else {}
     return {
-        "model": job.cfg.model.name,
-        "classes": job.sets.class_names or [str(i) for i in range(job.cfg.model.classes)],
+        "model": launch.model,
+        "classes": launch.classes,
         # per data set: its files and, per class, those read, unreadable (left out) and ignored
-        "data": job.sets.inventory,
-        "epochs": round(state.step / job.data.steps_per_epoch, 3),
+        "data": launch.data,
+        "epochs": round(state.step / launch.steps_per_epoch, 3),
         "steps": state.step, "steps_this_run": stats.steps, "samples": state.samples,
-        "global_batch": state.global_batch, "accumulation": job.batching.accumulate,
-        "micro_batch": job.batching.micro,
+        "global_batch": state.global_batch, "accumulation": launch.batching.accumulate,
+        "micro_batch": launch.batching.micro,
         "samples_per_sec": rate, "samples_per_sec_per_rank": rate / world.size, "wall_seconds": wall,
         "data_wait_seconds": stats.data_seconds, "compute_seconds": stats.compute_seconds,
         # rank 0's share of step time spent waiting for data (over 0.2: loader-bound)
@@ -169,40 +205,39 @@ def compose(job, stats: Stats, evals: dict, digests: list[str]) -> dict:
         **{k: evals.get(k) for k in ("val_top1", "val_top5", "val_loss", "val_samples")},
         "trainable_params": t["trainable_params"], "frozen_params": t["frozen_params"],
         "trainable_bytes": t["trainable_bytes"], "frozen_bytes": t["frozen_bytes"],
-        "frozen_prefix": plan.prefix,
+        "frozen_prefix": launch.frozen_prefix,
         "world_size": world.size, "backend": world.backend,
         # what start-up moved: trainable state, plus control traffic (config and frozen
         # weight hashes, resume point)
-        "bytes_broadcast": job.bytes_broadcast + job.bytes_control,
-        "bytes_broadcast_trainable": job.bytes_broadcast,
-        "bytes_control": job.bytes_control,
+        "bytes_broadcast": launch.bytes_broadcast + launch.bytes_control,
+        "bytes_broadcast_trainable": launch.bytes_broadcast,
+        "bytes_control": launch.bytes_control,
         "bytes_full_broadcast": t["total_bytes"] * (world.size > 1),
-        "allreduce_bytes_per_step": exchange.bytes_per_step,
-        "synchronized_bn_layers": job.network.synchronized_bn,
-        "bn_channel": job.network.bn_channel,
+        "allreduce_bytes_per_step": launch.allreduce_bytes_per_step,
+        "synchronized_bn_layers": launch.synchronized_bn_layers,
+        "bn_channel": launch.bn_channel,
         # synchronized BN exchanges made in this launch, per direction (forward: one per layer;
         # backward: none for a layer whose input needs no gradient)
-        "bn_exchanges": dict(job.network.exchanges.counts) if job.network.exchanges is not None else {},
+        "bn_exchanges": launch.bn_exchanges,
         # the exchange left in flight while the next batch starts (off: read before the update)
-        "exchange_overlapped": job.step is not None and job.step.deferred,
-        "allreduce_seconds": exchange.seconds_total,
+        "exchange_overlapped": launch.exchange_overlapped,
+        "allreduce_seconds": launch.allreduce_seconds,
         "rank_state_digests": digests,
         "peak_rss_bytes": rss,  # per rank
         "rank_placement": placement,  # per rank: local_rank, cross_rank (node index), host
-        "gpu_memory_used_bytes": gpu_memory_used(job.ctx),
+        "gpu_memory_used_bytes": gpu_memory_used(launch.ctx),
         "seconds_to_first_step": (stats.first_step_at - process_start_time()) if stats.first_step_at else None,
-        "freeze_switches": job.switches,
-        "lr_mult": trainer_lr_mults(trainer, job.names) if trainer is not None else {},
+        "freeze_switches": launch.freeze_switches,
+        "lr_mult": launch.lr_mult,
         "resumed": state.step > stats.steps,
-        "skipped_steps": job.step.skipped if job.step is not None else 0,
-        "precision": job.compute_dtype,
-        "loss_scale": job.loss_scale.scale, "loss_scale_overflows": job.loss_scale.overflows,
-        "feature_cache": ({"hits": job.cache.hits, "misses": job.cache.misses, "file": job.cache.path}
-                          if job.cache is not None else None),
-        "bad_samples": job.data.train_loader.bad,
-        "forward_only_samples_per_sec_per_rank": job.forward_rate,
-        "throughput_vs_forward_only": (rate / world.size / job.forward_rate) if job.forward_rate else None,
-        "metrics_port": job.metrics.port,
+        "skipped_steps": launch.skipped_steps,
+        "precision": launch.precision,
+        "loss_scale": launch.loss_scale, "loss_scale_overflows": launch.loss_scale_overflows,
+        "feature_cache": launch.feature_cache,
+        "bad_samples": launch.bad_samples,
+        "forward_only_samples_per_sec_per_rank": launch.forward_rate,
+        "throughput_vs_forward_only": (rate / world.size / launch.forward_rate) if launch.forward_rate else None,
+        "metrics_port": launch.metrics_port,
         # per launch: world size, the steps it took (from its resume point to its last
         # checkpoint or its end) and their samples
         "segments": runs.get("segments", []),
@@ -215,9 +250,8 @@ def compose(job, stats: Stats, evals: dict, digests: list[str]) -> dict:
         "history": runs.get("history", []),
         # a head-only run: the objective (probe.py) and its gradient norm at the end (the best
         # head's); a solve adds its passes and `solver` (per head: iterations, status)
-        **(job.optimum or {}),
-        **({"heads": job.heads.summary(), "best_head": getattr(job.heads.best(), "name", None),
-            "heads_select": job.cfg.heads.select} if job.heads.grid else {}),
+        **(launch.optimum or {}),
+        **(launch.grid or {}),
     }
 
 

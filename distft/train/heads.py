@@ -23,15 +23,17 @@ import numpy as np
 from mxnet import autograd, gluon
 
 from distft.components.optim import OptimizerState, build_exchange, build_trainer
+from distft.components.probe import SOLVER
 from distft.components.schedule import LRSchedule
 from distft.components.validation import evaluate_many
 from distft.console import warn
 from distft.distributed import syncbn
-from distft.errors import NumericalError
+from distft.distributed.agreement import agreed
+from distft.errors import CheckpointError, NumericalError
 from distft.models import freeze
 from distft.models.freeze import lr_multipliers, suffix_param_names
 from distft.models.gluon import structural_params
-from distft.models.network import SplitNet, build
+from distft.models.network import SplitNet, build, set_weights
 from distft.runfolder import RunFolder
 from distft.train.grid import describe, grid_points, head_config
 from distft.train.memory import check_fits
@@ -80,12 +82,14 @@ class Head:
 class HeadSet:
     """The heads of a run (one without a grid), what the loop and the step call on them."""
 
-    def __init__(self, cfg, heads: list[Head], plan_state: list[str]):
-        self.cfg, self.heads = cfg, heads
+    def __init__(self, cfg, world, ctx, heads: list[Head], plan_state: list[str], network_params: dict,
+                 exchanges=None):
+        self.cfg, self.world, self.ctx, self.heads = cfg, world, ctx, heads
         self.plan_state = plan_state  # the network's own trainable state (head h0's, and any shared)
+        self.network_params = network_params  # structural name -> Parameter, the whole network
         self.grid = bool(cfg.heads.grid)
         self.exchange = None
-        self.exchanges = None  # the synchronized BNs' (distft.bnexchange), None without them
+        self.exchanges = exchanges  # the synchronized BNs' (distft.bnexchange), None without them
 
     def __iter__(self):
         return iter(self.heads)
@@ -140,15 +144,47 @@ class HeadSet:
     def capture_optimizer(self, names: dict, loss_scale) -> OptimizerState:
         return OptimizerState.capture_all(self.trainers(), names, loss_scale)
 
-    def restore_meta(self, meta: Optional[dict]) -> None:
-        """Heads that had diverged before the checkpoint stay stopped."""
-        for name, info in ((meta or {}).get("diverged_heads") or {}).items():
+    def follow(self, other: "HeadSet") -> None:
+        """Take `other`'s heads (built for a new freeze plan) in place of these, each keeping its
+        learning-rate schedule: the run's heads stay one object for the parts that hold them."""
+        for head, before in zip(other.heads, self.heads):
+            head.schedule = before.schedule
+        self.heads, self.plan_state, self.exchanges = other.heads, other.plan_state, other.exchanges
+        self.exchange = None
+
+    # --- a checkpoint's part ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """`arrays`: every head's trainable tensors and moving statistics (the checkpoint's
+        weights file, by state name); a grid's metadata: the heads that diverged (a solve
+        marks them at its end only, after its last checkpoint's state is final)."""
+        params = {**self.network_params, **self.copies_params()}
+        doc = {"arrays": {n: params[n].data().as_in_context(mx.cpu()) for n in self.state_names()}}
+        if self.grid and self.cfg.optimizer.name != SOLVER:
+            doc["diverged_heads"] = {h.name: h.diverged for h in self.heads if h.diverged}
+        return doc
+
+    def load_state_dict(self, state: dict) -> int:
+        """`state["arrays"]`: the weights rank 0 read from the checkpoint `state["path"]` ({}
+        elsewhere: the start-state check brings them over); the rest: its metadata, on every
+        rank. Heads that had diverged stay stopped. Returns the bytes broadcast (none)."""
+        agreed(self.world, "restoring the checkpoint", lambda: self._load_weights(state["arrays"], state["path"]))
+        for name, info in (state.get("diverged_heads") or {}).items():
             for h in self.heads:
                 if h.name == name:
                     h.diverged = info
+        return 0
 
-    def checkpoint_meta(self) -> dict:
-        return {"diverged_heads": {h.name: h.diverged for h in self.heads if h.diverged}} if self.grid else {}
+    def _load_weights(self, arrays: dict, path: str) -> None:
+        params = {**self.network_params, **self.copies_params()}
+        want, have = set(self.state_names()), set(arrays)
+        unknown = sorted(have - set(params))
+        if unknown or not want <= have:
+            missing = sorted(want - have)
+            raise CheckpointError(
+                f"{path}: does not belong to this model/freeze plan"
+                + (f"; not in {self.cfg.model.name}: {', '.join(unknown[:3])}" if unknown else "")
+                + (f"; missing: {', '.join(missing[:3])}" if missing else ""))
+        set_weights(params, arrays, self.ctx, path)
 
     # --- forward ----------------------------------------------------------------------------------
     def losses(self, heads: list, features, labels, scale: float) -> list:
@@ -266,7 +302,7 @@ class HeadSet:
         return files
 
 
-def build_heads(cfg, world, net, network, params: dict, ctx) -> HeadSet:
+def build_heads(cfg, world, net, network, ctx) -> HeadSet:
     """Head h0 is the network's own trainable part; the grid's other points get copies of it,
     initialised from it. A grid that would not fit in memory is refused here."""
     plan = network.plan
@@ -289,9 +325,7 @@ def build_heads(cfg, world, net, network, params: dict, ctx) -> HeadSet:
         for i, point in enumerate(points[1:], start=1):
             suffix, all_params = _copy_trainable_part(cfg, net, plan, suffix_names, ctx, network.exchanges)
             heads.append(head(i, point, suffix, all_params, f"{COPY_PREFIX}{point.name}."))
-    out = HeadSet(cfg, heads, state_names)
-    out.exchanges = network.exchanges
-    return out
+    return HeadSet(cfg, world, ctx, heads, state_names, structural, network.exchanges)
 
 
 def _copy_trainable_part(cfg, net, plan, suffix_names: list[str], ctx, exchanges=None):

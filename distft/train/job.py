@@ -22,25 +22,28 @@ from distft import precision
 from distft.components import probe
 from distft.distributed.agreement import agree_on_start_state, agreed, agreed_everywhere, check_same_config, from_rank0, sync_point
 from distft.train.advice import warnings
-from distft.train.builders import build_cache, build_data, build_network, open_data
+from distft.train.builders import Data, DataSets, Network, build_cache, build_data, build_network, open_data
 from distft.components.checkpointer import Checkpointer, check_relaunch
 from distft.config import Config, dump_config
 from distft.console import log, warn
 from distft.errors import Preempted
 from distft.models.freeze import BN_STATS
+from distft.models.spec import ModelSpec
+from distft.components.cache import FeatureCache
+from distft.distributed.exchange import GradientExchange
 from distft.train.grid import grid_points, table as heads_table
-from distft.train.heads import build_heads
+from distft.train.heads import HeadSet, build_heads
 from distft.components.metrics import Metrics, forward_probe
-from distft.components.optim import OptimizerState
+from distft.components.optim import Optimizers, trainer_lr_mults
 from distft.data.preprocess import Preprocess
 from distft.train.resilience import Resilience
 from distft.data import classes
 from distft.files import atomic_write
 from distft.launchenv import restart_record
 from distft.runfolder import RunFolder
-from distft.components.state import TrainState, split_global_batch
+from distft.components.state import Batching, TrainState, split_global_batch
 from distft.train.step import TrainingStep
-from distft.components.summary import Stats, completed, compose, write_outputs
+from distft.components.summary import LaunchRecord, Stats, completed, compose, write_outputs
 
 
 class Job:
@@ -51,8 +54,28 @@ class Job:
         self.run = RunFolder(self.out)
         self.guard = Resilience(world, cfg.train.stall_timeout, cfg.train.preempt_grace)
         self.checkpoints = Checkpointer(cfg, world, self.ctx)
-        self.metrics = self.data = self.cache = self.step = None
-        self.solver: Optional[probe.LinearProbe] = None  # optimizer.name: lbfgs
+        # built by setup, in this order
+        self.sets: Optional[DataSets] = None  # data.train and the validation set, opened
+        self.state: Optional[TrainState] = None  # where the job is (from the checkpoint resumed from)
+        self.batching: Optional[Batching] = None  # this launch's split of the global batch
+        self.data: Optional[Data] = None  # sampler and loaders
+        self.metrics: Optional[Metrics] = None
+        self.compute_dtype: str = "float32"
+        self.loss_scale: Optional[precision.LossScale] = None
+        self.net = None  # the Gluon model
+        self.spec: Optional[ModelSpec] = None  # the model as plain data
+        self.params: dict = {}  # state name -> Parameter: the network's and a grid's other heads'
+        self.names: dict = {}  # Parameter -> state name
+        self.network: Optional[Network] = None  # the network as the freeze plan in force runs it
+        self.heads: Optional[HeadSet] = None
+        self.loss_fn = None  # validation's loss
+        self.solver: Optional[probe.LinearProbe] = None  # optimizer.name: lbfgs (no training step)
+        self.training_step: Optional[TrainingStep] = None  # runs one step; not state.step, the count
+        self.exchange: Optional[GradientExchange] = None  # the gradient exchange in force
+        self.cache: Optional[FeatureCache] = None
+        self.forward_rate: Optional[float] = None  # samples/s of the forward pass alone, per rank
+        # this launch's figures
+        self.started = 0.0  # when the loop started (perf_counter)
         self.optimum: Optional[dict] = None  # a head-only run's objective at its end (summary.json)
         self.switches: list = []
         self.bytes_broadcast = self.bytes_control = 0
@@ -70,15 +93,14 @@ class Job:
             if cfg.data.val_split and "data" not in meta:  # written before samples were held out by name
                 self.sets = open_data(cfg, world, lambda msg: log(world, msg), holdout_by_position=True)
         solving = cfg.optimizer.name == probe.SOLVER
-        if solving:  # full batch: a step is a pass over all of data.train
-            samples = len(self.sets.train)
-            self.state = TrainState.from_meta(meta, cfg.data.batch_size) if meta else TrainState(global_batch=samples)
-            self.batching = probe.batching(samples, world, cfg.data.batch_size)
-        else:
-            self.state = (TrainState.from_meta(meta, cfg.data.batch_size) if meta else
-                          TrainState(global_batch=cfg.data.global_batch or cfg.data.batch_size * world.size))
-            self.batching = split_global_batch(self.state.global_batch, world.size, cfg.data.batch_size,
-                                               self.state.world_size if meta else world.size)
+        samples = len(self.sets.train)  # a solve's step is a pass over all of data.train (full batch)
+        self.state = TrainState(global_batch=samples if solving else
+                                cfg.data.global_batch or cfg.data.batch_size * world.size)
+        if meta:
+            self.state.load_state_dict(meta, cfg.data.batch_size)
+        self.batching = probe.batching(samples, world, cfg.data.batch_size) if solving else \
+            split_global_batch(self.state.global_batch, world.size, cfg.data.batch_size,
+                               self.state.world_size if meta else world.size)
         self.data = build_data(cfg, world, self.batching, self.sets)
         solved = solving and probe.finished(meta)
         if meta and (self.state.step >= self.data.total_steps or solved) and \
@@ -87,6 +109,15 @@ class Job:
                        "nothing to do " + ("(the solve had ended)" if solved else
                                            "(raise train.epochs or train.max_steps to train on)"))
             return {"complete": True, "steps": self.state.step}
+        self.build(solving, samples)
+        self.start_outputs(meta)
+        return None
+
+    def build(self, solving: bool, samples: int) -> None:
+        """The parts of the job where it is (`state`): metrics, the model and its heads, the
+        optimizer (or the solve) and the checkpointer that restores them; then every rank is
+        proved to hold rank 0's model."""
+        cfg, world = self.cfg, self.world
         self.metrics = Metrics(cfg.metrics, world, self.out, cfg.train.log_every, cfg.train.stall_timeout,
                                heads=[p.name for p in grid_points(cfg.heads.grid)] if cfg.heads.grid else None)
         self.compute_dtype = precision.enable(cfg.train.precision, self.ctx)  # before the model is built
@@ -99,46 +130,42 @@ class Job:
         if solving:
             probe.check_plan(cfg, self.network.plan, self.net)  # the same verdict on every rank
         self.heads = agreed_everywhere(world, "building the heads", lambda: build_heads(
-            cfg, world, self.net, self.network, self.params, self.ctx))
+            cfg, world, self.net, self.network, self.ctx))
         self.params.update(self.heads.copies_params())  # a grid's other heads, by their state names
         self.names = {p: n for n, p in self.params.items()}
-        if meta:
-            self.checkpoints.restore_weights(self.params, self.heads.state_names())
-            self.heads.restore_meta(meta)
+        self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()  # validation: plain cross-entropy for every head
+        if solving:
+            self.solver = probe.LinearProbe(cfg, world, self.heads, samples, self.ctx)
+            self.cache = self.solver.cache
+        else:
+            self.training_step = TrainingStep(cfg, world, self.ctx, self.loss_fn, self.loss_scale, self.metrics,
+                                              self.names)
+            self.bind_network()
+            self.heads.set_schedules(self.data.steps_per_epoch, self.data.total_steps,
+                                     self.state.global_batch / cfg.data.batch_size)
+        optimizer = self.solver if solving else Optimizers(world, self.heads.trainers, self.names, self.loss_scale)
+        self.checkpoints.track(self.state, self.heads, optimizer, data=self.sets.identity,
+                               steps_per_epoch=self.data.steps_per_epoch, total_steps=self.data.total_steps,
+                               prepare=self.prepare_checkpoint, together=self.guard.together, events=self.metrics)
+        self.bytes_broadcast += self.checkpoints.load()  # rank 0 read the files: the rest is verified below
         exchanged, sent = agree_on_start_state(world, self.network.plan, self.params, cfg.dist.on_frozen_mismatch,
                                                cfg.dist.trainable_start, self.heads.copies_state_names())
         self.bytes_control += exchanged + self.checkpoints.bytes_control
         self.bytes_broadcast += sent
-        self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()  # validation: plain cross-entropy for every head
-        if solving:
-            self.solver = probe.LinearProbe(cfg, world, self.heads, samples, self.ctx)
-            if meta:
-                self.bytes_broadcast += self.checkpoints.restore_solver(self.solver, meta)
-            self.cache = self.solver.cache
-        else:
-            self.step = TrainingStep(cfg, world, self.ctx, self.loss_fn, self.loss_scale, self.metrics, self.names)
-            self.bind_network()
-            if meta:
-                self.bytes_broadcast += self.checkpoints.restore_optimizer(self.heads.trainers(), self.names,
-                                                                           self.loss_scale, meta)
-            self.heads.set_schedules(self.data.steps_per_epoch, self.data.total_steps,
-                                     self.state.global_batch / cfg.data.batch_size)
-        self.start_outputs(meta)
-        return None
 
     def check_output(self) -> None:
         agreed(self.world, "checking train.output", self.run.check_writable)
 
     def bind_network(self) -> None:
         """The optimizers, gradient exchange, cache and step for the network as set up now."""
-        plan, waited = self.network.plan, self.exchange.seconds_total if hasattr(self, "exchange") else 0.0
+        plan, waited = self.network.plan, self.exchange.seconds_total if self.exchange is not None else 0.0
         self.heads.bind(self.world, self.spec)
         self.exchange = self.heads.exchange
         self.exchange.seconds_total = waited  # a run's total, across plan switches
         if self.cache is not None:
             self.cache.close()
         self.cache = build_cache(self.cfg, self.network, self.data.sampler, self.world.rank)
-        self.step.bind(self.network.runner, self.heads, plan, self.cache, self.batching)
+        self.training_step.bind(self.network.runner, self.heads, plan, self.cache, self.batching)
 
     def start_outputs(self, meta) -> None:
         cfg, world, b = self.cfg, self.world, self.batching
@@ -168,11 +195,7 @@ class Job:
         if meta:
             log(world, f"resumed at step {self.state.step} (epoch {self.state.epoch}), written on "
                        f"{self.state.world_size} rank(s)")
-        restart = restart_record()  # relaunched by launch.sh --max-restarts: say why and where
-        if restart:
-            self.metrics.restarted(restart, at_step=self.state.step)
-            log(world, f"restart {restart.get('n')} ({restart.get('reason')}): resumed at step {self.state.step} "
-                       f"on {world.size} rank(s), hosts {restart.get('hosts')}")
+        self.metrics.restarted(restart_record(), at_step=self.state.step)  # relaunched by launch.sh --max-restarts
 
     # --- the loop -------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -185,24 +208,21 @@ class Job:
             for _, idx, x, y in self.batches(stats):
                 lrs = self.heads.learning_rates(state.step)  # one per head (one without a grid)
                 stats.begin_step()
-                losses = self.step(idx, x, y, lrs, self.guard.stop_requested, state.step + 1, state.epoch)
+                losses = self.training_step(idx, x, y, lrs, self.guard.stop_requested, state.step + 1, state.epoch)
                 state.advance()
                 stats.end_step(self.batching.global_batch)
                 self.record_step(stats, losses, lrs)
                 self.guard.poll(state.step)
-                if self.step.agreed_stop():
+                if self.training_step.agreed_stop():
                     self.stop()
-                if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0 \
-                        and 0 < state.step_in_epoch < data.steps_per_epoch and state.step < data.total_steps:
-                    self.save_checkpoint(state)
+                self.checkpoints.save()  # when due
                 self.guard.beat()
                 stats.mark()
             stats.end_epoch(state.epoch, self.batching.global_batch)
             epoch_done = state.step_in_epoch == data.steps_per_epoch
             if epoch_done and data.val_loader is not None:
                 evals = self.validate(state.epoch)
-            if self.checkpoint_due(epoch_done):
-                self.save_checkpoint(state.at_epoch_end(data.steps_per_epoch))
+            self.checkpoints.save(boundary=True)  # when due
             if epoch_done:
                 state.start_epoch(state.epoch + 1)
         if not evals and data.val_loader is not None:  # resumed a finished run: still report
@@ -241,21 +261,12 @@ class Job:
                 log(self.world, f"epoch {state.epoch} step {state.step_in_epoch}/{self.data.steps_per_epoch} "
                                 f"{what} samples/s {record['samples_per_sec']:.1f}")
 
-    def checkpoint_due(self, epoch_done: bool) -> bool:
-        cfg, state = self.cfg, self.state
-        done = state.step >= self.data.total_steps
-        every_epochs = cfg.train.checkpoint_every_epochs
-        every_steps = cfg.train.checkpoint_every_steps
-        due = bool(every_epochs) and (state.epoch + 1) % every_epochs == 0
-        due = due or bool(every_steps) and state.step % every_steps == 0
-        return done or (epoch_done and due)
-
     # --- what the loop calls --------------------------------------------------------------------
     def sync(self, where: str, names=None) -> list[str]:
         local = self.network.local_stats(self.cfg.dist.batchnorm)
         if local:  # a grid's other heads have moving statistics of their own
             local = local + [n for n in self.heads.copies_state_names() if n.rpartition(".")[2] in BN_STATS]
-        settle = self.step.settle if self.step is not None else (lambda: None)
+        settle = self.training_step.settle if self.training_step is not None else (lambda: None)
         return sync_point(self.world, settle, self.params, local, where, names)
 
     def validate(self, epoch: int) -> dict:
@@ -274,30 +285,23 @@ class Job:
             self.metrics.evaluation(evals, epoch, self.state.step, head=head.name if self.heads.grid else None)
         return self.heads.best().evals
 
-    def save_checkpoint(self, at: TrainState) -> None:
-        with self.guard.together():
-            if self.solver is not None:
-                self.solver.write_weights()
-            digests = self.sync(f"checkpoint at step {at.step}")
-            at.plan_epoch, at.world_size = self.network.plan_epoch, self.world.size
-            if self.solver is not None:  # the machines' float64 arrays in the optimizer file
-                arrays, extra = self.solver.state_dict()
-                optimizer = OptimizerState(arrays)
-            else:
-                self.step.check_weights(at.step, self.state.epoch)
-                optimizer = self.heads.capture_optimizer(self.names, self.loss_scale)
-                extra = {"lr": self.heads[0].schedule(max(at.step - 1, 0)), **self.heads.checkpoint_meta()}
-            self.checkpoints.save(at, self.params, self.heads.state_names(), optimizer, digests[0],
-                                  {"model": self.cfg.model.name, "classes": self.cfg.model.classes,
-                                   "data": self.sets.identity, **extra})
-        self.metrics.event("checkpoint", step=at.step)
+    def prepare_checkpoint(self, at: TrainState) -> str:
+        """Before rank 0 writes `at`: every rank holds the same model, proved by digest (returns
+        rank 0's), and its weights are finite."""
+        if self.solver is not None:
+            self.solver.write_weights()
+        digests = self.sync(f"checkpoint at step {at.step}")
+        at.plan_epoch = self.network.plan_epoch
+        if self.solver is None:
+            self.training_step.check_weights(at.step, self.state.epoch)
+        return digests[0]
 
     def stop(self) -> None:
         """Every rank agreed to stop (preemption): checkpoint at this step and leave with 75."""
         self.guard.stop_agreed()
         if self.state.step_in_epoch == self.data.steps_per_epoch and self.data.val_loader is not None:
             self.validate(self.state.epoch)  # the relaunch starts the next epoch: validate this one now
-        self.save_checkpoint(self.state.at_epoch_end(self.data.steps_per_epoch))
+        self.checkpoints.save(force=True)
         self.guard.finished = True
         raise Preempted(f"preempted ({self.guard.stop_reason}) at step {self.state.step}; checkpoint written; "
                         "run the same command again to resume")
@@ -311,10 +315,7 @@ class Job:
         old = set(self.network.plan.trainable_names())
         kept = self.heads.capture_optimizer(self.names, None)
         self.network = build_network(self.cfg, self.world, self.net, self.spec, epoch, self.ctx)
-        schedules = [h.schedule for h in self.heads]
-        self.heads = build_heads(self.cfg, self.world, self.net, self.network, self.params, self.ctx)  # no grid
-        for head, schedule in zip(self.heads, schedules):
-            head.schedule = schedule
+        self.heads.follow(build_heads(self.cfg, self.world, self.net, self.network, self.ctx))  # no grid
         self.bind_network()
         new = set(self.network.plan.trainable_names())
         kept.restore(self.heads[0].trainer, self.names, only={self.params[n] for n in new & old})
@@ -355,7 +356,7 @@ class Job:
             digests = self.sync("end of training")
             self.measure_optimum()
             self.metrics.event("end", step=self.state.step)
-            summary = compose(self, stats, evals, digests)
+            summary = compose(self.world, self.record(), stats, evals, digests, self.out)
             agreed(self.world, "writing model.params and summary.json",
                    lambda: write_outputs(self.out, self.heads.model_files(self.run, self.net), summary))
         if self.heads.grid:
@@ -367,6 +368,30 @@ class Job:
         self.guard.finished = True
         self.metrics.finish(summary)
         return summary
+
+    def record(self) -> LaunchRecord:
+        """This launch, as summary.json reports it."""
+        exchange = self.solver if self.solver is not None else self.exchange  # a solve's allreduce: one per pass
+        trainer, step, cache, network, heads = self.heads[0].trainer, self.training_step, self.cache, \
+            self.network, self.heads
+        grid = {"heads": heads.summary(), "best_head": getattr(heads.best(), "name", None),
+                "heads_select": self.cfg.heads.select} if heads.grid else None
+        return LaunchRecord(
+            model=self.cfg.model.name, classes=self.sets.class_names or [str(i) for i in range(self.cfg.model.classes)],
+            data=self.sets.inventory, state=self.state, steps_per_epoch=self.data.steps_per_epoch,
+            batching=self.batching, started=self.started, plan_totals=network.plan.totals(),
+            frozen_prefix=network.plan.prefix, bytes_broadcast=self.bytes_broadcast, bytes_control=self.bytes_control,
+            allreduce_bytes_per_step=exchange.bytes_per_step, allreduce_seconds=exchange.seconds_total,
+            synchronized_bn_layers=network.synchronized_bn, bn_channel=network.bn_channel,
+            bn_exchanges=dict(network.exchanges.counts) if network.exchanges is not None else {},
+            exchange_overlapped=step is not None and step.deferred,
+            skipped_steps=step.skipped if step is not None else 0, freeze_switches=self.switches,
+            lr_mult=trainer_lr_mults(trainer, self.names) if trainer is not None else {},
+            precision=self.compute_dtype, loss_scale=self.loss_scale.scale,
+            loss_scale_overflows=self.loss_scale.overflows,
+            feature_cache=None if cache is None else {"hits": cache.hits, "misses": cache.misses, "file": cache.path},
+            bad_samples=self.data.train_loader.bad, forward_rate=self.forward_rate, metrics_port=self.metrics.port,
+            ctx=self.ctx, optimum=self.optimum, grid=grid)
 
     def close(self) -> None:
         self.guard.finished = True

@@ -16,7 +16,7 @@ class SolvingJob(Job):
         """optimizer.name: lbfgs. The features once (probe.py), then a step is one pass over
         them: every head still solving evaluated on every rank's shard, one allreduce with the
         stop ballot, every head's L-BFGS machine advanced by the agreed numbers."""
-        cfg, state, stats, solver = self.cfg, self.state, Stats(), self.solver
+        state, stats, solver = self.state, Stats(), self.solver
         self.guard.start()
         self.started, evals = time.perf_counter(), {}
         with self.guard.together():
@@ -36,8 +36,8 @@ class SolvingJob(Job):
                 self.guard.poll(state.step)
                 if stop:
                     self.stop()
-                if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0:
-                    self.save_checkpoint(state)
+                if self.checkpoints.steps_due():  # a pass is an epoch of its own: steps alone decide
+                    self.checkpoints.save(force=True)
                 self.guard.beat()
                 stats.mark()
         solver.solve_seconds = time.perf_counter() - solving  # every pass, with its metrics and checkpoints
@@ -45,7 +45,7 @@ class SolvingJob(Job):
         self.solve_ended()
         if self.data.val_loader is not None:
             evals = self.validate(state.epoch)
-        self.save_checkpoint(state)
+        self.checkpoints.save(force=True)
         return self.finish(stats, evals)
 
     def record_pass(self, stats: Stats) -> None:

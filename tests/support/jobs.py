@@ -101,3 +101,12 @@ def read_summary(out_dir):
 
 def load_params(path):
     return {k: v.asnumpy() for k, v in mx.nd.load(str(path)).items()}
+
+
+def assert_same_weights(path, reference, tol=1e-5):
+    """Every tensor of `path` within `tol` of `reference`'s, relative to the tensor's scale (float32
+    sums in another order: 1e-5 absolute is ~50 ulps of a weight of 1.7)."""
+    got, want = load_params(path), load_params(reference)
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=tol, atol=tol * float(np.abs(want[k]).max()), err_msg=k)

@@ -4,7 +4,7 @@ refused run changes nothing in train.output. Warnings for jobs that run but misl
 import pytest
 
 from conftest import run_cli, write_config
-from test_classes import folder
+from imagefiles import folder
 
 
 def job(tmp_path, **sections):
@@ -25,10 +25,13 @@ def one_line_error(proc):
     return lines[0]
 
 
-def test_empty_trainable_list_is_a_config_error(tmp_path):
-    proc = run_cli(["--config", job(tmp_path, freeze={"trainable": []})], timeout=120)
-    assert one_line_error(proc) == ("distft: error: freeze.trainable: empty, so nothing would train; name at "
-                                    "least one block (e.g. [output]) or /.*/ for everything")
+def test_empty_trainable_list_is_a_config_error(tmp_path, capsys):
+    from distft import cli
+
+    assert cli.main(["--config", job(tmp_path, freeze={"trainable": []})]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "distft: error: freeze.trainable: empty, so nothing would train; name at least one block (e.g. [output]) "
+        "or /.*/ for everything")
     assert not (tmp_path / "out").exists()
 
 

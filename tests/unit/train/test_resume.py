@@ -50,7 +50,9 @@ def test_a_world_size_that_cannot_take_the_global_batch_is_refused_naming_both(w
 
 def test_train_state_round_trips_and_reads_the_first_checkpoint_format():
     s = TrainState(epoch=2, samples_in_epoch=96, step=50, plan_epoch=1, world_size=4, global_batch=32)
-    assert TrainState.from_meta(s.to_meta(), batch_size=99) == s
+    restored = TrainState()
+    restored.load_state_dict(s.state_dict(), batch_size=99)
+    assert restored == s and TrainState.from_meta(s.state_dict(), batch_size=99) == s
     old = {"format": 1, "epoch": 1, "step_in_epoch": 5, "step": 27, "world_size": 2, "plan_epoch": 1}
     t = TrainState.from_meta(old, batch_size=16)
     assert (t.global_batch, t.samples_in_epoch, t.step_in_epoch, t.step) == (32, 160, 5, 27)

@@ -134,11 +134,13 @@ def test_cli_prints_one_line_error_never_a_traceback(tmp_path, capsys, doc, mess
     assert lines[0].startswith("distft: error: ") and message in lines[0], lines[0]
 
 
-def test_train_process_exits_2_with_one_line_on_bad_config(tmp_path):
+def test_train_exits_2_with_one_line_on_bad_config(tmp_path, capsys):
+    from distft import cli
+
     path = write_config(tmp_path / "c.yaml", {"optimizer": {"nmae": "sgd"}})
-    proc = run_cli(["--config", path], timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == "distft: error: optimizer.nmae: unknown key (did you mean 'optimizer.name'?)"
+    assert cli.main(["--config", path]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "distft: error: optimizer.nmae: unknown key (did you mean 'optimizer.name'?)"
 
 
 def test_resolved_config_is_written_to_output(tmp_path, pretrained):

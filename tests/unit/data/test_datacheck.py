@@ -13,7 +13,7 @@ from distft.data.check import check
 from distft.data.makerec import make_rec
 
 from conftest import run_cli, write_config
-from test_classes import folder
+from imagefiles import folder
 
 BROKEN = b"\x89PNG\r\n\x1a\n this is not a picture"
 

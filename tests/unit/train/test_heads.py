@@ -81,8 +81,7 @@ def test_a_grid_that_does_not_fit_in_memory_is_refused_naming_heads_grid(tmp_pat
     assert est["activations"] == 3 * one["activations"] > 0
     monkeypatch.setattr(memory, "device_memory", lambda ctx, ranks=1: (est["total"] - 1, "host RAM available per rank"))
     with pytest.raises(ConfigError) as err:
-        heads.build_heads(cfg, SimpleNamespace(local_size=1, rank=0), net, prepared, gluon.structural_params(net),
-                          mx.cpu())
+        heads.build_heads(cfg, SimpleNamespace(local_size=1, rank=0), net, prepared, mx.cpu())
     assert str(err.value).startswith("heads.grid: 3 heads need about ")
     assert "than the " in str(err.value) and "use fewer points or a smaller data.batch_size" in str(err.value)
 

@@ -2,7 +2,7 @@
 slurm.conf written for the test.
 
 Where the daemons run is a `Place`: this machine (the single-node Slurm), or a node of the
-namespace cluster (tests/cluster.py), whose own hostname and address become its `NodeName`
+namespace cluster (tests/support/cluster.py), whose own hostname and address become its `NodeName`
 and `NodeAddr`. munged runs once, on this machine: its socket is a file, which every
 namespace node sees (they share the root filesystem), so the nodes share one munge key as a
 real cluster does. Client commands (sbatch, scontrol, ...) run where the controller runs.

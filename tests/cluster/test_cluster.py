@@ -1,6 +1,6 @@
-"""Multi-node launches over real ssh, on a cluster of namespaced nodes (tests/cluster.py):
+"""Multi-node launches over real ssh, on a cluster of namespaced nodes (tests/support/cluster.py):
 launch/launch.sh with a hostfile, Gloo and MPI, the stop paths of an MPIJob (the launcher
-pod's SIGTERM, a worker pod's SIGTERM), and a two-node Slurm (tests/slurm.py): its time-limit
+pod's SIGTERM, a worker pod's SIGTERM), and a two-node Slurm (tests/support/slurm.py): its time-limit
 signal, `scontrol requeue` and `scancel`. Skipped, with the reason, where the machine cannot host
 the cluster (not root, no `ip netns`); CI runs as root, so they run there."""
 import json

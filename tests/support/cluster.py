@@ -23,7 +23,7 @@ import signal
 import subprocess
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 SUBNET = "10.201.0"
 SSH_PORT = 2222
 RUN_DIR = "/run/distft-node"  # a different directory on each node

@@ -1,7 +1,6 @@
 """Classes by name: data.train defines them, data.val is matched by name, model.classes is
 resolved or checked, and the names are saved with the run."""
 import json
-import os
 
 import mxnet as mx
 import numpy as np
@@ -13,17 +12,7 @@ from distft.data.sharding import ShardSampler
 from distft.errors import ConfigError, DataError
 
 from conftest import read_summary, run_cli, write_config
-from imagefiles import png
-
-
-def folder(root, counts, size=12, seed=0):
-    """An ImageFolder: {class name: number of PNGs} (0 makes an empty class folder)."""
-    rng = np.random.default_rng(seed)
-    for cls, n in counts.items():
-        os.makedirs(root / cls, exist_ok=True)
-        for i in range(n):
-            (root / cls / f"{i}.png").write_bytes(png(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)))
-    return str(root)
+from imagefiles import folder, png
 
 
 def sets(**data):

@@ -42,3 +42,23 @@ def test_linear_scaling_multiplies_by_the_jobs_global_batch_over_the_batch_size(
     assert schedule("lr=0.1", "lr_scaling=none", batch_ratio=8)(5) == pytest.approx(0.1)
     warm = schedule("lr=0.1", "lr_scaling=linear", "warmup_steps=2", batch_ratio=4)
     assert [warm(0), warm(1), warm(2)] == pytest.approx([0.2, 0.4, 0.4])
+
+
+def test_a_job_scales_its_rate_by_its_own_global_batch_and_keeps_it_when_resumed(tmp_path):
+    """lr_scaling: linear takes the job's global batch (16: 2 micro-batches of 8 on one rank, not
+    data.batch_size x world size), after warm-up and again in a resumed launch: the learning
+    rate each step used, as log.jsonl records it."""
+    from conftest import read_summary, small_config, write_config
+    from distft.distributed.world import LocalWorld
+    from distft.train.run import run
+
+    doc = small_config(tmp_path, False, data={"global_batch": 16},
+                       optimizer={"lr": 0.05, "lr_scaling": "linear", "warmup_steps": 2},
+                       train={"max_steps": 3, "checkpoint_every_steps": 1})
+    path = write_config(tmp_path / "c.yaml", doc)
+    run(load_config(path, ["train.max_steps=2"]), LocalWorld())
+    run(load_config(path), LocalWorld())  # resumed at step 2
+    s = read_summary(tmp_path / "out")
+    assert s["resumed"] and s["steps_this_run"] == 1 and s["global_batch"] == 16 and s["accumulation"] == 2
+    # 0.05 x 16 / data.batch_size 8, reached at the end of the 2 warm-up steps
+    assert [h["lr"] for h in s["history"]] == pytest.approx([0.05, 0.1, 0.1])

@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from distft.distributed.agreement import agreed, agreed_everywhere
+from distft.distributed.agreement import agreed, agreed_everywhere, from_rank0
 from distft.distributed.exchange import buckets, read_verdict
 from distft.distributed.world import LocalWorld
 from distft.errors import ConfigError, DataError, DistributedError
@@ -79,6 +79,19 @@ def test_agreed_everywhere_raises_the_error_one_rank_sees_on_every_rank_naming_i
     out = on_two_ranks(lambda w: agreed_everywhere(w, "serving metrics", lambda: action(w)))
     assert all(isinstance(e, ConfigError) and str(e) == "rank 1: metrics.port: 9400 is taken" for e in out)
     assert on_two_ranks(lambda w: agreed_everywhere(w, "x", lambda: w.rank)) == [0, 1]
+
+
+def test_when_every_rank_fails_each_raises_the_lowest_ranks_error():
+    def action(w):
+        raise DataError(f"data.train: missing on node {w.rank}")
+
+    out = on_two_ranks(lambda w: agreed_everywhere(w, "opening the data", lambda: action(w)))
+    assert [str(e) for e in out] == ["rank 0: data.train: missing on node 0"] * 2
+    assert all(isinstance(e, DataError) for e in out)
+
+
+def test_from_rank0_gives_every_rank_rank_0s_value():
+    assert on_two_ranks(lambda w: from_rank0(w, {"step": 40 + w.rank}, "resume")) == [{"step": 40}] * 2
 
 
 def test_the_ballot_reads_stop_the_ranks_and_the_heads_whose_loss_was_not_finite():

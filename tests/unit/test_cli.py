@@ -15,19 +15,25 @@ def test_no_arguments_and_no_job_prints_help_and_exits_2(tmp_path):
     assert not (tmp_path / "runs").exists() and proc.stdout == ""
 
 
-def test_no_arguments_trains_distft_yaml_in_the_working_directory(tmp_path):
+def test_no_arguments_trains_distft_yaml_in_the_working_directory(tmp_path, monkeypatch, capsys):
+    from distft import cli
+
     # a job whose config is refused proves which file was read, without training
     write_config(tmp_path / "distft.yaml", {"optimizer": {"lr": "fast"}})
-    proc = run_cli([], timeout=60, env={"DISTFT_CONFIG": ""}, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == "distft: error: optimizer.lr: expected a number, got 'fast'"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DISTFT_CONFIG", "")
+    assert cli.main([]) == 2
+    assert capsys.readouterr().err.strip() == "distft: error: optimizer.lr: expected a number, got 'fast'"
 
 
-def test_no_arguments_trains_distft_config_from_the_environment(tmp_path):
+def test_no_arguments_trains_distft_config_from_the_environment(tmp_path, monkeypatch, capsys):
+    from distft import cli
+
     path = write_config(tmp_path / "job.yaml", {"model": {"nmae": "x"}})
-    proc = run_cli([], timeout=60, env={"DISTFT_CONFIG": path}, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == "distft: error: model.nmae: unknown key (did you mean 'model.name'?)"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DISTFT_CONFIG", path)
+    assert cli.main([]) == 2
+    assert capsys.readouterr().err.strip() == "distft: error: model.nmae: unknown key (did you mean 'model.name'?)"
 
 
 def test_version_and_described_commands():

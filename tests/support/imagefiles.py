@@ -18,6 +18,16 @@ def png(img: np.ndarray) -> bytes:
             + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
+def folder(root, counts, size=12, seed=0):
+    """An ImageFolder: {class name: number of PNGs} (0 makes an empty class folder)."""
+    rng = np.random.default_rng(seed)
+    for cls, n in counts.items():
+        os.makedirs(root / cls, exist_ok=True)
+        for i in range(n):
+            (root / cls / f"{i}.png").write_bytes(png(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)))
+    return str(root)
+
+
 def make_folder(root, classes, per_class=4, size=40, seed=0):
     """An ImageFolder at `root` (a pathlib.Path): one sub-folder per class name, PNGs whose
     dominant colour channel depends on the class (learnable)."""

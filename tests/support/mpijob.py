@@ -1,5 +1,5 @@
 """The Kubeflow MPI Operator's part (v2beta1), played on a cluster of namespaced nodes
-(tests/cluster.py) with a rendered MPIJob (`kubectl kustomize k8s/overlays/...`).
+(tests/support/cluster.py) with a rendered MPIJob (`kubectl kustomize k8s/overlays/...`).
 
 What the operator does, and what is done here instead (its source: kubeflow/mpi-operator,
 pkg/controller/mpi_job_controller.go):

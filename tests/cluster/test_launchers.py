@@ -291,7 +291,7 @@ def test_exit_codes_are_read_from_horovodrun_and_mpirun_reports_not_from_rank_ou
 
 @pytest.fixture
 def slurm_cluster(tmp_path):
-    """A real single-node Slurm (tests/slurm.py): munged, slurmctld and slurmd on this machine."""
+    """A real single-node Slurm (tests/support/slurm.py): munged, slurmctld and slurmd on this machine."""
     nodes = slurm.Slurm(str(tmp_path / "slurm"), [slurm.here(str(tmp_path / "slurm" / "spool"))])
     try:
         yield nodes.start()
