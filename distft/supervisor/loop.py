@@ -118,10 +118,10 @@ class Supervisor:
             for host, (when, error) in self.lost_at.items():  # just probed: not again before the relaunch
                 if host in names and host not in why and self.clock() - when < 3 * opts.probe_timeout:
                     why[host] = f"unreachable (ssh: {error})"
+            # a probe that fails here is no strike: while waiting for hosts, the host waited for
+            # would be banned before it could come back (strikes are counted per failed launch)
             for host, error in unreachable([h for h, _ in listed if h not in why], opts.probe_timeout):
                 why[host] = f"unreachable (ssh: {error})"
-                if self.blacklist.failed(host):
-                    say(f"{host} failed twice: left out for {opts.blacklist_cooldown:g} s")
             alive = [(h, s) for h, s in listed if h not in why]
             slots = sum(s for _, s in alive)
             size = world_size(slots, self.global_batch, opts.min_np, opts.max_np)
@@ -237,6 +237,8 @@ class Supervisor:
             self.lost_at[host] = (self.clock(), why)
             say(f"{host} is unreachable (ssh: {why}): the node or its network is gone; its ranks cannot take "
                 "part, so the others stopped; the last completed checkpoint is intact")
+            if self.blacklist.failed(host):
+                say(f"{host} failed twice: left out for {self.options.blacklist_cooldown:g} s")
         if code is None:
             say(f"horovodrun exited {rc} before any rank reported a code")
         else:

@@ -323,3 +323,21 @@ def test_a_job_below_the_hosts_capacity_stops_at_a_checkpoint_when_hosts_return_
     assert record["reason"] == "grow" and record["world_size"] == 4 and record["counts"] == {"grow": 1}
     assert (tmp_path / "stop").read_text() == "L1"  # the first launch's id: the second has its own
     assert "hosts came back: localhost:4; the ranks stop at the next step" in text
+
+
+def test_a_host_that_comes_back_while_the_supervisor_waits_for_hosts_is_used(tmp_path, monkeypatch):
+    """Probes while waiting for --min-np are no strikes: node2, gone for 60 s of a 300 s wait, was
+    banned after two probes (600 s cool-down) and the wait ended in exit 6 naming it."""
+    from distft.supervisor import loop
+
+    now = [0.0]
+    monkeypatch.setattr(loop.time, "sleep", lambda s: now.__setitem__(0, now[0] + max(s, 0.01)))
+    monkeypatch.setattr(loop, "unreachable", lambda names, timeout: [(h, "timed out") for h in names
+                                                                    if h == "node2" and now[0] < 60])
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node1 slots=2\nnode2 slots=2\n")
+    sup = loop.Supervisor(["horovodrun"], [], ["python", "-m", "distft"], hostlib.HostSource(hostfile=str(hostfile)),
+                          loop.Options(max_restarts=3, min_np=4, wait_hosts=300), str(tmp_path / "stop"), "L1",
+                          clock=lambda: now[0])
+    assert sup.hosts_for_launch() == [("node1", 2), ("node2", 2)]
+    assert 60 <= now[0] < 300
