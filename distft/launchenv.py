@@ -76,7 +76,8 @@ def encode_restart(record: dict) -> str:
 
 
 def restart_record(env=os.environ) -> Optional[dict]:
-    """{n, reason, hosts, world_size, counts} when the supervisor relaunched this job, else None."""
+    """{n, reason, hosts, world_size, counts, since} when the supervisor relaunched this job, else None
+    (since: the wall time of its first launch)."""
     text = env.get(RESTART_ENV)
     if not text:
         return None

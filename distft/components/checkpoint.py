@@ -113,9 +113,12 @@ def load(path: str) -> Checkpoint:
 SKIPPING = "skipping checkpoint: "
 
 
-def latest(output: str, warn=print) -> Optional[Checkpoint]:
-    """The newest checkpoint that verifies; corrupt newer ones are reported and skipped."""
+def latest(output: str, warn=print, since: Optional[float] = None) -> Optional[Checkpoint]:
+    """The newest checkpoint that verifies; corrupt newer ones are reported and skipped. `since`:
+    only checkpoints written at or after that wall time (a job that started over in this folder)."""
     for path in reversed(list_checkpoints(output)):
+        if since is not None and os.path.getmtime(path) < since:
+            continue
         try:
             return load(path)
         except CheckpointError as exc:

@@ -24,6 +24,7 @@ from distft.config import as_yaml
 from distft.console import log, warn
 from distft.errors import CheckpointError, ConfigError, DataError, mxnet_reason
 from distft.components.state import TrainState
+from distft.launchenv import restart_record
 from distft.runfolder import RunFolder
 
 
@@ -93,6 +94,7 @@ class Checkpointer:
         self.out = cfg.train.output
         self.loaded: Optional[checkpoint.Checkpoint] = None  # rank 0, until restored
         self.meta: Optional[dict] = None  # the checkpoint resumed from, on every rank
+        self.since: Optional[float] = None  # resume only from checkpoints written since (a relaunch of a fresh start)
         self.bytes_control = 0
         # set by `track`
         self.state: Optional[TrainState] = None
@@ -116,8 +118,11 @@ class Checkpointer:
     # --- resuming -------------------------------------------------------------------------------
     def find_resume_point(self) -> Optional[dict]:
         """The metadata of the checkpoint to resume from, on every rank (None: start afresh)."""
-        if not self.cfg.train.resume:
+        restart = restart_record()  # relaunched by launch.sh --max-restarts: always from its last checkpoint
+        if not self.cfg.train.resume and not restart:
             return None
+        # train.resume: false started this job over: a relaunch takes only checkpoints it wrote since
+        self.since = None if self.cfg.train.resume else float(restart.get("since") or 0.0)
         meta = from_rank0(self.world, agreed(self.world, "reading the checkpoints", self._read_latest),
                           "distft.resume_meta")
         self.bytes_control += len(json.dumps(meta)) * (self.world.size - 1)
@@ -131,7 +136,7 @@ class Checkpointer:
             skipped.append(message)
             warn(self.world, message)
 
-        self.loaded = checkpoint.latest(self.out, warn=skip)
+        self.loaded = checkpoint.latest(self.out, warn=skip, since=self.since)
         if self.loaded is not None:
             return self.loaded.meta
         if skipped:  # checkpoints exist and none verifies

@@ -72,6 +72,7 @@ class Supervisor:
         self.counts: dict[str, int] = {}
         self.lost_at: dict[str, tuple[float, str]] = {}  # hosts found unreachable after a failure
         self.launches = 0
+        self.first_launch_at = 0.0  # wall time of this job's first launch
         self.growing = False  # a stop requested to relaunch on more hosts
 
     # --- signals ----------------------------------------------------------------------------------
@@ -158,8 +159,12 @@ class Supervisor:
                 say("stopped before the launch; the last completed checkpoint is intact")
                 return STOPPED
             env = None
+            if not self.launches:
+                self.first_launch_at = time.time()
             if pending:
-                record = {**pending, "hosts": host_list(hosts), "world_size": sum(s for _, s in hosts)}
+                # since: a job with train.resume: false resumes a relaunch from its own checkpoints
+                record = {**pending, "hosts": host_list(hosts), "world_size": sum(s for _, s in hosts),
+                          "since": self.first_launch_at}
                 of = "" if record["reason"] == GROW else f" of {self.options.max_restarts}"
                 say(f"relaunch {record['n']}{of} ({record['reason']}): hosts "
                     f"{record['hosts']}, world size {record['world_size']}, from the last checkpoint")

@@ -341,3 +341,24 @@ def test_a_host_that_comes_back_while_the_supervisor_waits_for_hosts_is_used(tmp
                           clock=lambda: now[0])
     assert sup.hosts_for_launch() == [("node1", 2), ("node2", 2)]
     assert 60 <= now[0] < 300
+
+
+def test_a_relaunch_of_a_job_with_resume_false_continues_from_its_own_checkpoints(tmp_path, pretrained):
+    """train.resume: false starts a job over; a relaunch by the supervisor must not start it over
+    again (it redid all the work), nor take a checkpoint an earlier job left in the folder."""
+    from conftest import read_summary, run_cli, small_config, write_config
+
+    doc = small_config(tmp_path, pretrained, train={"max_steps": 4, "checkpoint_every_steps": 2, "resume": False})
+    cfg = write_config(tmp_path / "c.yaml", doc)
+    old = run_cli(["--config", cfg, "--set", "train.max_steps=6"])  # an earlier job in the same folder
+    assert old.returncode == 0, old.stderr[-2000:]
+    since = time.time()
+    time.sleep(0.05)
+    first = run_cli(["--config", cfg, "--set", "train.max_steps=2"])  # this job, cut off after step 2
+    assert first.returncode == 0, first.stderr[-2000:]
+    record = {"n": 1, "reason": "rank_lost", "hosts": "localhost:1", "world_size": 1, "counts": {"rank_lost": 1},
+              "since": since}
+    again = run_cli(["--config", cfg], env={RESTART_ENV: encode_restart(record)})
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "restart 1 (rank_lost): resumed at step 2" in again.stdout, again.stdout[-2000:]
+    assert read_summary(tmp_path / "out")["steps_this_run"] == 2
