@@ -254,7 +254,9 @@ def test_a_stall_abort_is_relaunched_after_a_backoff_and_the_job_is_told_why(tmp
     first, second = (tmp_path / "seen").read_text().splitlines()
     assert first.endswith("| -")
     record = restart_record({RESTART_ENV: second.split(" | ")[1]})
+    since = record.pop("since")  # the first launch's wall time
     assert record == {"n": 1, "reason": "stall", "hosts": "localhost:2", "world_size": 2, "counts": {"stall": 1}}
+    assert 0 < time.time() - since < 300
 
 
 def test_without_max_restarts_a_failure_is_the_exit_status_and_nothing_is_relaunched(tmp_path):
