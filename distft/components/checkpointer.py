@@ -94,7 +94,6 @@ class Checkpointer:
         self.out = cfg.train.output
         self.loaded: Optional[checkpoint.Checkpoint] = None  # rank 0, until restored
         self.meta: Optional[dict] = None  # the checkpoint resumed from, on every rank
-        self.since: Optional[float] = None  # resume only from checkpoints written since (a relaunch of a fresh start)
         self.bytes_control = 0
         # set by `track`
         self.state: Optional[TrainState] = None
@@ -122,21 +121,21 @@ class Checkpointer:
         if not self.cfg.train.resume and not restart:
             return None
         # train.resume: false started this job over: a relaunch takes only checkpoints it wrote since
-        self.since = None if self.cfg.train.resume else float(restart.get("since") or 0.0)
-        meta = from_rank0(self.world, agreed(self.world, "reading the checkpoints", self._read_latest),
+        since = None if self.cfg.train.resume else float(restart.get("since") or 0.0)
+        meta = from_rank0(self.world, agreed(self.world, "reading the checkpoints", lambda: self._read_latest(since)),
                           "distft.resume_meta")
         self.bytes_control += len(json.dumps(meta)) * (self.world.size - 1)
         self.meta = meta
         return meta
 
-    def _read_latest(self) -> Optional[dict]:
+    def _read_latest(self, since: Optional[float]) -> Optional[dict]:
         skipped = []
 
         def skip(message: str) -> None:
             skipped.append(message)
             warn(self.world, message)
 
-        self.loaded = checkpoint.latest(self.out, warn=skip, since=self.since)
+        self.loaded = checkpoint.latest(self.out, warn=skip, since=since)
         if self.loaded is not None:
             return self.loaded.meta
         if skipped:  # checkpoints exist and none verifies

@@ -143,16 +143,13 @@ class MPIJobCluster(cluster.Cluster):
                  "mount -t tmpfs -o mode=755 sshconf /etc/ssh/ssh_config.d",
                  f"cp {ROOT}/launch/ssh/ssh_config /etc/ssh/ssh_config.d/distft.conf"]
         setup += self._reach_the_interpreter()
-        venv_back = self._venv_back_over_tmp()
+        hold, back = self._venv_back_over_tmp()
         for source, target in self._mounts(node, role):
             if not os.path.isdir(target) and not target.startswith("/home/"):
                 os.makedirs(target)  # a mount point on this machine (removed at close)
                 self.made_dirs.append(target)
             setup.append(f"mkdir -p {target} && mount --bind {source} {target}")
-        half = len(venv_back) // 2
-        setup += venv_back[:half]
-        setup += ["mount -t tmpfs -o mode=1777 tmp /tmp"]  # the sources above live under /tmp
-        setup += venv_back[half:]
+        setup += hold + ["mount -t tmpfs -o mode=1777 tmp /tmp"] + back  # the sources above live under /tmp
         setup += [f"exec setpriv --reuid={self.uid} --regid={self.gid} --clear-groups "
                   f"env HOME={self.home} USER={self.user} LOGNAME={self.user} \"$@\""]
         return ["ip", "netns", "exec", node.netns, "unshare", "--uts", "--mount", "--propagation", "private",
@@ -174,19 +171,19 @@ class MPIJobCluster(cluster.Cluster):
         return []
 
     @staticmethod
-    def _venv_back_over_tmp() -> list[str]:
+    def _venv_back_over_tmp() -> tuple[list[str], list[str]]:
         """The image's repository and virtualenv are at one path in every pod; this machine's may
         live under /tmp (a clone there), which the pod's private /tmp covers: each is held in the
         pod's own /home tmpfs while /tmp is mounted, then bound back at its path (the venv's
         scripts' #! lines and its editable install of distft name those paths). Returns the
-        commands before and after mounting /tmp, as [hold..., restore...]."""
+        commands before and after mounting /tmp."""
         paths = []
         for path in sorted({os.path.realpath(ROOT), os.path.realpath(sys.prefix)}):
             if path.startswith("/tmp/") and not any(path.startswith(p + "/") for p in paths):
                 paths.append(path)
         hold = [f"mkdir -p /home/.held/{i} && mount --bind {p} /home/.held/{i}" for i, p in enumerate(paths)]
         back = [f"mkdir -p {p} && mount --bind /home/.held/{i} {p}" for i, p in enumerate(paths)]
-        return hold + back
+        return hold, back
 
     def pod_env(self, role: str) -> dict:
         (container,) = pod_spec(self.job, role)["containers"]

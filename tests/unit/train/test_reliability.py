@@ -93,16 +93,23 @@ def test_sigterm_to_one_rank_stops_all_at_one_step_with_a_checkpoint_and_resume_
     assert s["resumed"] and s["steps"] == step + 3 and s["steps_this_run"] == 3
 
 
-def test_sigterm_single_process_exits_75(tmp_path, pretrained):
+def signal_after_a_checkpoint(tmp_path, pretrained, signum):
+    """One process of a long job, sent `signum` once its first checkpoint is written: (exit
+    status, output)."""
     cfg, proc = start_job(tmp_path, pretrained, [], **LONG_JOB)
     try:
         wait_for(lambda: checkpoint.list_checkpoints(str(tmp_path / "out")), 120, "a first checkpoint")
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         text, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             kill_tree(proc)
-    assert proc.returncode == 75, text
+    return proc.returncode, text
+
+
+def test_sigterm_single_process_exits_75(tmp_path, pretrained):
+    returncode, text = signal_after_a_checkpoint(tmp_path, pretrained, signal.SIGTERM)
+    assert returncode == 75, text
     # a clean stop is not an error: one plain line, the stop step, the checkpoint, how to resume
     assert re.fullmatch(r"distft: preempted \(SIGTERM\) at step \d+; checkpoint written; run the same command "
                         r"again to resume", text.strip().splitlines()[-1]), text
@@ -112,16 +119,9 @@ def test_sigterm_single_process_exits_75(tmp_path, pretrained):
 def test_ctrl_c_to_one_process_is_a_preemption(tmp_path, pretrained):
     """Ctrl-C (SIGINT) gave exit 130, no message and no checkpoint; it now does what SIGTERM does:
     every rank agrees on a step, checkpoints there and exits 75 with the way to resume."""
-    cfg, proc = start_job(tmp_path, pretrained, [], **LONG_JOB)
     out = tmp_path / "out"
-    try:
-        wait_for(lambda: checkpoint.list_checkpoints(str(out)), 120, "a first checkpoint")
-        proc.send_signal(signal.SIGINT)
-        text, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc)
-    assert proc.returncode == 75, text
+    returncode, text = signal_after_a_checkpoint(tmp_path, pretrained, signal.SIGINT)
+    assert returncode == 75, text
     assert "[distft] Ctrl-C: stopping at the next step with a checkpoint" in text
     last = text.strip().splitlines()[-1]
     assert "preempted (Ctrl-C) at step " in last and last.endswith("run the same command again to resume")
