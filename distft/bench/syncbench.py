@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    world = init_world()
+    world = init_world(statistics="horovod")  # Horovod's cycle as when it carries statistics
     result = measure(world, args.channels, args.spatial, [int(b) for b in args.batches.split(",")], args.iters)
     # every rank measured; report the slower rank's figures (what the step waits for)
     for name in result["exchange_us"]:

@@ -207,6 +207,7 @@ def compose(world, launch: LaunchRecord, stats: Stats, evals: dict, digests: lis
         "trainable_bytes": t["trainable_bytes"], "frozen_bytes": t["frozen_bytes"],
         "frozen_prefix": launch.frozen_prefix,
         "world_size": world.size, "backend": world.backend,
+        "horovod_cycle_ms": world.cycle_ms,  # HOROVOD_CYCLE_TIME in force (world.queue_cycle_ms)
         # what start-up moved: trainable state, plus control traffic (config and frozen
         # weight hashes, resume point)
         "bytes_broadcast": launch.bytes_broadcast + launch.bytes_control,

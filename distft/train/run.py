@@ -10,7 +10,8 @@ from distft.train.solving import SolvingJob
 
 
 def run(cfg: Config, world=None) -> dict:
-    world = world or init_world(stall_timeout=cfg.train.stall_timeout)
+    statistics = cfg.dist.bn_channel if cfg.dist.batchnorm == "sync" else None
+    world = world or init_world(stall_timeout=cfg.train.stall_timeout, statistics=statistics)
     job = (SolvingJob if cfg.optimizer.name == probe.SOLVER else Job)(cfg, world)
     try:
         return job.setup() or job.fit()
