@@ -2,6 +2,7 @@
 ranks a launcher started)."""
 from __future__ import annotations
 
+from distft import allocator
 from distft.components import probe
 from distft.config import Config
 from distft.distributed.world import init_world
@@ -10,6 +11,7 @@ from distft.train.solving import SolvingJob
 
 
 def run(cfg: Config, world=None) -> dict:
+    allocator.return_freed_memory()  # before the network and the loader allocate
     statistics = cfg.dist.bn_channel if cfg.dist.batchnorm == "sync" else None
     world = world or init_world(stall_timeout=cfg.train.stall_timeout, statistics=statistics)
     job = (SolvingJob if cfg.optimizer.name == probe.SOLVER else Job)(cfg, world)
