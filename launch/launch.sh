@@ -9,7 +9,9 @@
 # Tuning defaults (override by exporting them): HOROVOD_FUSION_THRESHOLD=64 MiB (one fused
 # allreduce per bucket), NCCL_DEBUG=WARN. HOROVOD_CYCLE_TIME (how often Horovod batches ready
 # tensors) is distft's choice unless exported: 1 ms where synchronized BatchNorm statistics go
-# through Horovod's queue (Gloo), else 5 ms (distft/distributed/world.py, queue_cycle_ms). Arguments go to distft (e.g. --config X --set k=v).
+# through Horovod's queue (Gloo, dist.bn_channel: horovod, MPI without THREAD_MULTIPLE), else
+# 5 ms (distft/distributed/world.py, queue_cycle_ms). Arguments go to distft (e.g. --config X
+# --set k=v).
 #   DISTFT_RUNNER      horovodrun (default), or srun inside a Slurm job: one rank per task
 # Exit status: the ranks' (0 done, 75 stopped and resumable, 2 user error, ...), not horovodrun's.
 # SIGTERM or SIGINT: the ranks checkpoint at the next step and exit 75 (see distft/supervisor/).

@@ -25,7 +25,7 @@ def markdown(r: dict) -> str:
     head = (f"`{r['model']}` at {r['image_size']}px, trainable {', '.join(r['trainable'])}, "
             f"{r['world_size']} ranks x batch {r['batch_size_per_rank']}, horovodrun --{r['controller']}"
             + (f" (Horovod's cycle: distft {cycle['distft']:g} ms, baseline {cycle['baseline']:g} ms)"
-               if (cycle := r.get("horovod_cycle_ms")) and cycle.get("distft") else "") + "; "
+               if (cycle := r.get("horovod_cycle_ms")) and cycle.get("distft") is not None else "") + "; "
             f"{m['cores']} cores ({m['cpu'] or 'cpu'}), "
             f"{m['gpus']} GPUs, MXNet {m['mxnet']}. distft/baseline = {r['ratios']['distft_over_baseline']:.2f}, "
             f"distft/limit = {r['ratios']['distft_over_limit']:.2f}"

@@ -114,18 +114,18 @@ class HorovodWorld(LocalWorld):
         hvd = self.hvd = horovod()
         if "HOROVOD_GLOO_RENDEZVOUS_ADDR" in os.environ:
             # horovodrun --gloo: its rendezvous names the ranks; statistics go through the queue
-            os.environ.setdefault("HOROVOD_CYCLE_TIME", queue_cycle_ms(statistics is not None))
+            os.environ.setdefault("HOROVOD_CYCLE_TIME", queue_cycle_ms(True, statistics, False))
             hvd.init()
         else:
             # MPI launchers (mpirun, srun, horovodrun --mpi): take the ranks the scheduler started
             # (mpi4py asks for MPI_THREAD_MULTIPLE: the statistics channel needs it)
             from mpi4py import MPI
 
-            in_queue = statistics == "horovod" or (statistics is not None and not mpi_thread_level_ok()[0])
-            os.environ.setdefault("HOROVOD_CYCLE_TIME", queue_cycle_ms(in_queue))
+            multiple = statistics is None or mpi_thread_level_ok()[0]
+            os.environ.setdefault("HOROVOD_CYCLE_TIME", queue_cycle_ms(False, statistics, multiple))
             hvd.init(comm=MPI.COMM_WORLD)
             self.mpi_comm = MPI.COMM_WORLD
-        self.cycle_ms = float(os.environ["HOROVOD_CYCLE_TIME"])
+        self.cycle_ms = _milliseconds(os.environ.get("HOROVOD_CYCLE_TIME"))
         self.rank, self.size = hvd.rank(), hvd.size()
         self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
         self.cross_rank = hvd.cross_rank()
@@ -168,9 +168,9 @@ class HorovodWorld(LocalWorld):
 
 
 def init_world(stall_timeout: float = 0.0, statistics: Optional[str] = None) -> LocalWorld:
-    """This process's world. `statistics`: the `dist.bn_channel` asked for where synchronized
-    BatchNorm is on (`dist.batchnorm: sync`), None where no statistics are exchanged; it sets
-    Horovod's cycle (`queue_cycle_ms`)."""
+    """This process's world. `statistics`: the `dist.bn_channel` asked for where sums on the
+    critical path go through the statistics channel (synchronized BatchNorm, the lbfgs
+    solver's passes), None where none do; it sets Horovod's cycle (`queue_cycle_ms`)."""
     if not launchenv.started_ranks(os.environ):
         return LocalWorld()
     if stall_timeout:
@@ -182,12 +182,22 @@ def init_world(stall_timeout: float = 0.0, statistics: Optional[str] = None) -> 
     return HorovodWorld(statistics)
 
 
-def queue_cycle_ms(statistics_in_queue: bool) -> str:
-    """How often Horovod's background thread looks for ready tensors (HOROVOD_CYCLE_TIME,
-    where the user set none). Each cycle is a negotiation among the ranks, and on shared cores
-    it takes CPU from the step: with 2 ranks on 2 cores, resnet50_v2 last stage + head at 64 px,
-    distft went from 42 to 52 samples/s at 5 ms against Horovod's default of 1 ms (plain Horovod
-    from 59 to 70). 1 ms only where a synchronized BatchNorm's statistics go through the queue
-    (each layer waits for its exchange, twice per step); 5 ms where the queue carries the
-    gradient buckets alone (a few per step, megabytes each)."""
-    return "1" if statistics_in_queue else "5"
+def queue_cycle_ms(gloo: bool, statistics: Optional[str], thread_multiple: bool) -> str:
+    """How often Horovod's background thread looks for ready tensors (HOROVOD_CYCLE_TIME, where
+    the user set none). Each cycle is a negotiation among the ranks, and on shared cores it takes
+    CPU from the step: with 2 ranks on 2 cores, resnet50_v2 last stage + head at 64 px, distft
+    went from 42 to 52 samples/s at 5 ms against Horovod's default of 1 ms (plain Horovod from 59
+    to 70). 1 ms where latency-bound sums go through the queue: `statistics` (the statistics
+    channel asked for; None: none is exchanged) under Gloo, or `horovod`, or an MPI that did not
+    grant MPI_THREAD_MULTIPLE. 5 ms where the queue carries the gradient buckets alone (a few per
+    step, megabytes each). Decided before the network is built, from the config: a job with
+    `dist.batchnorm: sync` but no trainable BatchNorm keeps 1 ms under Gloo."""
+    in_queue = statistics is not None and (gloo or statistics == "horovod" or not thread_multiple)
+    return "1" if in_queue else "5"
+
+
+def _milliseconds(text: Optional[str]) -> Optional[float]:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None

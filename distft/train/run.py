@@ -12,7 +12,8 @@ from distft.train.solving import SolvingJob
 
 def run(cfg: Config, world=None) -> dict:
     allocator.return_freed_memory()  # before the network and the loader allocate
-    statistics = cfg.dist.bn_channel if cfg.dist.batchnorm == "sync" else None
+    # synchronized BNs and the solver's passes sum through the statistics channel (Horovod's cycle)
+    statistics = cfg.dist.bn_channel if cfg.dist.batchnorm == "sync" or cfg.optimizer.name == probe.SOLVER else None
     world = world or init_world(stall_timeout=cfg.train.stall_timeout, statistics=statistics)
     job = (SolvingJob if cfg.optimizer.name == probe.SOLVER else Job)(cfg, world)
     try:
