@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -28,8 +29,6 @@ def return_freed_memory() -> bool:
     """Fix malloc's mmap and trim thresholds (glibc; elsewhere nothing to do: False). Whatever a
     user set (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES, an allocator in
     LD_PRELOAD) stands. Process-wide: an in-process caller (a test) keeps it."""
-    import os
-
     if user_set(os.environ):
         return False
     try:

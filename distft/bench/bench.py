@@ -18,7 +18,7 @@ from typing import Optional
 
 from distft.bench import timeline
 from distft.config import dump_config, load_config
-from distft.distributed.world import horovod_has_mpi
+from distft.distributed.world import horovod_cycle_ms, horovod_has_mpi
 from distft.errors import ConfigError, DistftError
 from distft.models import network
 from distft.runfolder import RunFolder
@@ -191,9 +191,8 @@ def _figures(cfg, results: dict, summary: dict, np_: int, steps: int, window: in
         "batch_size_per_rank": cfg.data.batch_size, "world_size": np_, "steps": steps, "window": window,
         "repeats": repeats, "controller": controller,
         # Horovod's cycle in each: distft's own choice (world.queue_cycle_ms), the baseline's
-        # from the environment or Horovod's default (1 ms since Horovod 0.21)
-        "horovod_cycle_ms": {"distft": summary.get("horovod_cycle_ms"),
-                             "baseline": float(os.environ.get("HOROVOD_CYCLE_TIME", 1))},
+        # from the environment or Horovod's default
+        "horovod_cycle_ms": {"distft": summary.get("horovod_cycle_ms"), "baseline": horovod_cycle_ms(os.environ)},
         "samples_per_sec": {"distft": d["samples_per_sec"], "baseline": b["samples_per_sec"],
                             "limit": lim["samples_per_sec"]},
         "ratios": {"distft_over_baseline": d["samples_per_sec"] / b["samples_per_sec"],

@@ -24,7 +24,7 @@ def markdown(r: dict) -> str:
     m = r["machine"]
     head = (f"`{r['model']}` at {r['image_size']}px, trainable {', '.join(r['trainable'])}, "
             f"{r['world_size']} ranks x batch {r['batch_size_per_rank']}, horovodrun --{r['controller']}"
-            + (f" (Horovod's cycle: distft {cycle['distft']:g} ms, baseline {cycle['baseline']:g} ms)"
+            + (f" (Horovod's cycle: distft {cycle['distft']:g} ms, baseline {_ms(cycle['baseline'])} ms)"
                if (cycle := r.get("horovod_cycle_ms")) and cycle.get("distft") is not None else "") + "; "
             f"{m['cores']} cores ({m['cpu'] or 'cpu'}), "
             f"{m['gpus']} GPUs, MXNet {m['mxnet']}. distft/baseline = {r['ratios']['distft_over_baseline']:.2f}, "
@@ -33,6 +33,10 @@ def markdown(r: dict) -> str:
             + ".\n\n")
     table = ["| | distft | baseline | limit |", "|---|---:|---:|---:|"] + [f"| {' | '.join(row)} |" for row in rows]
     return head + "\n".join(table) + "\n" + (_sync_bn_lines(r["sync_bn"]) if "sync_bn" in r else "")
+
+
+def _ms(value) -> str:
+    return "?" if value is None else f"{value:g}"
 
 
 def _sync_bn_lines(f: dict) -> str:

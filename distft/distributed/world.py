@@ -112,24 +112,25 @@ class HorovodWorld(LocalWorld):
 
     def __init__(self, statistics: Optional[str] = None):
         hvd = self.hvd = horovod()
-        if "HOROVOD_GLOO_RENDEZVOUS_ADDR" in os.environ:
-            # horovodrun --gloo: its rendezvous names the ranks; statistics go through the queue
-            os.environ.setdefault("HOROVOD_CYCLE_TIME", queue_cycle_ms(True, statistics, False))
-            hvd.init()
-        else:
-            # MPI launchers (mpirun, srun, horovodrun --mpi): take the ranks the scheduler started
-            # (mpi4py asks for MPI_THREAD_MULTIPLE: the statistics channel needs it)
+        # horovodrun --gloo: its rendezvous names the ranks (no MPI: statistics go through the
+        # queue). MPI launchers (mpirun, srun, horovodrun --mpi): take the ranks the scheduler
+        # started (mpi4py asks for MPI_THREAD_MULTIPLE: the statistics channel needs it)
+        gloo = "HOROVOD_GLOO_RENDEZVOUS_ADDR" in os.environ
+        if not gloo:
             from mpi4py import MPI
 
-            multiple = statistics is None or mpi_thread_level_ok()[0]
-            os.environ.setdefault("HOROVOD_CYCLE_TIME", queue_cycle_ms(False, statistics, multiple))
-            hvd.init(comm=MPI.COMM_WORLD)
             self.mpi_comm = MPI.COMM_WORLD
-        self.cycle_ms = _milliseconds(os.environ.get("HOROVOD_CYCLE_TIME"))
+        multiple = gloo or statistics is None or mpi_thread_level_ok()[0]
+        os.environ.setdefault("HOROVOD_CYCLE_TIME", queue_cycle_ms(gloo, statistics, multiple))
+        self.cycle_ms = horovod_cycle_ms(os.environ)
+        if gloo:
+            hvd.init()
+        else:
+            hvd.init(comm=self.mpi_comm)
         self.rank, self.size = hvd.rank(), hvd.size()
         self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
         self.cross_rank = hvd.cross_rank()
-        self.backend = "gloo" if hvd.gloo_enabled() and "HOROVOD_GLOO_RENDEZVOUS_ADDR" in os.environ else "mpi"
+        self.backend = "gloo" if hvd.gloo_enabled() and gloo else "mpi"
 
     def broadcast_(self, arrays: list, name: str) -> int:
         # MXNet's oneDNN inference path may have reordered a weight in place into a blocked
@@ -196,8 +197,13 @@ def queue_cycle_ms(gloo: bool, statistics: Optional[str], thread_multiple: bool)
     return "1" if in_queue else "5"
 
 
-def _milliseconds(text: Optional[str]) -> Optional[float]:
+def horovod_cycle_ms(environ) -> Optional[float]:
+    """The cycle Horovod runs with under `environ`: HOROVOD_CYCLE_TIME, or its default where unset
+    (1 ms since Horovod 0.21); None where the value is not a number."""
+    text = environ.get("HOROVOD_CYCLE_TIME")
+    if text is None:
+        return 1.0
     try:
         return float(text)
-    except (TypeError, ValueError):
+    except ValueError:
         return None

@@ -157,7 +157,7 @@ class HeadSet:
         """`arrays`: every head's trainable tensors and moving statistics (the checkpoint's
         weights file, by state name); a grid's metadata: the heads that diverged (a solve
         marks them at its end only, after its last checkpoint's state is final)."""
-        params = {**self.network_params, **self.copies_params()}
+        params = self._all_params()
         doc = {"arrays": {n: params[n].data().as_in_context(mx.cpu()) for n in self.state_names()}}
         if self.grid and self.cfg.optimizer.name != SOLVER:
             doc["diverged_heads"] = {h.name: h.diverged for h in self.heads if h.diverged}
@@ -174,8 +174,12 @@ class HeadSet:
                     h.diverged = info
         return 0
 
+    def _all_params(self) -> dict:
+        """State name -> Parameter: the network's and a grid's other heads'."""
+        return {**self.network_params, **self.copies_params()}
+
     def _load_weights(self, arrays: dict, path: str) -> None:
-        params = {**self.network_params, **self.copies_params()}
+        params = self._all_params()
         want, have = set(self.state_names()), set(arrays)
         unknown = sorted(have - set(params))
         if unknown or not want <= have:

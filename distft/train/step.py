@@ -29,6 +29,9 @@ from distft.errors import NumericalError
 from distft.components.optim import trained_params
 
 
+DOT_MIN_SIZE = 1 << 16  # elements: below this an array's engine calls cost more than its scalar loop
+
+
 def sums_of_squares(arrays: list):
     """Each array's sum of squares, one float32 value per array (queued, not read): NaN or Inf
     where an array holds one (or values beyond ~1e19). MXNet's multi_sum_sq is a scalar loop on
@@ -48,9 +51,6 @@ def sums_of_squares(arrays: list):
         flat = arrays[i].reshape((-1,))
         parts[i] = mx.nd.dot(flat, flat).reshape((1,))
     return mx.nd.concat(*(parts[i] for i in range(len(arrays))), dim=0)
-
-
-DOT_MIN_SIZE = 1 << 16  # elements: below this an array's engine calls cost more than its scalar loop
 
 
 class TrainingStep:

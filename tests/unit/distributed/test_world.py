@@ -1,7 +1,7 @@
 """Horovod's cycle: short only where latency-bound sums wait on Horovod's queue."""
 import pytest
 
-from distft.distributed.world import _milliseconds, queue_cycle_ms
+from distft.distributed.world import horovod_cycle_ms, queue_cycle_ms
 
 
 @pytest.mark.parametrize("gloo, statistics, thread_multiple, expected", [
@@ -19,5 +19,6 @@ def test_cycle_follows_where_the_statistics_travel(gloo, statistics, thread_mult
 
 
 def test_a_cycle_horovod_would_take_but_not_as_a_number_is_reported_as_unknown():
-    assert _milliseconds("2.5") == 2.5
-    assert _milliseconds("1ms") is None and _milliseconds("") is None and _milliseconds(None) is None
+    assert horovod_cycle_ms({"HOROVOD_CYCLE_TIME": "2.5"}) == 2.5
+    assert horovod_cycle_ms({"HOROVOD_CYCLE_TIME": "1ms"}) is None and horovod_cycle_ms({"HOROVOD_CYCLE_TIME": ""}) is None
+    assert horovod_cycle_ms({}) == 1.0  # unset: Horovod's own default
