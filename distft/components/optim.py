@@ -11,7 +11,7 @@ import mxnet as mx
 from mxnet import gluon
 
 from distft.distributed.agreement import agreed, from_rank0
-from distft.distributed.exchange import GradientExchange
+from distft.distributed.exchange import GradientExchange, bucket_bytes_for
 from distft.errors import CheckpointError
 
 NO_DECAY = ("bias", "gamma", "beta")
@@ -45,10 +45,11 @@ def build_trainer(cfg, trainable: list, trainable_names: list[str], lr_mults: di
     return Trainer(trainable, opt.name, kwargs, exchange)
 
 
-def build_exchange(cfg, world, trainable: list, heads: int = 0):
-    """The fused gradient exchange over `trainable` (with `heads` per-head ballot slots)."""
-    return GradientExchange(world, trainable, cfg.dist.bucket_bytes, cfg.dist.compression,
-                            cfg.dist.gradient_predivide_factor, heads=heads)
+def build_exchange(cfg, world, trainable: list, heads: int = 0, synchronized_bn: bool = False):
+    """The fused gradient exchange over `trainable` (with `heads` per-head ballot slots);
+    `synchronized_bn`: synchronized BatchNorm layers train (`bucket_bytes_for`)."""
+    return GradientExchange(world, trainable, bucket_bytes_for(cfg.dist.bucket_bytes, synchronized_bn),
+                            cfg.dist.compression, cfg.dist.gradient_predivide_factor, heads=heads)
 
 
 def trained_params(trainer) -> list:

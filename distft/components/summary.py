@@ -161,6 +161,7 @@ class LaunchRecord:
     bytes_control: int  # config and frozen weight hashes, resume point
     allreduce_bytes_per_step: int
     allreduce_seconds: float
+    gradient_buckets: Optional[int]  # allreduces per step of the gradient exchange (None: a solver's passes)
     synchronized_bn_layers: list
     bn_channel: Optional[str]
     bn_exchanges: dict
@@ -215,6 +216,7 @@ def compose(world, launch: LaunchRecord, stats: Stats, evals: dict, digests: lis
         "bytes_control": launch.bytes_control,
         "bytes_full_broadcast": t["total_bytes"] * (world.size > 1),
         "allreduce_bytes_per_step": launch.allreduce_bytes_per_step,
+        "gradient_buckets": launch.gradient_buckets,  # dist.bucket_bytes resolved (exchange.bucket_bytes_for)
         "synchronized_bn_layers": launch.synchronized_bn_layers,
         "bn_channel": launch.bn_channel,
         # synchronized BN exchanges made in this launch, per direction (forward: one per layer;

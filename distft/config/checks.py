@@ -14,6 +14,8 @@ def check(cfg: Config) -> None:
     """Cross-field checks that a single key's type cannot express."""
     if isinstance(cfg.optimizer.history, str) and cfg.optimizer.history != "auto":
         raise ConfigError(f"optimizer.history: expected an integer or auto, got {cfg.optimizer.history!r}")
+    if isinstance(cfg.dist.bucket_bytes, str) and cfg.dist.bucket_bytes != "auto":
+        raise ConfigError(f"dist.bucket_bytes: expected an integer or auto, got {cfg.dist.bucket_bytes!r}")
     if isinstance(cfg.model.classes, str) and cfg.model.classes != "auto":
         raise ConfigError(f"model.classes: expected an integer or auto, got {cfg.model.classes!r}")
     if not cfg.freeze.trainable:

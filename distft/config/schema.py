@@ -156,8 +156,11 @@ class DistConfig:
     # --mpi=pmix), `horovod` (Horovod's allreduce), `auto` (mpi wherever MPI is up)
     bn_channel: str = field(default="auto", metadata=_choices("auto", "mpi", "horovod"))
     # gradients are allreduced in buckets of about this many bytes (0: one call per tensor);
-    # several buckets let the first ones travel while backward still computes the rest
-    bucket_bytes: int = field(default=8 * 1024 * 1024, metadata=_at_least(0))
+    # several buckets let the first ones travel while backward still computes the rest.
+    # `auto`: 8 MiB, but one bucket after backward where synchronized BatchNorm layers train
+    # (their backward exchanges wait for the slower rank, and a gradient transfer running beside
+    # them on shared cores makes the ranks drift apart: 47 -> 53 samples/s, docs/benchmarks.md)
+    bucket_bytes: Union[int, str] = field(default="auto", metadata=_at_least(0))
     compression: str = field(default="none", metadata=_choices("none", "fp16"))  # gradients on the wire
     # Horovod's: divide gradients by this before the allreduce and by world size / this after
     gradient_predivide_factor: float = field(default=1.0, metadata=_at_least(1e-6))

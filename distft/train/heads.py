@@ -129,7 +129,8 @@ class HeadSet:
     def bind(self, world, spec) -> None:
         """Each head's optimizer; one gradient exchange for all of them."""
         cfg = self.cfg
-        self.exchange = build_exchange(cfg, world, self.trainable_params(), heads=len(self) if self.grid else 0)
+        self.exchange = build_exchange(cfg, world, self.trainable_params(), heads=len(self) if self.grid else 0,
+                                       synchronized_bn=self.exchanges is not None)
         for h in self.heads:
             mults = {h.prefix + n: m for n, m in lr_multipliers(spec, h.cfg.optimizer.lr_mult).items()}
             h.trainer = build_trainer(h.cfg, [h.params[n] for n in h.trainable], h.trainable, mults)

@@ -372,16 +372,16 @@ class Job:
     def record(self) -> LaunchRecord:
         """This launch, as summary.json reports it."""
         exchange = self.solver if self.solver is not None else self.exchange  # a solve's allreduce: one per pass
-        trainer, step, cache, network, heads = self.heads[0].trainer, self.training_step, self.cache, \
-            self.network, self.heads
-        grid = {"heads": heads.summary(), "best_head": getattr(heads.best(), "name", None),
-                "heads_select": self.cfg.heads.select} if heads.grid else None
+        trainer, step, cache, network = self.heads[0].trainer, self.training_step, self.cache, self.network
+        grid = {"heads": self.heads.summary(), "best_head": getattr(self.heads.best(), "name", None),
+                "heads_select": self.cfg.heads.select} if self.heads.grid else None
         return LaunchRecord(
             model=self.cfg.model.name, classes=self.sets.class_names or [str(i) for i in range(self.cfg.model.classes)],
             data=self.sets.inventory, state=self.state, steps_per_epoch=self.data.steps_per_epoch,
             batching=self.batching, started=self.started, plan_totals=network.plan.totals(),
             frozen_prefix=network.plan.prefix, bytes_broadcast=self.bytes_broadcast, bytes_control=self.bytes_control,
             allreduce_bytes_per_step=exchange.bytes_per_step, allreduce_seconds=exchange.seconds_total,
+            gradient_buckets=len(exchange.groups) if self.solver is None else None,
             synchronized_bn_layers=network.synchronized_bn, bn_channel=network.bn_channel,
             bn_exchanges=dict(network.exchanges.counts) if network.exchanges is not None else {},
             exchange_overlapped=step is not None and step.deferred,

@@ -73,6 +73,8 @@ def test_two_ranks_learn_what_one_rank_with_twice_the_batch_learns(tmp_path, pre
     # Horovod's cycle: 1 ms where the statistics may go through its queue (Gloo, dist.batchnorm:
     # sync), 5 ms where it carries gradient buckets alone
     assert summary["horovod_cycle_ms"] == {"mpi": 5.0, "gloo": 1.0}[backend]
+    if case == "sync-bn":  # dist.bucket_bytes: auto: the gradients go after backward, in one bucket
+        assert summary["gradient_buckets"] == 1
     one, two = load_params(single_runs[case] / "model.params"), load_params(tmp_path / "out" / "model.params")
     before = load_params(pretrained)
     trained = [n for n in two if n.startswith(tuple(p + "." for p in CASES[case]))]
@@ -168,6 +170,7 @@ def test_fp16_compression_in_several_buckets_learns_the_same_to_float16_precisio
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = read_summary(tmp_path / "out")
     assert s["allreduce_bytes_per_step"] * 2 == s["trainable_bytes"]  # half the bytes on the wire
+    assert s["gradient_buckets"] > 1  # a number set stands beside synchronized BNs (auto: one bucket)
     one, two = load_params(single_runs["sync-bn"] / "model.params"), load_params(tmp_path / "out" / "model.params")
     before = load_params(pretrained)
     for n in one:

@@ -21,6 +21,11 @@ def test_defaults_and_overrides():
     assert cfg.freeze.batchnorm == "frozen"
 
 
+def test_bucket_bytes_is_auto_unless_set():
+    assert load_config(None, []).dist.bucket_bytes == "auto"
+    assert load_config(None, ["dist.bucket_bytes=65536"]).dist.bucket_bytes == 65536
+
+
 def test_integer_is_accepted_for_a_float_key():
     assert load_config(None, ["optimizer.lr=1"]).optimizer.lr == 1.0
 
@@ -79,6 +84,8 @@ def test_a_string_that_only_looks_like_a_number_is_still_refused(override, messa
     ("data.std=[1, 0, 1]", "data.std: every value must be > 0"),
     ("optimizer.lr=.nan", "optimizer.lr: must be a finite number"),
     ("dist.batchnorm=global", "dist.batchnorm: must be one of sync, local"),
+    ("dist.bucket_bytes=big", "dist.bucket_bytes: expected an integer or auto, got 'big'"),
+    ("dist.bucket_bytes=-1", "dist.bucket_bytes: must be >= 0"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:

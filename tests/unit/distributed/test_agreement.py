@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from distft.distributed.agreement import agreed, agreed_everywhere, from_rank0
-from distft.distributed.exchange import buckets, read_verdict
+from distft.distributed.exchange import DEFAULT_BUCKET_BYTES, bucket_bytes_for, buckets, read_verdict
 from distft.distributed.world import LocalWorld
 from distft.errors import ConfigError, DataError, DistributedError
 
@@ -106,7 +106,16 @@ def test_the_ballot_reads_stop_the_ranks_and_the_heads_whose_loss_was_not_finite
     ([4, 4, 4], 8, [[0, 1], [2]]),
     ([10, 1, 1], 8, [[0], [1, 2]]),  # a tensor larger than a bucket has one of its own
     ([4, 4, 4], 0, [[0], [1], [2]]),  # 0: one bucket per tensor
+    ([4, 40, 4], None, [[0, 1, 2]]),  # None: all in one
     ([], 8, []),
 ])
 def test_gradient_buckets_keep_tensor_order_and_fill_to_the_limit(sizes, limit, groups):
     assert buckets(sizes, limit) == groups
+
+
+def test_auto_buckets_send_every_gradient_after_backward_only_beside_synchronized_batchnorm():
+    assert bucket_bytes_for("auto", synchronized_bn=True) is None
+    assert bucket_bytes_for("auto", synchronized_bn=False) == DEFAULT_BUCKET_BYTES == 8 * 1024 * 1024
+    # a number the user set stands either way
+    assert bucket_bytes_for(65536, synchronized_bn=True) == 65536
+    assert bucket_bytes_for(0, synchronized_bn=False) == 0
