@@ -56,6 +56,7 @@ class LocalWorld:
     cross_rank = 0  # index of this rank's node
     backend = "local"
     cycle_ms = None  # Horovod's cycle (HOROVOD_CYCLE_TIME) in force
+    fusion_bytes = None  # Horovod's fusion buffer (HOROVOD_FUSION_THRESHOLD) in force
 
     def context(self):
         return device_for_rank(self.rank, self.local_rank, self.local_size, mx.context.num_gpus(),
@@ -122,7 +123,10 @@ class HorovodWorld(LocalWorld):
             self.mpi_comm = MPI.COMM_WORLD
         multiple = gloo or statistics is None or mpi_thread_level_ok()[0]
         os.environ.setdefault("HOROVOD_CYCLE_TIME", queue_cycle_ms(gloo, statistics, multiple))
+        os.environ.setdefault("HOROVOD_FUSION_THRESHOLD", str(FUSION_BUFFER_BYTES))
         self.cycle_ms = horovod_cycle_ms(os.environ)
+        self.fusion_bytes = int(os.environ["HOROVOD_FUSION_THRESHOLD"]) \
+            if os.environ["HOROVOD_FUSION_THRESHOLD"].isdigit() else None
         if gloo:
             hvd.init()
         else:
@@ -181,6 +185,15 @@ def init_world(stall_timeout: float = 0.0, statistics: Optional[str] = None) -> 
         os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(check))
         os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(max(int(stall_timeout), check + 1)))
     return HorovodWorld(statistics)
+
+
+# Horovod copies the tensors of one fused allreduce into a buffer of this size and back (its
+# default is 64 MiB), where a user set no HOROVOD_FUSION_THRESHOLD. distft already groups the
+# gradients into buckets (`dist.bucket_bytes`); a buffer as large as all of them is a second
+# copy of every gradient in each rank's memory. resnet50_v2's last stage in one 57 MiB bucket,
+# 2 ranks at 64 px: peak RSS 629-630 MiB with 64 MiB, 556-566 with 8 MiB, and 51.5-52.4 ->
+# 56.4-56.9 samples/s (less memory traffic on shared cores).
+FUSION_BUFFER_BYTES = 8 * 1024 * 1024
 
 
 def queue_cycle_ms(gloo: bool, statistics: Optional[str], thread_multiple: bool) -> str:

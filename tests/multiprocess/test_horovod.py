@@ -73,6 +73,7 @@ def test_two_ranks_learn_what_one_rank_with_twice_the_batch_learns(tmp_path, pre
     # Horovod's cycle: 1 ms where the statistics may go through its queue (Gloo, dist.batchnorm:
     # sync), 5 ms where it carries gradient buckets alone
     assert summary["horovod_cycle_ms"] == {"mpi": 5.0, "gloo": 1.0}[backend]
+    assert summary["horovod_fusion_bytes"] == 8 * 1024 * 1024  # not Horovod's 64 MiB: a second copy of the gradients
     if case == "sync-bn":  # dist.bucket_bytes: auto: the gradients go after backward, in one bucket
         assert summary["gradient_buckets"] == 1
     one, two = load_params(single_runs[case] / "model.params"), load_params(tmp_path / "out" / "model.params")
@@ -238,12 +239,14 @@ def test_plain_mpirun_launch_learns_what_one_rank_with_twice_the_batch_learns(tm
     channel (duplicates of MPI_COMM_WORLD), and the same model as one rank with 2B."""
     mpirun = shutil.which("mpirun")
     proc = run_cli(["--config", job(tmp_path, pretrained, "out", CASES["sync-bn"], B)],
-                   launcher=[mpirun, "-np", "2", "--oversubscribe", "-x", "HOROVOD_CYCLE_TIME"],
-                   env={"HOROVOD_CYCLE_TIME": "3"})
+                   launcher=[mpirun, "-np", "2", "--oversubscribe", "-x", "HOROVOD_CYCLE_TIME", "-x",
+                             "HOROVOD_FUSION_THRESHOLD"],
+                   env={"HOROVOD_CYCLE_TIME": "3", "HOROVOD_FUSION_THRESHOLD": "1048576"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = read_summary(tmp_path / "out")
     assert s["world_size"] == 2 and s["backend"] == "mpi" and s["bn_channel"] == "mpi"
     assert s["horovod_cycle_ms"] == 3.0  # the user's HOROVOD_CYCLE_TIME, not distft's choice
+    assert s["horovod_fusion_bytes"] == 1048576  # and the user's fusion buffer
     assert s["synchronized_bn_layers"] == 4 and s["exchange_overlapped"] is True
     one, two = load_params(single_runs["sync-bn"] / "model.params"), load_params(tmp_path / "out" / "model.params")
     for n in one:
