@@ -130,7 +130,7 @@ class HeadSet:
         """Each head's optimizer; one gradient exchange for all of them."""
         cfg = self.cfg
         self.exchange = build_exchange(cfg, world, self.trainable_params(), heads=len(self) if self.grid else 0,
-                                       synchronized_bn=self.exchanges is not None)
+                                       synchronized_bn=self.exchanges is not None, device_type=self.ctx.device_type)
         for h in self.heads:
             mults = {h.prefix + n: m for n, m in lr_multipliers(spec, h.cfg.optimizer.lr_mult).items()}
             h.trainer = build_trainer(h.cfg, [h.params[n] for n in h.trainable], h.trainable, mults)
