@@ -210,6 +210,7 @@ def compose(world, launch: LaunchRecord, stats: Stats, evals: dict, digests: lis
         "world_size": world.size, "backend": world.backend,
         "horovod_cycle_ms": world.cycle_ms,  # HOROVOD_CYCLE_TIME in force (world.queue_cycle_ms)
         "horovod_fusion_bytes": world.fusion_bytes,  # HOROVOD_FUSION_THRESHOLD in force (world.FUSION_BUFFER_BYTES)
+        "mpi_yield_when_idle": world.mpi_yield,  # OMPI_MCA_mpi_yield_when_idle in force (world.MPI_YIELD)
         # what start-up moved: trainable state, plus control traffic (config and frozen
         # weight hashes, resume point)
         "bytes_broadcast": launch.bytes_broadcast + launch.bytes_control,
