@@ -18,7 +18,7 @@ from typing import Optional
 
 from distft.bench import timeline
 from distft.config import dump_config, load_config
-from distft.distributed.world import horovod_cycle_ms, horovod_has_mpi
+from distft.distributed.world import MPI_YIELD, horovod_cycle_ms, horovod_has_mpi
 from distft.errors import ConfigError, DistftError
 from distft.models import network
 from distft.runfolder import RunFolder
@@ -193,6 +193,10 @@ def _figures(cfg, results: dict, summary: dict, np_: int, steps: int, window: in
         # Horovod's cycle in each: distft's own choice (world.queue_cycle_ms), the baseline's
         # from the environment or Horovod's default
         "horovod_cycle_ms": {"distft": summary.get("horovod_cycle_ms"), "baseline": horovod_cycle_ms(os.environ)},
+        # Open MPI's yield while waiting (world.MPI_YIELD): distft's, the baseline's from the
+        # environment (None: Open MPI's default, busy polling unless oversubscribed)
+        "mpi_yield_when_idle": {"distft": summary.get("mpi_yield_when_idle"),
+                                "baseline": os.environ.get(MPI_YIELD)},
         "samples_per_sec": {"distft": d["samples_per_sec"], "baseline": b["samples_per_sec"],
                             "limit": lim["samples_per_sec"]},
         "ratios": {"distft_over_baseline": d["samples_per_sec"] / b["samples_per_sec"],

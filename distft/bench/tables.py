@@ -24,7 +24,9 @@ def markdown(r: dict) -> str:
     m = r["machine"]
     head = (f"`{r['model']}` at {r['image_size']}px, trainable {', '.join(r['trainable'])}, "
             f"{r['world_size']} ranks x batch {r['batch_size_per_rank']}, horovodrun --{r['controller']}"
-            + (f" (Horovod's cycle: distft {cycle['distft']:g} ms, baseline {_ms(cycle['baseline'])} ms)"
+            + (f" (Horovod's cycle: distft {cycle['distft']:g} ms, baseline {_ms(cycle['baseline'])} ms"
+               + (f"; OMPI_MCA_mpi_yield_when_idle: distft {y['distft']}, baseline {y['baseline'] or 'unset'}"
+                  if (y := r.get("mpi_yield_when_idle") or {}).get("distft") is not None else "") + ")"
                if (cycle := r.get("horovod_cycle_ms")) and cycle.get("distft") is not None else "") + "; "
             f"{m['cores']} cores ({m['cpu'] or 'cpu'}), "
             f"{m['gpus']} GPUs, MXNet {m['mxnet']}. distft/baseline = {r['ratios']['distft_over_baseline']:.2f}, "
