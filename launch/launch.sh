@@ -6,12 +6,12 @@
 #                      measured faster than through Horovod's queue under Gloo) or gloo
 #   DISTFT_IFACE       network interface for Horovod and NCCL (e.g. eth0, ib0)
 #   DISTFT_SSH_PORT    the workers' sshd port (MPIJob workers: 2222, launch/worker.sh)
-# Tuning defaults (override by exporting them): HOROVOD_FUSION_THRESHOLD=64 MiB (one fused
-# allreduce per bucket), NCCL_DEBUG=WARN. HOROVOD_CYCLE_TIME (how often Horovod batches ready
-# tensors) is distft's choice unless exported: 1 ms where synchronized BatchNorm statistics go
-# through Horovod's queue (Gloo, dist.bn_channel: horovod, MPI without THREAD_MULTIPLE), else
-# 5 ms (distft/distributed/world.py, queue_cycle_ms). Arguments go to distft (e.g. --config X
-# --set k=v).
+# Tuning defaults (override by exporting them): NCCL_DEBUG=WARN. distft's own choices unless
+# exported (distft/distributed/world.py): HOROVOD_CYCLE_TIME (how often Horovod batches ready
+# tensors) 1 ms where synchronized BatchNorm statistics go through Horovod's queue (Gloo,
+# dist.bn_channel: horovod, MPI without THREAD_MULTIPLE), else 5 ms; HOROVOD_FUSION_THRESHOLD
+# 8 MiB (distft buckets the gradients itself); OMPI_MCA_mpi_yield_when_idle=1 (Open MPI yields
+# the core while waiting). Arguments go to distft (e.g. --config X --set k=v).
 #   DISTFT_RUNNER      horovodrun (default), or srun inside a Slurm job: one rank per task
 # Exit status: the ranks' (0 done, 75 stopped and resumable, 2 user error, ...), not horovodrun's.
 # SIGTERM or SIGINT: the ranks checkpoint at the next step and exit 75 (see distft/supervisor/).
@@ -22,7 +22,6 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 HERE="$DISTFT_ROOT/launch"
 
-export HOROVOD_FUSION_THRESHOLD=${HOROVOD_FUSION_THRESHOLD:-67108864}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 extra=()
 if [ -n "${DISTFT_IFACE:-}" ]; then
