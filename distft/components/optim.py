@@ -45,13 +45,11 @@ def build_trainer(cfg, trainable: list, trainable_names: list[str], lr_mults: di
     return Trainer(trainable, opt.name, kwargs, exchange)
 
 
-def build_exchange(cfg, world, trainable: list, heads: int = 0, synchronized_bn: bool = False,
-                   device_type: str = "cpu"):
+def build_exchange(cfg, world, trainable: list, heads: int = 0, synchronized_bn: bool = False):
     """The fused gradient exchange over `trainable` (with `heads` per-head ballot slots);
-    `synchronized_bn`: synchronized BatchNorm layers train on `device_type` (`bucket_bytes_for`)."""
-    size = bucket_bytes_for(cfg.dist.bucket_bytes, synchronized_bn, device_type)
-    return GradientExchange(world, trainable, size, cfg.dist.compression, cfg.dist.gradient_predivide_factor,
-                            heads=heads)
+    `synchronized_bn`: synchronized BatchNorm layers train (`bucket_bytes_for`)."""
+    return GradientExchange(world, trainable, bucket_bytes_for(cfg.dist.bucket_bytes, synchronized_bn),
+                            cfg.dist.compression, cfg.dist.gradient_predivide_factor, heads=heads)
 
 
 def trained_params(trainer) -> list:

@@ -157,9 +157,9 @@ class DistConfig:
     bn_channel: str = field(default="auto", metadata=_choices("auto", "mpi", "horovod"))
     # gradients are allreduced in buckets of about this many bytes (0: one call per tensor);
     # several buckets let the first ones travel while backward still computes the rest.
-    # `auto`: 8 MiB, but one bucket after backward where synchronized BatchNorm layers train on
-    # CPUs (their backward exchanges wait for the slower rank, and a gradient transfer running
-    # beside them on shared cores makes the ranks drift apart: docs/benchmarks.md)
+    # `auto`: 8 MiB, but one bucket after backward where synchronized BatchNorm layers train
+    # (their backward exchanges wait for the slower rank, and a gradient transfer running beside
+    # them on shared cores makes the ranks drift apart: docs/benchmarks.md; measured on CPUs)
     bucket_bytes: Union[int, str] = field(default="auto", metadata=_at_least(0))
     compression: str = field(default="none", metadata=_choices("none", "fp16"))  # gradients on the wire
     # Horovod's: divide gradients by this before the allreduce and by world size / this after

@@ -14,18 +14,19 @@ from distft.distributed.world import LocalWorld
 DEFAULT_BUCKET_BYTES = 8 * 1024 * 1024
 
 
-def bucket_bytes_for(setting, synchronized_bn: bool, device_type: str = "cpu") -> Optional[int]:
+def bucket_bytes_for(setting, synchronized_bn: bool) -> Optional[int]:
     """`dist.bucket_bytes` resolved: a number stands; `auto` is 8 MiB, or None (every gradient
     in one bucket, allreduced once backward has made them all) where synchronized BatchNorm
-    layers train on CPUs. Their backward exchanges are rendezvous with the other ranks; buckets
+    layers train. Their backward exchanges are rendezvous with the other ranks; buckets
     transferred meanwhile by Horovod's thread take cores and memory bandwidth from one rank's
     backward more than from another's, and each rendezvous then waits for the slower one
     (resnet50_v2 last stage, 2 ranks on 2 cores: 43-50 samples/s with 8 MiB buckets, 52-54 with
-    one). On GPUs, where the transfer does not run on the backward's cores, 8 MiB stays (not
-    measured there)."""
+    one). Decided from what every rank shares (the config and the plan): ranks that chose
+    differently would pair one rank's buckets with another's and wait forever. Measured on CPUs
+    only; on GPUs the overlap it gives up may matter more (not measured there)."""
     if setting != "auto":
         return int(setting)
-    return None if synchronized_bn and device_type == "cpu" else DEFAULT_BUCKET_BYTES
+    return None if synchronized_bn else DEFAULT_BUCKET_BYTES
 
 
 def buckets(sizes: list[int], bucket_bytes: Optional[int]) -> list[list[int]]:
@@ -85,6 +86,7 @@ class GradientExchange:
         sizes = [int(np.prod(p.shape)) * (wire or np.dtype(p.dtype).itemsize) for p in params]
         self.groups = buckets(sizes, bucket_bytes)
         self.bytes_per_step = sum(sizes) if world.size > 1 else 0
+        self.allreduces_per_step = len(self.groups) if world.size > 1 else 0
         self.seconds_total = 0.0
         self.calls = 0
         self._stop = False

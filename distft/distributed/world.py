@@ -191,11 +191,12 @@ def init_world(stall_timeout: float = 0.0, statistics: Optional[str] = None) -> 
 
 
 # Horovod copies the tensors of one fused allreduce into a buffer of this size and back (its
-# default is 64 MiB), where a user set no HOROVOD_FUSION_THRESHOLD. distft already groups the
-# gradients into buckets (`dist.bucket_bytes`); a buffer as large as all of them is a second
-# copy of every gradient in each rank's memory. resnet50_v2's last stage in one 57 MiB bucket,
-# 2 ranks at 64 px: peak RSS 629-630 MiB with 64 MiB, 556-566 with 8 MiB, and 51.5-52.4 ->
-# 56.4-56.9 samples/s (less memory traffic on shared cores).
+# default: 128 MiB in 0.28's code, 64 in its docs), where a user set no
+# HOROVOD_FUSION_THRESHOLD. distft already groups the gradients into buckets
+# (`dist.bucket_bytes`); a buffer as large as all of them is a second copy of every gradient in
+# each rank's memory. resnet50_v2's last stage in one 57 MiB bucket, 2 ranks at 64 px: peak RSS
+# 629-630 MiB with 64 MiB, 556-566 with 8 MiB, and 51.5-52.4 -> 56.4-56.9 samples/s (less
+# memory traffic on shared cores).
 FUSION_BUFFER_BYTES = 8 * 1024 * 1024
 
 # Open MPI's progress loop yields the core while a blocking call waits (its default only when a

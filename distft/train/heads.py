@@ -130,7 +130,7 @@ class HeadSet:
         """Each head's optimizer; one gradient exchange for all of them."""
         cfg = self.cfg
         self.exchange = build_exchange(cfg, world, self.trainable_params(), heads=len(self) if self.grid else 0,
-                                       synchronized_bn=self.exchanges is not None, device_type=self.ctx.device_type)
+                                       synchronized_bn=self.exchanges is not None)
         for h in self.heads:
             mults = {h.prefix + n: m for n, m in lr_multipliers(spec, h.cfg.optimizer.lr_mult).items()}
             h.trainer = build_trainer(h.cfg, [h.params[n] for n in h.trainable], h.trainable, mults)
@@ -287,10 +287,12 @@ class HeadSet:
 
     # --- outputs ---------------------------------------------------------------------------------
     def network_arrays(self, net, head: Head) -> dict:
-        """The full network's tensors with `head`'s trainable part (what save_parameters writes)."""
+        """The full network's tensors with `head`'s trainable part (what save_parameters writes):
+        CPU arrays as they are, others copied to the CPU (a file records each array's device,
+        and one that names gpu(0) loads onto a GPU wherever one is)."""
         arrays = {n: p.data() for n, p in structural_params(net).items()}
         arrays.update({n: p.data() for n, p in head.all_params.items()})
-        return arrays
+        return {n: a if a.context == mx.cpu() else a.copyto(mx.cpu()) for n, a in arrays.items()}
 
     def model_files(self, run: RunFolder, net) -> dict:
         """{path: write(tmp path)} for model.params (the best head's) and, in a grid, every

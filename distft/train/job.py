@@ -381,7 +381,7 @@ class Job:
             batching=self.batching, started=self.started, plan_totals=network.plan.totals(),
             frozen_prefix=network.plan.prefix, bytes_broadcast=self.bytes_broadcast, bytes_control=self.bytes_control,
             allreduce_bytes_per_step=exchange.bytes_per_step, allreduce_seconds=exchange.seconds_total,
-            gradient_buckets=len(exchange.groups) if self.solver is None else None,
+            gradient_buckets=exchange.allreduces_per_step if self.solver is None else None,
             synchronized_bn_layers=network.synchronized_bn, bn_channel=network.bn_channel,
             bn_exchanges=dict(network.exchanges.counts) if network.exchanges is not None else {},
             exchange_overlapped=step is not None and step.deferred,

@@ -73,7 +73,7 @@ def test_two_ranks_learn_what_one_rank_with_twice_the_batch_learns(tmp_path, pre
     # Horovod's cycle: 1 ms where the statistics may go through its queue (Gloo, dist.batchnorm:
     # sync), 5 ms where it carries gradient buckets alone
     assert summary["horovod_cycle_ms"] == {"mpi": 5.0, "gloo": 1.0}[backend]
-    assert summary["horovod_fusion_bytes"] == 8 * 1024 * 1024  # not Horovod's 64 MiB: a second copy of the gradients
+    assert summary["horovod_fusion_bytes"] == 8 * 1024 * 1024  # not Horovod's 128 MiB: a second copy of the gradients
     assert summary["mpi_yield_when_idle"] == {"mpi": "1", "gloo": None}[backend]  # no MPI under Gloo
     if case == "sync-bn":  # dist.bucket_bytes: auto: the gradients go after backward, in one bucket
         assert summary["gradient_buckets"] == 1

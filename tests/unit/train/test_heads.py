@@ -177,3 +177,23 @@ print(status('VmHWM') - before)
     ours, reference = load_params(tmp_path / "model.params"), load_params(tmp_path / "reference.params")
     assert sorted(ours) == sorted(reference) and len(ours) == 8
     assert all(np.array_equal(ours[k], reference[k]) for k in ours)
+
+
+def test_model_params_records_the_cpu_whatever_device_trained(tmp_path):
+    """A file records each array's device, and one that names gpu(0) loads onto a GPU wherever
+    one is: arrays not on the CPU are copied there first, and the file is byte for byte what
+    save_parameters writes. A second CPU device stands in for a GPU here (its id is recorded
+    too)."""
+    from mxnet.gluon import nn
+
+    from distft.runfolder import RunFolder
+    from distft.train.heads import HeadSet
+
+    net = nn.Dense(3, in_units=2)
+    net.initialize(ctx=mx.cpu(1))
+    net.save_parameters(str(tmp_path / "reference.params"))
+    heads = SimpleNamespace(grid=False, heads=[SimpleNamespace(all_params={})])
+    heads.network_arrays = lambda n, h: HeadSet.network_arrays(heads, n, h)
+    (write,) = HeadSet.model_files(heads, RunFolder(str(tmp_path)), net).values()
+    write(str(tmp_path / "model.params"))
+    assert (tmp_path / "model.params").read_bytes() == (tmp_path / "reference.params").read_bytes()
