@@ -72,7 +72,9 @@ def test_launch_sh_runs_two_nodes_of_two_ranks_over_ssh(tmp_path, pretrained, cl
     assert events.count("start") == 1 and events.count("done") == 1
 
 
-LONG_RUN = dict(train={"epochs": 50, "max_steps": None, "checkpoint_every_epochs": 0, "log_every": 2})
+# stopped by a signal, never run to its end: it must outlast Slurm's time-limit signal (30-60 s
+# after the start); 50 epochs (1,100 steps) once ended in about 30 s on 2 nodes
+LONG_RUN = dict(train={"epochs": 1000, "max_steps": None, "checkpoint_every_epochs": 0, "log_every": 2})
 
 
 def worker_grace_seconds():

@@ -229,7 +229,9 @@ def test_mpijob_launcher_command_runs_locally_on_two_slots(tmp_path):
 # --- our launcher: the stop request and the exit status pass through horovodrun ---------------
 
 
-LONG_RUN = dict(train={"epochs": 50, "max_steps": None, "checkpoint_every_epochs": 0, "log_every": 2})
+# stopped by a signal, never run to its end: it must outlast Slurm's time-limit signal (30-60 s
+# after the start); 50 epochs (1,100 steps) once ended in about 30 s on 2 nodes
+LONG_RUN = dict(train={"epochs": 1000, "max_steps": None, "checkpoint_every_epochs": 0, "log_every": 2})
 
 
 def launch(args, env, **kw):
