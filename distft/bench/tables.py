@@ -10,6 +10,8 @@ def markdown(r: dict) -> str:
                                     for k in ("distft", "baseline", "limit"))),
         ("peak RSS per rank (MiB)", *(f"{r['peak_rss_bytes'][k] / mb:.0f}" for k in ("distft", "baseline", "limit"))),
         ("peak RSS vs the baseline's", f"{r['ratios']['peak_rss_distft_over_baseline']:.2f}", "1.00", "-"),
+        *([("MXNet's CPU workspaces (MXNET_CPU_TEMP_COPY)", *(_copies(t[k]) for k in ("distft", "baseline")), "-")]
+          if (t := r.get("mxnet_cpu_temp_copy")) else []),
         ("bytes broadcast at start", f"{r['bytes_broadcast']['distft']:,}", f"{r['bytes_broadcast']['baseline']:,}", "-"),
         ("bytes allreduced per step", f"{r['allreduce_bytes_per_step']['distft']:,}",
          f"{r['allreduce_bytes_per_step']['baseline']:,}", "-"),
@@ -35,6 +37,10 @@ def markdown(r: dict) -> str:
             + ".\n\n")
     table = ["| | distft | baseline | limit |", "|---|---:|---:|---:|"] + [f"| {' | '.join(row)} |" for row in rows]
     return head + "\n".join(table) + "\n" + (_sync_bn_lines(r["sync_bn"]) if "sync_bn" in r else "")
+
+
+def _copies(value) -> str:
+    return "4 (MXNet's default)" if value is None else str(value)
 
 
 def _ms(value) -> str:

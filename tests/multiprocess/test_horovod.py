@@ -75,6 +75,7 @@ def test_two_ranks_learn_what_one_rank_with_twice_the_batch_learns(tmp_path, pre
     assert summary["horovod_cycle_ms"] == {"mpi": 5.0, "gloo": 1.0}[backend]
     assert summary["horovod_fusion_bytes"] == 8 * 1024 * 1024  # not Horovod's 128 MiB: a second copy of the gradients
     assert summary["mpi_yield_when_idle"] == {"mpi": "1", "gloo": None}[backend]  # no MPI under Gloo
+    assert summary["mxnet_cpu_temp_copy"] == "1"  # one CPU workspace per worker thread, not MXNet's 4
     if case == "sync-bn":  # dist.bucket_bytes: auto: the gradients go after backward, in one bucket
         assert summary["gradient_buckets"] == 1
     one, two = load_params(single_runs[case] / "model.params"), load_params(tmp_path / "out" / "model.params")
@@ -241,14 +242,15 @@ def test_plain_mpirun_launch_learns_what_one_rank_with_twice_the_batch_learns(tm
     mpirun = shutil.which("mpirun")
     proc = run_cli(["--config", job(tmp_path, pretrained, "out", CASES["sync-bn"], B)],
                    launcher=[mpirun, "-np", "2", "--oversubscribe", "-x", "HOROVOD_CYCLE_TIME", "-x",
-                             "HOROVOD_FUSION_THRESHOLD", "-x", "OMPI_MCA_mpi_yield_when_idle"],
+                             "HOROVOD_FUSION_THRESHOLD", "-x", "OMPI_MCA_mpi_yield_when_idle", "-x", "MXNET_CPU_TEMP_COPY"],
                    env={"HOROVOD_CYCLE_TIME": "3", "HOROVOD_FUSION_THRESHOLD": "1048576",
-                        "OMPI_MCA_mpi_yield_when_idle": "0"})
+                        "OMPI_MCA_mpi_yield_when_idle": "0", "MXNET_CPU_TEMP_COPY": "2"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = read_summary(tmp_path / "out")
     assert s["world_size"] == 2 and s["backend"] == "mpi" and s["bn_channel"] == "mpi"
     assert s["horovod_cycle_ms"] == 3.0  # the user's HOROVOD_CYCLE_TIME, not distft's choice
     assert s["horovod_fusion_bytes"] == 1048576 and s["mpi_yield_when_idle"] == "0"  # and the user's MPI settings
+    assert s["mxnet_cpu_temp_copy"] == "2"  # and MXNet's
     assert s["synchronized_bn_layers"] == 4 and s["exchange_overlapped"] is True
     one, two = load_params(single_runs["sync-bn"] / "model.params"), load_params(tmp_path / "out" / "model.params")
     for n in one:

@@ -124,6 +124,7 @@ def test_bench_command_reports_every_field(tmp_path, pretrained):
     # Horovod's cycle in each run, said beside the figures: distft's own 5 ms (statistics on MPI)
     assert r["horovod_cycle_ms"]["distft"] == 5.0
     assert r["mpi_yield_when_idle"]["distft"] == "1"
+    assert r["mxnet_cpu_temp_copy"]["distft"] == "1"
     assert r["ratios"]["peak_rss_distft_over_baseline"] == pytest.approx(
         r["peak_rss_bytes"]["distft"] / r["peak_rss_bytes"]["baseline"])
     # the default mode synchronizes the trainable stage's BatchNorms over the MPI channel: both
@@ -139,6 +140,7 @@ def test_bench_command_reports_every_field(tmp_path, pretrained):
     assert "| samples/s (all ranks) |" in table and "with the feature cache" in table
     assert "| peak RSS vs the baseline's |" in table and "statistics over mpi" in table
     assert "(Horovod's cycle: distft 5 ms, baseline " in table and "OMPI_MCA_mpi_yield_when_idle: distft 1, " in table
+    assert "| MXNet's CPU workspaces (MXNET_CPU_TEMP_COPY) | 1 | " in table
 
 
 def _timeline(steps: int, step_us: int = 1000) -> list:
