@@ -13,18 +13,23 @@ operators in turn; each grows to the largest request made of it and never shrink
 convolutions ask for room to reorder their weights and weight gradients (9 MiB for each 3x3
 512-channel kernel), so the four copies grow alike and hold four times what one step needs at
 once. Operators run one at a time on MXNet's CPU worker thread (MXNET_CPU_WORKER_NTHREADS,
-default 1), so one copy per worker thread is all they can use. Measured on the same job: peak
-RSS per rank 549-557 MB with four copies, 497-501 MB with one, samples/s unchanged."""
+default 1), so one copy per worker thread is all they can use (each thread that queues
+operators has workspaces of its own: the main thread, MXNet's custom-operator thread). Measured
+on the same job: peak RSS per rank 549-557 MiB with four copies, 497-501 MiB with one,
+samples/s unchanged."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
+from typing import Optional
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 THRESHOLD = 128 * 1024
-TEMP_COPY = "MXNET_CPU_TEMP_COPY"  # MXNet reads it when its first operator asks for a workspace
+TEMP_COPY = "MXNET_CPU_TEMP_COPY"  # read per thread, at its first request for a workspace
+MXNET_TEMP_COPIES = 4  # MXNet's default
 CPU_WORKERS = "MXNET_CPU_WORKER_NTHREADS"
 
 
@@ -50,12 +55,30 @@ def return_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, THRESHOLD))
 
 
-def one_workspace_per_worker(environ=os.environ) -> str:
-    """Set MXNet's CPU workspace copies (MXNET_CPU_TEMP_COPY) to its CPU worker threads (1
-    unless MXNET_CPU_WORKER_NTHREADS says more) unless the user set them. Returns the value in
-    force. It works only before MXNet's first operator that takes a workspace, which is why
-    `distft train` calls it before anything else; an in-process caller that already ran MXNet
-    keeps MXNet's copies whatever this returns."""
+def temp_copies_set(environ=os.environ) -> Optional[str]:
+    """MXNET_CPU_TEMP_COPY as MXNet will read it (None: unset or blank, MXNet's default 4)."""
+    return environ.get(TEMP_COPY, "").strip() or None
+
+
+@contextlib.contextmanager
+def one_workspace_per_worker(environ=os.environ):
+    """For the duration of a run: MXNet's CPU workspace copies (MXNET_CPU_TEMP_COPY) as many as
+    its CPU worker threads (1 unless MXNET_CPU_WORKER_NTHREADS says more; never more than
+    MXNet's own 4), unless the user set them. Yields the value in force. MXNet reads it once per
+    thread that queues operators, at that thread's first request for a workspace: `distft
+    train` enters this before anything else, and leaves the environment as it found it (an
+    in-process caller that already ran MXNet keeps MXNet's copies on that thread)."""
+    if temp_copies_set(environ):  # the user's
+        yield temp_copies_set(environ)
+        return
+    before = environ.get(TEMP_COPY)
     workers = environ.get(CPU_WORKERS, "").strip()
-    environ.setdefault(TEMP_COPY, workers if workers.isdigit() and int(workers) > 0 else "1")
-    return environ[TEMP_COPY]
+    environ[TEMP_COPY] = str(min(int(workers), MXNET_TEMP_COPIES)) if workers.isascii() and workers.isdigit() \
+        and int(workers) > 0 else "1"
+    try:
+        yield environ[TEMP_COPY]
+    finally:
+        if before is None:
+            environ.pop(TEMP_COPY, None)
+        else:
+            environ[TEMP_COPY] = before

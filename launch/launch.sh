@@ -11,7 +11,8 @@
 # tensors) 1 ms where synchronized BatchNorm statistics go through Horovod's queue (Gloo,
 # dist.bn_channel: horovod, MPI without THREAD_MULTIPLE), else 5 ms; HOROVOD_FUSION_THRESHOLD
 # 8 MiB (distft buckets the gradients itself); OMPI_MCA_mpi_yield_when_idle=1 (Open MPI yields
-# the core while waiting). Arguments go to distft (e.g. --config X --set k=v).
+# the core while waiting); MXNET_CPU_TEMP_COPY one MXNet CPU workspace per worker thread
+# (distft/allocator.py). Arguments go to distft (e.g. --config X --set k=v).
 #   DISTFT_RUNNER      horovodrun (default), or srun inside a Slurm job: one rank per task
 # Exit status: the ranks' (0 done, 75 stopped and resumable, 2 user error, ...), not horovodrun's.
 # SIGTERM or SIGINT: the ranks checkpoint at the next step and exit 75 (see distft/supervisor/).

@@ -24,18 +24,6 @@ os.environ.setdefault("DISTFT_CACHE_DIR", tempfile.mkdtemp(prefix="distft-test-c
 SLOW_FOLDERS = ("multiprocess", "cluster", "install")  # every test in them starts several processes
 
 
-@pytest.fixture(autouse=True)
-def _process_environment_restored():
-    """A test that trains in-process leaves the environment as it found it: `distft train` sets
-    variables for its own process (allocator.one_workspace_per_worker), which processes a later
-    test starts would otherwise inherit as if a user had set them."""
-    saved = dict(os.environ)
-    yield
-    if os.environ != saved:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
 @pytest.fixture(scope="session")
 def pretrained(tmp_path_factory):
     return pretrain_backbone(tmp_path_factory.mktemp("pre"))

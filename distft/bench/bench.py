@@ -16,7 +16,7 @@ import sys
 import tempfile
 from typing import Optional
 
-from distft.allocator import TEMP_COPY
+from distft.allocator import temp_copies_set
 from distft.bench import timeline
 from distft.config import dump_config, load_config
 from distft.distributed.world import MPI_YIELD, horovod_cycle_ms, horovod_has_mpi
@@ -198,10 +198,10 @@ def _figures(cfg, results: dict, summary: dict, np_: int, steps: int, window: in
         # environment (None: Open MPI's default, busy polling unless oversubscribed)
         "mpi_yield_when_idle": {"distft": summary.get("mpi_yield_when_idle"),
                                 "baseline": os.environ.get(MPI_YIELD)},
-        # MXNet's CPU workspace copies (allocator.TEMP_COPY): distft's, the baseline's from the
+        # MXNet's CPU workspace copies (MXNET_CPU_TEMP_COPY): distft's, the baseline's from the
         # environment (None: MXNet's default, 4)
         "mxnet_cpu_temp_copy": {"distft": summary.get("mxnet_cpu_temp_copy"),
-                                "baseline": os.environ.get(TEMP_COPY)},
+                                "baseline": temp_copies_set(os.environ)},
         "samples_per_sec": {"distft": d["samples_per_sec"], "baseline": b["samples_per_sec"],
                             "limit": lim["samples_per_sec"]},
         "ratios": {"distft_over_baseline": d["samples_per_sec"] / b["samples_per_sec"],

@@ -213,7 +213,7 @@ def compose(world, launch: LaunchRecord, stats: Stats, evals: dict, digests: lis
         "horovod_fusion_bytes": world.fusion_bytes,  # HOROVOD_FUSION_THRESHOLD in force (world.FUSION_BUFFER_BYTES)
         "mpi_yield_when_idle": world.mpi_yield,  # OMPI_MCA_mpi_yield_when_idle in force (world.MPI_YIELD)
         # MXNet's CPU workspace copies (allocator.one_workspace_per_worker; None: MXNet's 4)
-        "mxnet_cpu_temp_copy": os.environ.get(allocator.TEMP_COPY),
+        "mxnet_cpu_temp_copy": allocator.temp_copies_set(),
         # what start-up moved: trainable state, plus control traffic (config and frozen
         # weight hashes, resume point)
         "bytes_broadcast": launch.bytes_broadcast + launch.bytes_control,

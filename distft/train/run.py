@@ -12,7 +12,11 @@ from distft.train.solving import SolvingJob
 
 def run(cfg: Config, world=None) -> dict:
     allocator.return_freed_memory()  # before the network and the loader allocate
-    allocator.one_workspace_per_worker()  # before MXNet's first operator
+    with allocator.one_workspace_per_worker():  # before MXNet's first operator
+        return _run(cfg, world)
+
+
+def _run(cfg: Config, world) -> dict:
     # synchronized BNs and the solver's passes sum through the statistics channel (Horovod's cycle)
     statistics = cfg.dist.bn_channel if cfg.dist.batchnorm == "sync" or cfg.optimizer.name == probe.SOLVER else None
     world = world or init_world(stall_timeout=cfg.train.stall_timeout, statistics=statistics)
