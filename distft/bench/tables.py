@@ -26,10 +26,7 @@ def markdown(r: dict) -> str:
     m = r["machine"]
     head = (f"`{r['model']}` at {r['image_size']}px, trainable {', '.join(r['trainable'])}, "
             f"{r['world_size']} ranks x batch {r['batch_size_per_rank']}, horovodrun --{r['controller']}"
-            + (f" (Horovod's cycle: distft {cycle['distft']:g} ms, baseline {_ms(cycle['baseline'])} ms"
-               + (f"; OMPI_MCA_mpi_yield_when_idle: distft {y['distft']}, baseline {y['baseline'] or 'unset'}"
-                  if (y := r.get("mpi_yield_when_idle") or {}).get("distft") is not None else "") + ")"
-               if (cycle := r.get("horovod_cycle_ms")) and cycle.get("distft") is not None else "") + "; "
+            f"{_run_settings(r)}; "
             f"{m['cores']} cores ({m['cpu'] or 'cpu'}), "
             f"{m['gpus']} GPUs, MXNet {m['mxnet']}. distft/baseline = {r['ratios']['distft_over_baseline']:.2f}, "
             f"distft/limit = {r['ratios']['distft_over_limit']:.2f}"
@@ -37,6 +34,18 @@ def markdown(r: dict) -> str:
             + ".\n\n")
     table = ["| | distft | baseline | limit |", "|---|---:|---:|---:|"] + [f"| {' | '.join(row)} |" for row in rows]
     return head + "\n".join(table) + "\n" + (_sync_bn_lines(r["sync_bn"]) if "sync_bn" in r else "")
+
+
+def _run_settings(r: dict) -> str:
+    """Both runs' Horovod cycle and Open MPI yield, in parentheses ("" for a result without them)."""
+    cycle = r.get("horovod_cycle_ms")
+    if not cycle or cycle.get("distft") is None:
+        return ""
+    said = f"Horovod's cycle: distft {cycle['distft']:g} ms, baseline {_ms(cycle['baseline'])} ms"
+    y = r.get("mpi_yield_when_idle") or {}
+    if y.get("distft") is not None:
+        said += f"; OMPI_MCA_mpi_yield_when_idle: distft {y['distft']}, baseline {y['baseline'] or 'unset'}"
+    return f" ({said})"
 
 
 def _copies(value) -> str:
