@@ -68,13 +68,14 @@ def one_workspace_per_worker(environ=os.environ):
     thread that queues operators, at that thread's first request for a workspace: `distft
     train` enters this before anything else, and leaves the environment as it found it (an
     in-process caller that already ran MXNet keeps MXNet's copies on that thread)."""
-    if temp_copies_set(environ):  # the user's
-        yield temp_copies_set(environ)
+    users = temp_copies_set(environ)
+    if users:
+        yield users
         return
-    before = environ.get(TEMP_COPY)
+    before = environ.get(TEMP_COPY)  # unset or blank
     workers = environ.get(CPU_WORKERS, "").strip()
-    environ[TEMP_COPY] = str(min(int(workers), MXNET_TEMP_COPIES)) if workers.isascii() and workers.isdigit() \
-        and int(workers) > 0 else "1"
+    threads = int(workers) if workers.isascii() and workers.isdigit() else 0
+    environ[TEMP_COPY] = str(min(threads, MXNET_TEMP_COPIES)) if threads > 0 else "1"
     try:
         yield environ[TEMP_COPY]
     finally:
